@@ -1,0 +1,168 @@
+//! Writing safetensors files tensor by tensor, so a checkpoint larger than memory streams to disk,
+//! and hub-style sharding (`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`).
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StDtype {
+    F32,
+    BF16,
+}
+
+impl StDtype {
+    pub fn size(self) -> usize {
+        match self {
+            StDtype::F32 => 4,
+            StDtype::BF16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            StDtype::F32 => "F32",
+            StDtype::BF16 => "BF16",
+        }
+    }
+}
+
+/// One tensor to write: its name, shape and dtype on disk.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: StDtype,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn bytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+}
+
+/// The safetensors header of a file holding `entries` in order: the 8-byte length, then the JSON
+/// padded with spaces to a multiple of 8 (as the reference writer does).
+pub fn header_bytes(entries: &[TensorEntry]) -> Vec<u8> {
+    let mut map = Map::new();
+    map.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for e in entries {
+        let end = offset + e.bytes();
+        map.insert(
+            e.name.clone(),
+            json!({"dtype": e.dtype.name(), "shape": e.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut text = serde_json::to_vec(&Value::Object(map)).expect("json");
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out
+}
+
+/// Splits entries into shards of at most `max_shard_bytes` (a tensor larger than that gets its
+/// own shard), keeping order, as `save_pretrained` does.
+pub fn plan_shards(entries: &[TensorEntry], max_shard_bytes: usize) -> Vec<Vec<TensorEntry>> {
+    let mut shards: Vec<Vec<TensorEntry>> = vec![];
+    let mut size = 0;
+    for e in entries {
+        if shards.is_empty() || (size + e.bytes() > max_shard_bytes && size > 0) {
+            shards.push(vec![]);
+            size = 0;
+        }
+        size += e.bytes();
+        shards.last_mut().unwrap().push(e.clone());
+    }
+    shards
+}
+
+pub fn shard_file_names(n: usize) -> Vec<String> {
+    if n == 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=n).map(|k| format!("model-{k:05}-of-{n:05}.safetensors")).collect()
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary name and a rename, so a reader never sees half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_name(path);
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+pub fn tmp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Writes a sharded (or single-file) checkpoint into `dir`. `fill(entry, sink)` must write exactly
+/// `entry.bytes()` bytes of little-endian data. Each file goes through a temporary name.
+pub fn write_checkpoint(
+    dir: &Path,
+    entries: &[TensorEntry],
+    max_shard_bytes: usize,
+    mut fill: impl FnMut(&TensorEntry, &mut dyn Write) -> Result<()>,
+) -> Result<Vec<PathBuf>> {
+    let shards = plan_shards(entries, max_shard_bytes);
+    let names = shard_file_names(shards.len());
+    let mut written = vec![];
+    let mut weight_map = Map::new();
+    for (shard, name) in shards.iter().zip(&names) {
+        let path = dir.join(name);
+        let tmp = tmp_name(&path);
+        let result = (|| -> Result<()> {
+            let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+            let mut w = CountingWriter { inner: std::io::BufWriter::with_capacity(1 << 22, file), count: 0 };
+            w.write_all(&header_bytes(shard))?;
+            for e in shard {
+                let before = w.count;
+                fill(e, &mut w)?;
+                if w.count - before != e.bytes() as u64 {
+                    bail!("internal: tensor {} wrote {} bytes, expected {}", e.name, w.count - before, e.bytes());
+                }
+                weight_map.insert(e.name.clone(), Value::String(name.clone()));
+            }
+            w.inner.flush().with_context(|| format!("cannot write {}", tmp.display()))?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {}", tmp.display()))?;
+        written.push(path);
+    }
+    if shards.len() > 1 {
+        let total: usize = entries.iter().map(TensorEntry::bytes).sum();
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let path = dir.join("model.safetensors.index.json");
+        write_atomic(&path, serde_json::to_string_pretty(&index)?.as_bytes())?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+struct CountingWriter<W: Write> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,278 @@
+//! Gemma-3 text model (transformers' `Gemma3TextModel` + tied lm_head), exact for the 4B:
+//! sandwich norms with (1+w) RMSNorm in f32, q/k norm, RoPE per layer type (global layers scaled),
+//! sliding-window layers, GQA, embedding scale in the weight dtype. Everything on the forward path
+//! is composed from ops with a backward, so LoRA training can run through it.
+
+use crate::config::{GemmaTextConfig, LayerType};
+use crate::model::linear::Linear;
+use crate::model::ops::{gemma_rms_norm, softmax_last_dim_f32};
+use crate::model::rope::RopeTables;
+use crate::weights::Weights;
+use anyhow::Result;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    eps: f64,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    pre_feedforward_layernorm: Tensor,
+    post_feedforward_layernorm: Tensor,
+    pub layer_type: LayerType,
+    eps: f64,
+}
+
+/// What every layer of one forward pass shares: RoPE tables and additive attention masks per layer type.
+pub struct LayerContext {
+    pub rope_global: RopeTables,
+    pub rope_local: RopeTables,
+    /// [B, 1, Lq, Lk] f32: 0 where a query may attend, f32::MIN elsewhere.
+    pub mask_global: Tensor,
+    pub mask_sliding: Tensor,
+}
+
+pub struct Gemma3Text {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    pub cfg: GemmaTextConfig,
+}
+
+fn load_linear(w: &Weights, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
+    Ok(Linear::new(w.get(&format!("{name}.weight"), &[out_f, in_f])?, None))
+}
+
+impl Attention {
+    fn load(w: &Weights, p: &str, cfg: &GemmaTextConfig) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: load_linear(w, &format!("{p}.q_proj"), nq * hd, h)?,
+            k_proj: load_linear(w, &format!("{p}.k_proj"), nkv * hd, h)?,
+            v_proj: load_linear(w, &format!("{p}.v_proj"), nkv * hd, h)?,
+            o_proj: load_linear(w, &format!("{p}.o_proj"), h, nq * hd)?,
+            q_norm: w.get(&format!("{p}.q_norm.weight"), &[hd])?,
+            k_norm: w.get(&format!("{p}.k_norm.weight"), &[hd])?,
+            n_heads: nq,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            scale: cfg.attention_scale(),
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// x [B, L, H] -> [B, L, H]
+    pub fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (hd, nq, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+        let q = self.q_proj.forward(x)?.reshape((b, l, nq, hd))?;
+        let k = self.k_proj.forward(x)?.reshape((b, l, nkv, hd))?;
+        let v = self.v_proj.forward(x)?.reshape((b, l, nkv, hd))?;
+        let q = gemma_rms_norm(&q, &self.q_norm, self.eps)?.transpose(1, 2)?; // [B, nq, L, hd]
+        let k = gemma_rms_norm(&k, &self.k_norm, self.eps)?.transpose(1, 2)?; // [B, nkv, L, hd]
+        let q = rope.apply(&q.contiguous()?)?;
+        let k = rope.apply(&k.contiguous()?)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let out = grouped_attention(&q, &k, &v, mask, self.scale)?; // [B, nq, L, hd]
+        let out = out.transpose(1, 2)?.reshape((b, l, nq * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// softmax(q k^T * scale + mask) v with grouped key/value heads, without materialising repeated
+/// k/v: query head h uses kv head h / (nq / nkv), as transformers' `repeat_kv` lays them out.
+/// q [B, nq, Lq, hd], k/v [B, nkv, Lk, hd], mask [B, 1, Lq, Lk] -> [B, nq, Lq, hd]
+pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (b, nq, lq, hd) = q.dims4()?;
+    let (_, nkv, lk, _) = k.dims4()?;
+    let rep = nq / nkv;
+    let qg = q.reshape((b, nkv, rep * lq, hd))?;
+    let scores = (qg.matmul(&k.t()?)? * scale)?; // [B, nkv, rep*Lq, Lk]
+    let scores = scores.to_dtype(DType::F32)?.reshape((b, nkv, rep, lq, lk))?;
+    let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?; // mask [B, 1, 1, Lq, Lk]
+    let probs = softmax_last_dim_f32(&scores)?.to_dtype(q.dtype())?;
+    let out = probs.reshape((b, nkv, rep * lq, lk))?.matmul(v)?; // [B, nkv, rep*Lq, hd]
+    out.reshape((b, nq, lq, hd))
+}
+
+impl Mlp {
+    fn load(w: &Weights, p: &str, cfg: &GemmaTextConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: load_linear(w, &format!("{p}.gate_proj"), i, h)?,
+            up_proj: load_linear(w, &format!("{p}.up_proj"), i, h)?,
+            down_proj: load_linear(w, &format!("{p}.down_proj"), h, i)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // gelu_pytorch_tanh (candle's `gelu` is the tanh approximation)
+        let gate = self.gate_proj.forward(x)?.gelu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, i: usize, cfg: &GemmaTextConfig) -> Result<Self> {
+        let p = format!("layers.{i}");
+        let h = cfg.hidden_size;
+        Ok(Self {
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            pre_feedforward_layernorm: w.get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?,
+            post_feedforward_layernorm: w.get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?,
+            layer_type: cfg.layer_types[i],
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// x [B, L, H] -> [B, L, H]
+    pub fn forward(&self, x: &Tensor, ctx: &LayerContext) -> candle_core::Result<Tensor> {
+        let (rope, mask) = match self.layer_type {
+            LayerType::Global => (&ctx.rope_global, &ctx.mask_global),
+            LayerType::Sliding => (&ctx.rope_local, &ctx.mask_sliding),
+        };
+        let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
+        let h = self.self_attn.forward(&h, rope, mask)?;
+        let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
+        let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
+        let h = self.mlp.forward(&h)?;
+        x + gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?
+    }
+}
+
+/// Additive attention mask [B, 1, Lq, Lk] for queries at positions `offset..offset+Lq` over keys
+/// `0..Lk`: causal, keys with `valid[b][j] == false` hidden, and with a window, query i sees key j
+/// only when i - j < window (transformers' sliding mask).
+pub fn attention_mask(
+    valid: &[Vec<bool>],
+    lq: usize,
+    offset: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    let b = valid.len();
+    let lk = valid.first().map_or(0, |v| v.len());
+    let mut m = vec![f32::MIN; b * lq * lk];
+    for (bi, row) in valid.iter().enumerate() {
+        for qi in 0..lq {
+            let i = qi + offset;
+            let start = window.map_or(0, |w| (i + 1).saturating_sub(w));
+            for j in start..=i.min(lk.saturating_sub(1)) {
+                if row[j] {
+                    m[(bi * lq + qi) * lk + j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, lq, lk), dev)
+}
+
+impl Gemma3Text {
+    /// Loads from a Gemma-3 checkpoint directory; accepts the hub's `language_model.model.*`,
+    /// transformers 4.52+'s `model.language_model.*` and the text-only `model.*` key forms.
+    pub fn load(w: Weights, cfg: &GemmaTextConfig) -> Result<Self> {
+        let w = w.with_prefix_of(
+            &["language_model.model.", "model.language_model.", "model.", ""],
+            "embed_tokens.weight",
+        )?;
+        let embed_tokens = w.get("embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&w, i, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.get("norm.weight", &[cfg.hidden_size])?;
+        Ok(Self { embed_tokens, layers, norm, cfg: cfg.clone() })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// ids [B, L] (u32) -> [B, L, H]: embedding rows times sqrt(hidden) rounded to the weight dtype.
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let rows = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
+        let scale = Tensor::new(self.cfg.embed_scale() as f32, self.device())?.to_dtype(self.dtype())?;
+        rows.broadcast_mul(&scale)?.reshape((b, l, self.cfg.hidden_size))
+    }
+
+    /// The RoPE tables and masks for a forward over `lq` new positions starting at `offset`,
+    /// attending keys whose validity is `valid` ([B][Lk], Lk = offset + lq).
+    pub fn layer_context(&self, valid: &[Vec<bool>], lq: usize, offset: usize) -> candle_core::Result<LayerContext> {
+        let c = &self.cfg;
+        let dev = self.device();
+        Ok(LayerContext {
+            rope_global: RopeTables::new(c.head_dim, c.rope_theta, c.rope_scaling_factor, offset, lq, dev)?,
+            rope_local: RopeTables::new(c.head_dim, c.rope_local_base_freq, 1.0, offset, lq, dev)?,
+            mask_global: attention_mask(valid, lq, offset, None, dev)?,
+            mask_sliding: attention_mask(valid, lq, offset, Some(c.sliding_window), dev)?,
+        })
+    }
+
+    /// embeds [B, L, H] -> last hidden state before the final norm [B, L, H]. `valid[b][t]` is
+    /// false on padding; None means no padding.
+    pub fn forward_embeds(&self, embeds: &Tensor, valid: Option<&[Vec<bool>]>) -> candle_core::Result<Tensor> {
+        let (b, l, _) = embeds.dims3()?;
+        let all_valid;
+        let valid = match valid {
+            Some(v) => v,
+            None => {
+                all_valid = vec![vec![true; l]; b];
+                &all_valid
+            }
+        };
+        let ctx = self.layer_context(valid, l, 0)?;
+        let mut x = embeds.clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, &ctx)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and tied lm_head on selected rows: hidden [N, H] -> logits [N, V] (f32).
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let h = gemma_rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
+        let logits = h.matmul(&self.embed_tokens.t()?)?.to_dtype(DType::F32)?;
+        match self.cfg.final_logit_softcapping {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
+    }
+}
+
+/// Mean cross-entropy (f32) of logits [N, V] against target ids [N] (u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logp = shifted.broadcast_sub(&lse)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?; // [N, 1]
+    picked.mean_all()?.neg()
+}

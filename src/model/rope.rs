@@ -1,0 +1,50 @@
+//! Rotary position embeddings as transformers computes them: tables in f32, non-interleaved
+//! halves (`rotate_half`), linear scaling divides the inverse frequencies.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// cos and sin tables for positions `offset..offset+len`, each [len, head_dim/2], f32.
+pub struct RopeTables {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl RopeTables {
+    pub fn new(head_dim: usize, theta: f64, linear_factor: f64, offset: usize, len: usize, dev: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        // inv_freq = 1 / theta^(2i/d), in f32 like torch, then / factor.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) / linear_factor as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in offset..offset + len {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (len, half), dev)?,
+            sin: Tensor::from_vec(sin, (len, half), dev)?,
+        })
+    }
+
+    /// Applies the rotation to x [B, heads, L, head_dim]; the tables are cast to x's dtype first,
+    /// as transformers casts cos/sin to the activation dtype.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let (cos, sin) = if dtype == DType::F32 {
+            (self.cos.clone(), self.sin.clone())
+        } else {
+            (self.cos.to_dtype(dtype)?, self.sin.to_dtype(dtype)?)
+        };
+        let half = x.dim(candle_core::D::Minus1)? / 2;
+        let x1 = x.narrow(candle_core::D::Minus1, 0, half)?;
+        let x2 = x.narrow(candle_core::D::Minus1, half, half)?;
+        let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Tensor::cat(&[a, b], candle_core::D::Minus1)
+    }
+}
