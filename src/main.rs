@@ -4,7 +4,11 @@ use gemmaclip::checkpoint::{self, Preset};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "gemmaclip", version, about = "QLoRA fine-tuning and inference of a CLIP + Gemma-3 vision-language model")]
+#[command(
+    name = "gemmaclip",
+    version,
+    about = "QLoRA fine-tuning and inference of a CLIP + Gemma-3 vision-language model"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +34,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { preset, out, seed } => {
             checkpoint::init(preset, &out, seed)?;
-            println!("wrote {} and {}", out.join("llm").display(), out.join("vision").display());
+            println!(
+                "wrote {} and {}",
+                out.join("llm").display(),
+                out.join("vision").display()
+            );
             Ok(())
         }
     }

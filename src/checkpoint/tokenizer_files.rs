@@ -80,8 +80,10 @@ pub fn tokenizer_json(l: &TokenLayout) -> Value {
     for (id, p) in pieces.iter().enumerate() {
         vocab.insert(p.clone(), json!(id));
     }
-    let mut added_tokens: Vec<(u32, Value)> =
-        named_specials(l).into_iter().map(|(id, s)| (id, added(id, s, true))).collect();
+    let mut added_tokens: Vec<(u32, Value)> = named_specials(l)
+        .into_iter()
+        .map(|(id, s)| (id, added(id, s, true)))
+        .collect();
     for (id, p) in pieces.iter().enumerate() {
         if p.starts_with("<unused") {
             added_tokens.push((id as u32, added(id as u32, p, true)));

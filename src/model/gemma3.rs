@@ -59,7 +59,10 @@ pub struct Gemma3Text {
 }
 
 fn load_linear(w: &Weights, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
-    Ok(Linear::new(w.get(&format!("{name}.weight"), &[out_f, in_f])?, None))
+    Ok(Linear::new(
+        w.get(&format!("{name}.weight"), &[out_f, in_f])?,
+        None,
+    ))
 }
 
 impl Attention {
@@ -82,7 +85,12 @@ impl Attention {
     }
 
     /// x [B, L, H] -> [B, L, H]
-    pub fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (hd, nq, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
         let q = self.q_proj.forward(x)?.reshape((b, l, nq, hd))?;
@@ -102,13 +110,21 @@ impl Attention {
 /// softmax(q k^T * scale + mask) v with grouped key/value heads, without materialising repeated
 /// k/v: query head h uses kv head h / (nq / nkv), as transformers' `repeat_kv` lays them out.
 /// q [B, nq, Lq, hd], k/v [B, nkv, Lk, hd], mask [B, 1, Lq, Lk] -> [B, nq, Lq, hd]
-pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     let (b, nq, lq, hd) = q.dims4()?;
     let (_, nkv, lk, _) = k.dims4()?;
     let rep = nq / nkv;
     let qg = q.reshape((b, nkv, rep * lq, hd))?;
     let scores = (qg.matmul(&k.t()?)? * scale)?; // [B, nkv, rep*Lq, Lk]
-    let scores = scores.to_dtype(DType::F32)?.reshape((b, nkv, rep, lq, lk))?;
+    let scores = scores
+        .to_dtype(DType::F32)?
+        .reshape((b, nkv, rep, lq, lk))?;
     let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?; // mask [B, 1, 1, Lq, Lk]
     let probs = softmax_last_dim_f32(&scores)?.to_dtype(q.dtype())?;
     let out = probs.reshape((b, nkv, rep * lq, lk))?.matmul(v)?; // [B, nkv, rep*Lq, hd]
@@ -140,9 +156,12 @@ impl DecoderLayer {
             self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
             input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-            post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            pre_feedforward_layernorm: w.get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?,
-            post_feedforward_layernorm: w.get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?,
+            post_attention_layernorm: w
+                .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            pre_feedforward_layernorm: w
+                .get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?,
+            post_feedforward_layernorm: w
+                .get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?,
             layer_type: cfg.layer_types[i],
             eps: cfg.rms_norm_eps,
         })
@@ -195,7 +214,12 @@ impl Gemma3Text {
     /// transformers 4.52+'s `model.language_model.*` and the text-only `model.*` key forms.
     pub fn load(w: Weights, cfg: &GemmaTextConfig) -> Result<Self> {
         let w = w.with_prefix_of(
-            &["language_model.model.", "model.language_model.", "model.", ""],
+            &[
+                "language_model.model.",
+                "model.language_model.",
+                "model.",
+                "",
+            ],
             "embed_tokens.weight",
         )?;
         let embed_tokens = w.get("embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
@@ -203,7 +227,12 @@ impl Gemma3Text {
             .map(|i| DecoderLayer::load(&w, i, cfg))
             .collect::<Result<Vec<_>>>()?;
         let norm = w.get("norm.weight", &[cfg.hidden_size])?;
-        Ok(Self { embed_tokens, layers, norm, cfg: cfg.clone() })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            cfg: cfg.clone(),
+        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -218,17 +247,31 @@ impl Gemma3Text {
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let rows = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
-        let scale = Tensor::new(self.cfg.embed_scale() as f32, self.device())?.to_dtype(self.dtype())?;
-        rows.broadcast_mul(&scale)?.reshape((b, l, self.cfg.hidden_size))
+        let scale =
+            Tensor::new(self.cfg.embed_scale() as f32, self.device())?.to_dtype(self.dtype())?;
+        rows.broadcast_mul(&scale)?
+            .reshape((b, l, self.cfg.hidden_size))
     }
 
     /// The RoPE tables and masks for a forward over `lq` new positions starting at `offset`,
     /// attending keys whose validity is `valid` ([B][Lk], Lk = offset + lq).
-    pub fn layer_context(&self, valid: &[Vec<bool>], lq: usize, offset: usize) -> candle_core::Result<LayerContext> {
+    pub fn layer_context(
+        &self,
+        valid: &[Vec<bool>],
+        lq: usize,
+        offset: usize,
+    ) -> candle_core::Result<LayerContext> {
         let c = &self.cfg;
         let dev = self.device();
         Ok(LayerContext {
-            rope_global: RopeTables::new(c.head_dim, c.rope_theta, c.rope_scaling_factor, offset, lq, dev)?,
+            rope_global: RopeTables::new(
+                c.head_dim,
+                c.rope_theta,
+                c.rope_scaling_factor,
+                offset,
+                lq,
+                dev,
+            )?,
             rope_local: RopeTables::new(c.head_dim, c.rope_local_base_freq, 1.0, offset, lq, dev)?,
             mask_global: attention_mask(valid, lq, offset, None, dev)?,
             mask_sliding: attention_mask(valid, lq, offset, Some(c.sliding_window), dev)?,
@@ -237,7 +280,11 @@ impl Gemma3Text {
 
     /// embeds [B, L, H] -> last hidden state before the final norm [B, L, H]. `valid[b][t]` is
     /// false on padding; None means no padding.
-    pub fn forward_embeds(&self, embeds: &Tensor, valid: Option<&[Vec<bool>]>) -> candle_core::Result<Tensor> {
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        valid: Option<&[Vec<bool>]>,
+    ) -> candle_core::Result<Tensor> {
         let (b, l, _) = embeds.dims3()?;
         let all_valid;
         let valid = match valid {

@@ -10,11 +10,21 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    pub fn new(head_dim: usize, theta: f64, linear_factor: f64, offset: usize, len: usize, dev: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        linear_factor: f64,
+        offset: usize,
+        len: usize,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         // inv_freq = 1 / theta^(2i/d), in f32 like torch, then / factor.
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) / linear_factor as f32)
+            .map(|i| {
+                (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+                    / linear_factor as f32
+            })
             .collect();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);

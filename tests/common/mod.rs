@@ -19,7 +19,9 @@ pub fn tiny_dir() -> &'static Path {
 }
 
 pub fn fixture_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub struct Fixture {
@@ -38,12 +40,18 @@ impl Fixture {
     }
 
     pub fn get(&self, k: &str) -> &Tensor {
-        self.tensors.get(k).unwrap_or_else(|| panic!("fixture has no tensor {k}"))
+        self.tensors
+            .get(k)
+            .unwrap_or_else(|| panic!("fixture has no tensor {k}"))
     }
 
     /// An integer tensor as rows of i64.
     pub fn rows_i64(&self, k: &str) -> Vec<Vec<i64>> {
-        self.get(k).to_dtype(candle_core::DType::I64).unwrap().to_vec2::<i64>().unwrap()
+        self.get(k)
+            .to_dtype(candle_core::DType::I64)
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap()
     }
 }
 
@@ -52,5 +60,127 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(candle_core::DType::F32).unwrap();
     let b = b.to_dtype(candle_core::DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub mod forward {
+    //! The parity computations, on any device, so the CPU and GPU tests run the same code.
+    use super::{tiny_dir, Fixture};
+    use candle_core::{DType, Device, Tensor};
+    use gemmaclip::config::{ClipVisionConfig, LlmConfig};
+    use gemmaclip::model::clip::ClipVision;
+    use gemmaclip::model::gemma3::Gemma3Text;
+    use gemmaclip::model::projector::Projector;
+    use gemmaclip::model::vlm::{Supervised, Vlm};
+    use gemmaclip::weights::Weights;
+
+    pub fn llm_cfg() -> LlmConfig {
+        LlmConfig::from_file(&tiny_dir().join("llm/config.json")).unwrap()
+    }
+
+    pub fn gemma(dev: &Device) -> Gemma3Text {
+        let w = Weights::open(&tiny_dir().join("llm"), DType::F32, dev).unwrap();
+        Gemma3Text::load(w, &llm_cfg().text).unwrap()
+    }
+
+    pub fn clip(dev: &Device) -> ClipVision {
+        let dir = tiny_dir().join("vision");
+        let cfg = ClipVisionConfig::from_file(&dir.join("config.json")).unwrap();
+        ClipVision::load(Weights::open(&dir, DType::F32, dev).unwrap(), &cfg).unwrap()
+    }
+
+    fn ids_tensor(rows: &[Vec<i64>], dev: &Device) -> Tensor {
+        let flat: Vec<u32> = rows.iter().flatten().map(|&x| x as u32).collect();
+        Tensor::from_vec(flat, (rows.len(), rows[0].len()), dev).unwrap()
+    }
+
+    fn valid(f: &Fixture, key: &str) -> Vec<Vec<bool>> {
+        f.rows_i64(key)
+            .iter()
+            .map(|r| r.iter().map(|&m| m == 1).collect())
+            .collect()
+    }
+
+    fn all_logits(llm: &Gemma3Text, hidden: &Tensor) -> Tensor {
+        let (b, l, h) = hidden.dims3().unwrap();
+        llm.logits(&hidden.reshape((b * l, h)).unwrap())
+            .unwrap()
+            .reshape((b, l, ()))
+            .unwrap()
+    }
+
+    /// Logits [L, V] of the long text prompt.
+    pub fn text_logits(f: &Fixture, dev: &Device) -> Tensor {
+        let llm = gemma(dev);
+        let ids = ids_tensor(&f.rows_i64("text.input_ids"), dev);
+        let hidden = llm.forward_embeds(&llm.embed(&ids).unwrap(), None).unwrap();
+        all_logits(&llm, &hidden).squeeze(0).unwrap()
+    }
+
+    /// Logits of the padded batch, each row cut to its valid length.
+    pub fn batch_logits(f: &Fixture, dev: &Device) -> Vec<Tensor> {
+        let llm = gemma(dev);
+        let valid = valid(f, "batch.attention_mask");
+        let ids = ids_tensor(&f.rows_i64("batch.input_ids"), dev);
+        let hidden = llm
+            .forward_embeds(&llm.embed(&ids).unwrap(), Some(&valid))
+            .unwrap();
+        let logits = all_logits(&llm, &hidden);
+        valid
+            .iter()
+            .enumerate()
+            .map(|(b, row)| {
+                logits
+                    .get(b)
+                    .unwrap()
+                    .narrow(0, 0, row.iter().filter(|&&v| v).count())
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    pub fn clip_features(f: &Fixture, dev: &Device) -> Tensor {
+        clip(dev)
+            .forward(&f.get("clip.pixel_values").to_device(dev).unwrap())
+            .unwrap()
+    }
+
+    /// (loss, logits at supervised positions, number of supervised positions) of the LLaVA forward.
+    pub fn llava(f: &Fixture, dev: &Device) -> (f32, Tensor, usize) {
+        let pw = Weights::open_file(&super::fixture_path("parity.safetensors"), DType::F32, dev)
+            .unwrap()
+            .with_prefix_of(&["vlm.projector."], "linear_1.weight")
+            .unwrap();
+        let (vision, llm) = (clip(dev), gemma(dev));
+        let projector = Projector::load(&pw, vision.cfg.hidden_size, llm.cfg.hidden_size).unwrap();
+        let vlm = Vlm {
+            vision,
+            projector,
+            llm,
+            cfg: llm_cfg(),
+        };
+        let ids: Vec<Vec<u32>> = f
+            .rows_i64("vlm.input_ids")
+            .iter()
+            .map(|r| r.iter().map(|&x| x as u32).collect())
+            .collect();
+        let sup = Supervised::from_labels(&f.rows_i64("vlm.labels"));
+        let px = f.get("vlm.pixel_values").to_device(dev).unwrap();
+        let embeds = vlm.input_embeds(&ids, Some(&px)).unwrap();
+        let hidden = vlm
+            .llm
+            .forward_embeds(&embeds, Some(&valid(f, "vlm.attention_mask")))
+            .unwrap();
+        let (loss, logits) = vlm.loss(&hidden, &sup).unwrap();
+        (loss.to_scalar::<f32>().unwrap(), logits, sup.rows.len())
+    }
 }
