@@ -51,12 +51,7 @@ impl GemmaTextConfig {
     }
 
     pub fn global_layers(&self) -> Vec<usize> {
-        self.layer_types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == LayerType::Global)
-            .map(|(i, _)| i)
-            .collect()
+        self.layer_types.iter().enumerate().filter(|(_, t)| **t == LayerType::Global).map(|(i, _)| i).collect()
     }
 }
 
@@ -131,28 +126,18 @@ struct RawText {
 
 /// A RoPE setting: (rope_type, factor, theta). Accepts both `"rope_type"` and the older `"type"`.
 fn rope_entry(v: &Value, what: &str) -> Result<(String, f64, Option<f64>)> {
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default")
-        .to_string();
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default").to_string();
     let factor = v.get("factor").and_then(Value::as_f64).unwrap_or(1.0);
     let theta = v.get("rope_theta").and_then(Value::as_f64);
     match kind.as_str() {
         "default" | "linear" => Ok((kind, factor, theta)),
-        other => bail!(
-            "{what}: rope_type {other:?} is not supported (Gemma 3 uses \"linear\" or \"default\")"
-        ),
+        other => bail!("{what}: rope_type {other:?} is not supported (Gemma 3 uses \"linear\" or \"default\")"),
     }
 }
 
 fn parse_text(raw: RawText, what: &str) -> Result<GemmaTextConfig> {
     let num_hidden_layers = raw.num_hidden_layers.unwrap_or(26);
-    let act = raw
-        .hidden_activation
-        .or(raw.hidden_act)
-        .unwrap_or_else(|| "gelu_pytorch_tanh".into());
+    let act = raw.hidden_activation.or(raw.hidden_act).unwrap_or_else(|| "gelu_pytorch_tanh".into());
     if act != "gelu_pytorch_tanh" {
         bail!("{what}: hidden_activation {act:?} is not supported (Gemma 3 uses \"gelu_pytorch_tanh\")");
     }
@@ -160,7 +145,9 @@ fn parse_text(raw: RawText, what: &str) -> Result<GemmaTextConfig> {
         bail!("{what}: attention_bias = true is not supported (Gemma 3 has no attention bias)");
     }
     if raw.attn_logit_softcapping.is_some() {
-        bail!("{what}: attn_logit_softcapping is set; Gemma 3 checkpoints leave it null and this build does not apply it");
+        bail!(
+            "{what}: attn_logit_softcapping is set; Gemma 3 checkpoints leave it null and this build does not apply it"
+        );
     }
     if raw.use_bidirectional_attention == Some(true) {
         bail!("{what}: use_bidirectional_attention = true is not supported (causal decoder only)");
@@ -180,14 +167,12 @@ fn parse_text(raw: RawText, what: &str) -> Result<GemmaTextConfig> {
     }
     if let Some(p) = raw.rope_parameters.as_ref().filter(|v| !v.is_null()) {
         if let Some(full) = p.get("full_attention") {
-            let (kind, f, t) =
-                rope_entry(full, &format!("{what}: rope_parameters.full_attention"))?;
+            let (kind, f, t) = rope_entry(full, &format!("{what}: rope_parameters.full_attention"))?;
             factor = if kind == "linear" { f } else { 1.0 };
             rope_theta = t.unwrap_or(rope_theta);
         }
         if let Some(sl) = p.get("sliding_attention") {
-            let (kind, _, t) =
-                rope_entry(sl, &format!("{what}: rope_parameters.sliding_attention"))?;
+            let (kind, _, t) = rope_entry(sl, &format!("{what}: rope_parameters.sliding_attention"))?;
             if kind != "default" {
                 bail!("{what}: rope_parameters.sliding_attention must be unscaled (\"default\"), got {kind:?}");
             }
@@ -215,13 +200,7 @@ fn parse_text(raw: RawText, what: &str) -> Result<GemmaTextConfig> {
                 bail!("{what}: sliding_window_pattern must be at least 1");
             }
             (0..num_hidden_layers)
-                .map(|i| {
-                    if (i + 1) % pattern != 0 {
-                        LayerType::Sliding
-                    } else {
-                        LayerType::Global
-                    }
-                })
+                .map(|i| if (i + 1) % pattern != 0 { LayerType::Sliding } else { LayerType::Global })
                 .collect()
         }
     };
@@ -246,10 +225,7 @@ fn parse_text(raw: RawText, what: &str) -> Result<GemmaTextConfig> {
         pad_token_id: raw.pad_token_id.unwrap_or(0),
         bos_token_id: raw.bos_token_id.unwrap_or(2),
     };
-    if !cfg
-        .num_attention_heads
-        .is_multiple_of(cfg.num_key_value_heads)
-    {
+    if !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
         bail!(
             "{what}: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
             cfg.num_attention_heads,
@@ -257,10 +233,7 @@ fn parse_text(raw: RawText, what: &str) -> Result<GemmaTextConfig> {
         );
     }
     if !cfg.head_dim.is_multiple_of(2) {
-        bail!(
-            "{what}: head_dim must be even for RoPE, got {}",
-            cfg.head_dim
-        );
+        bail!("{what}: head_dim must be even for RoPE, got {}", cfg.head_dim);
     }
     Ok(cfg)
 }
@@ -274,8 +247,7 @@ fn ids(v: Option<&Value>) -> Option<Vec<u32>> {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
@@ -291,25 +263,19 @@ impl LlmConfig {
         let text_value = match model_type {
             "gemma3" => v.get("text_config").cloned().unwrap_or(Value::Object(Default::default())),
             "gemma3_text" => v.clone(),
-            other => bail!("{what}: model_type {other:?} is not a Gemma 3 model (expected \"gemma3\" or \"gemma3_text\")"),
+            other => {
+                bail!("{what}: model_type {other:?} is not a Gemma 3 model (expected \"gemma3\" or \"gemma3_text\")")
+            }
         };
-        let raw: RawText = serde_json::from_value(text_value)
-            .with_context(|| format!("{what}: bad text_config"))?;
+        let raw: RawText = serde_json::from_value(text_value).with_context(|| format!("{what}: bad text_config"))?;
         let text_eos = ids(raw.eos_token_id.as_ref());
         let text = parse_text(raw, what)?;
-        let get_id = |k: &str, d: u32| {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as u32)
-                .unwrap_or(d)
-        };
+        let get_id = |k: &str, d: u32| v.get(k).and_then(Value::as_u64).map(|x| x as u32).unwrap_or(d);
         let cfg = LlmConfig {
             boi_token_index: get_id("boi_token_index", 255_999),
             eoi_token_index: get_id("eoi_token_index", 256_000),
             image_token_index: get_id("image_token_index", 262_144),
-            eos_token_ids: ids(v.get("eos_token_id"))
-                .or(text_eos)
-                .unwrap_or_else(|| vec![1]),
+            eos_token_ids: ids(v.get("eos_token_id")).or(text_eos).unwrap_or_else(|| vec![1]),
             text,
         };
         for (k, id) in [
@@ -318,10 +284,7 @@ impl LlmConfig {
             ("image_token_index", cfg.image_token_index),
         ] {
             if id as usize >= cfg.text.vocab_size {
-                bail!(
-                    "{what}: {k} {id} is outside the vocabulary ({} rows)",
-                    cfg.text.vocab_size
-                );
+                bail!("{what}: {k} {id} is outside the vocabulary ({} rows)", cfg.text.vocab_size);
             }
         }
         Ok(cfg)
@@ -353,10 +316,11 @@ impl ClipVisionConfig {
         let vision = match model_type {
             "clip" => v.get("vision_config").cloned().unwrap_or(Value::Object(Default::default())),
             "clip_vision_model" => v.clone(),
-            other => bail!("{what}: model_type {other:?} is not a CLIP model (expected \"clip\" or \"clip_vision_model\")"),
+            other => {
+                bail!("{what}: model_type {other:?} is not a CLIP model (expected \"clip\" or \"clip_vision_model\")")
+            }
         };
-        let raw: RawVision =
-            serde_json::from_value(vision).with_context(|| format!("{what}: bad vision_config"))?;
+        let raw: RawVision = serde_json::from_value(vision).with_context(|| format!("{what}: bad vision_config"))?;
         let act = raw.hidden_act.unwrap_or_else(|| "quick_gelu".into());
         if act != "quick_gelu" {
             bail!("{what}: vision hidden_act {act:?} is not supported (OpenAI CLIP uses \"quick_gelu\")");
@@ -374,9 +338,7 @@ impl ClipVisionConfig {
         if cfg.num_hidden_layers < 2 {
             bail!("{what}: the vision tower needs at least 2 layers (features come from the second-to-last)");
         }
-        if !cfg.image_size.is_multiple_of(cfg.patch_size)
-            || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
-        {
+        if !cfg.image_size.is_multiple_of(cfg.patch_size) || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             bail!("{what}: image_size must be a multiple of patch_size and hidden_size of num_attention_heads");
         }
         Ok(cfg)

@@ -5,4 +5,5 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod model;
+pub mod peft;
 pub mod weights;

@@ -34,11 +34,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { preset, out, seed } => {
             checkpoint::init(preset, &out, seed)?;
-            println!(
-                "wrote {} and {}",
-                out.join("llm").display(),
-                out.join("vision").display()
-            );
+            println!("wrote {} and {}", out.join("llm").display(), out.join("vision").display());
             Ok(())
         }
     }

@@ -20,18 +20,14 @@ pub struct Weights {
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("cannot read {}", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .with_context(|| format!("{}: no \"weight_map\" object", index.display()))?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|f| f.as_str().map(String::from))
-            .collect();
+        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
         files.sort();
         files.dedup();
         let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
@@ -53,10 +49,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!(
-            "{}: no model.safetensors, model.safetensors.index.json or *.safetensors file",
-            dir.display()
-        );
+        bail!("{}: no model.safetensors, model.safetensors.index.json or *.safetensors file", dir.display());
     }
     Ok(files)
 }
@@ -81,14 +74,7 @@ impl Weights {
         let st = unsafe { MmapedSafetensors::multi(files) }
             .with_context(|| format!("{}: cannot read safetensors", dir.display()))?;
         let names = st.tensors().into_iter().map(|(n, _)| n).collect();
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            st,
-            names,
-            prefix: String::new(),
-            dtype,
-            device: device.clone(),
-        })
+        Ok(Self { dir: dir.to_path_buf(), st, names, prefix: String::new(), dtype, device: device.clone() })
     }
 
     pub fn dir(&self) -> &Path {
@@ -122,10 +108,7 @@ impl Weights {
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
         if !self.names.contains(&full) {
-            bail!(
-                "{}: tensor `{full}` is missing from the checkpoint",
-                self.dir.display()
-            );
+            bail!("{}: tensor `{full}` is missing from the checkpoint", self.dir.display());
         }
         let t = self
             .st

@@ -5,21 +5,17 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::tiny_dir;
-use gemmaclip::checkpoint::safetensors_out::{
-    header_bytes, plan_shards, shard_file_names, StDtype,
-};
+use gemmaclip::checkpoint::safetensors_out::{header_bytes, plan_shards, shard_file_names, StDtype};
 use gemmaclip::checkpoint::{init, plan, Preset, MAX_SHARD_BYTES};
 use gemmaclip::config::{ClipVisionConfig, LlmConfig};
 use gemmaclip::model::clip::ClipVision;
-use gemmaclip::model::gemma3::Gemma3Text;
+use gemmaclip::model::gemma3::{BaseFormat, Gemma3Text};
 use gemmaclip::weights::Weights;
 use std::collections::BTreeMap;
 use std::process::Command;
 
 /// Parses the headers `init` would write for these planned tensors, as a reader of the files would.
-fn headers(
-    tensors: &[plan::PlannedTensor],
-) -> (Vec<String>, BTreeMap<String, (String, Vec<usize>)>) {
+fn headers(tensors: &[plan::PlannedTensor]) -> (Vec<String>, BTreeMap<String, (String, Vec<usize>)>) {
     let entries: Vec<_> = tensors.iter().map(|t| t.entry.clone()).collect();
     let shards = plan_shards(&entries, MAX_SHARD_BYTES);
     let mut all = BTreeMap::new();
@@ -29,38 +25,22 @@ fn headers(
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         assert_eq!(n + 8, bytes.len());
         assert_eq!(n % 8, 0);
-        let json: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&bytes[8..]).unwrap();
+        let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..]).unwrap();
         let mut spans = vec![];
         for (name, info) in json.iter().filter(|(k, _)| *k != "__metadata__") {
             let dtype = info["dtype"].as_str().unwrap().to_string();
-            let shape: Vec<usize> = info["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect();
-            let off: Vec<usize> = info["data_offsets"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect();
+            let shape: Vec<usize> =
+                info["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            let off: Vec<usize> =
+                info["data_offsets"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
             let size = if dtype == "BF16" { 2 } else { 4 };
-            assert_eq!(
-                off[1] - off[0],
-                shape.iter().product::<usize>() * size,
-                "{name}"
-            );
+            assert_eq!(off[1] - off[0], shape.iter().product::<usize>() * size, "{name}");
             spans.push((off[0], off[1]));
             all.insert(name.clone(), (dtype, shape));
         }
         spans.sort();
         assert_eq!(spans[0].0, 0);
-        assert!(
-            spans.windows(2).all(|w| w[0].1 == w[1].0),
-            "data offsets tile the data section"
-        );
+        assert!(spans.windows(2).all(|w| w[0].1 == w[1].0), "data offsets tile the data section");
     }
     (shard_file_names(shards.len()), all)
 }
@@ -74,24 +54,10 @@ fn gemma_3_4b_it_preset_has_the_hub_names_and_shapes() {
     .unwrap();
     let planned = plan::gemma_tensors(&cfg.text, StDtype::BF16);
     let (files, keys) = headers(&planned);
-    assert_eq!(
-        files,
-        vec![
-            "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors"
-        ]
-    );
+    assert_eq!(files, vec!["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
     assert_eq!(keys.len(), 2 + 34 * 13);
-    let shape = |k: &str| {
-        keys.get(k)
-            .unwrap_or_else(|| panic!("missing {k}"))
-            .1
-            .clone()
-    };
-    assert_eq!(
-        shape("language_model.model.embed_tokens.weight"),
-        vec![262_208, 2560]
-    );
+    let shape = |k: &str| keys.get(k).unwrap_or_else(|| panic!("missing {k}")).1.clone();
+    assert_eq!(shape("language_model.model.embed_tokens.weight"), vec![262_208, 2560]);
     assert_eq!(shape("language_model.model.norm.weight"), vec![2560]);
     for l in [0, 5, 33] {
         let p = format!("language_model.model.layers.{l}");
@@ -114,16 +80,9 @@ fn gemma_3_4b_it_preset_has_the_hub_names_and_shapes() {
         }
     }
     assert!(keys.values().all(|(d, _)| d == "BF16"));
-    assert!(
-        !keys.keys().any(|k| k.contains("lm_head")),
-        "lm_head is tied, the hub files do not store it"
-    );
+    assert!(!keys.keys().any(|k| k.contains("lm_head")), "lm_head is tied, the hub files do not store it");
     let total: usize = planned.iter().map(|t| t.entry.bytes()).sum();
-    assert_eq!(
-        total,
-        2 * 3_880_263_168,
-        "parameters of Gemma-3-4B's language model"
-    );
+    assert_eq!(total, 2 * 3_880_263_168, "parameters of Gemma-3-4B's language model");
 }
 
 #[test]
@@ -138,27 +97,12 @@ fn clip_vit_large_preset_has_the_hub_names_and_shapes() {
     assert_eq!(keys.len(), 7 + 24 * 16);
     let shape = |k: &str| keys[k].1.clone();
     assert_eq!(shape("vision_model.embeddings.class_embedding"), vec![1024]);
-    assert_eq!(
-        shape("vision_model.embeddings.patch_embedding.weight"),
-        vec![1024, 3, 14, 14]
-    );
-    assert_eq!(
-        shape("vision_model.embeddings.position_embedding.weight"),
-        vec![577, 1024]
-    );
+    assert_eq!(shape("vision_model.embeddings.patch_embedding.weight"), vec![1024, 3, 14, 14]);
+    assert_eq!(shape("vision_model.embeddings.position_embedding.weight"), vec![577, 1024]);
     assert_eq!(shape("vision_model.pre_layrnorm.weight"), vec![1024]);
-    assert_eq!(
-        shape("vision_model.encoder.layers.23.mlp.fc1.weight"),
-        vec![4096, 1024]
-    );
-    assert_eq!(
-        shape("vision_model.encoder.layers.23.mlp.fc2.weight"),
-        vec![1024, 4096]
-    );
-    assert_eq!(
-        shape("vision_model.encoder.layers.0.self_attn.out_proj.bias"),
-        vec![1024]
-    );
+    assert_eq!(shape("vision_model.encoder.layers.23.mlp.fc1.weight"), vec![4096, 1024]);
+    assert_eq!(shape("vision_model.encoder.layers.23.mlp.fc2.weight"), vec![1024, 4096]);
+    assert_eq!(shape("vision_model.encoder.layers.0.self_attn.out_proj.bias"), vec![1024]);
     assert_eq!(shape("vision_model.post_layernorm.bias"), vec![1024]);
 }
 
@@ -184,16 +128,8 @@ fn tiny_preset_writes_the_hub_layout_deterministically() {
     init(Preset::Tiny, other.path(), 1).unwrap();
     for f in ["llm/model.safetensors", "vision/model.safetensors"] {
         let bytes = std::fs::read(a.join(f)).unwrap();
-        assert_eq!(
-            bytes,
-            std::fs::read(again.path().join(f)).unwrap(),
-            "same seed, same bytes: {f}"
-        );
-        assert_ne!(
-            bytes,
-            std::fs::read(other.path().join(f)).unwrap(),
-            "another seed, other weights: {f}"
-        );
+        assert_eq!(bytes, std::fs::read(again.path().join(f)).unwrap(), "same seed, same bytes: {f}");
+        assert_ne!(bytes, std::fs::read(other.path().join(f)).unwrap(), "another seed, other weights: {f}");
     }
     // no temporary files left behind
     for d in ["llm", "vision"] {
@@ -227,11 +163,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 fn one_line(e: anyhow::Error) -> String {
-    let s = e
-        .chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ");
+    let s = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
     assert!(!s.contains('\n'), "{s}");
     s
 }
@@ -243,9 +175,7 @@ fn bad_checkpoints_give_one_line_naming_the_file_and_key() {
     copy_dir(&tiny_dir().join("llm"), &llm);
     let cfg = LlmConfig::from_file(&llm.join("config.json")).unwrap();
     let load = |cfg: &LlmConfig| {
-        Weights::open(&llm, DType::F32, &Device::Cpu)
-            .and_then(|w| Gemma3Text::load(w, &cfg.text))
-            .map(|_| ())
+        Weights::open(&llm, DType::F32, &Device::Cpu).and_then(|w| Gemma3Text::load(w, &cfg.text, BaseFormat::Dense)).map(|_| ())
     };
     assert!(load(&cfg).is_ok());
 
@@ -253,12 +183,7 @@ fn bad_checkpoints_give_one_line_naming_the_file_and_key() {
     let mut wrong = cfg.clone();
     wrong.text.intermediate_size = 96;
     let e = one_line(load(&wrong).unwrap_err());
-    assert!(
-        e.contains("layers.0.mlp.gate_proj.weight")
-            && e.contains("[128, 64]")
-            && e.contains("[96, 64]"),
-        "{e}"
-    );
+    assert!(e.contains("layers.0.mlp.gate_proj.weight") && e.contains("[128, 64]") && e.contains("[96, 64]"), "{e}");
 
     // a missing tensor
     let path = llm.join("model.safetensors");
@@ -266,27 +191,17 @@ fn bad_checkpoints_give_one_line_naming_the_file_and_key() {
     ts.remove("language_model.model.layers.3.self_attn.k_norm.weight");
     candle_core::safetensors::save(&ts, &path).unwrap();
     let e = one_line(load(&cfg).unwrap_err());
-    assert!(
-        e.contains("language_model.model.layers.3.self_attn.k_norm.weight")
-            && e.contains("missing"),
-        "{e}"
-    );
+    assert!(e.contains("language_model.model.layers.3.self_attn.k_norm.weight") && e.contains("missing"), "{e}");
 
     // a missing file
     std::fs::remove_file(&path).unwrap();
     let e = one_line(load(&cfg).unwrap_err());
-    assert!(
-        e.contains(&llm.display().to_string()) && e.contains("model.safetensors"),
-        "{e}"
-    );
+    assert!(e.contains(&llm.display().to_string()) && e.contains("model.safetensors"), "{e}");
 
     // a corrupt file
     std::fs::write(&path, b"not a safetensors file").unwrap();
     let e = one_line(load(&cfg).unwrap_err());
-    assert!(
-        e.contains("model.safetensors") || e.contains(&llm.display().to_string()),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") || e.contains(&llm.display().to_string()), "{e}");
 
     // the vision tower pointed at the language model
     let vcfg = ClipVisionConfig::from_file(&tiny_dir().join("vision/config.json")).unwrap();
@@ -301,21 +216,13 @@ fn bad_checkpoints_give_one_line_naming_the_file_and_key() {
 fn cli_rejects_an_unknown_preset_and_a_file_as_output_dir() {
     let exe = env!("CARGO_BIN_EXE_gemmaclip");
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(exe)
-        .args(["init", "--preset", "gemma-9b", "--out"])
-        .arg(tmp.path())
-        .output()
-        .unwrap();
+    let out = Command::new(exe).args(["init", "--preset", "gemma-9b", "--out"]).arg(tmp.path()).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--preset"));
 
     let file = tmp.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let out = Command::new(exe)
-        .args(["init", "--preset", "tiny", "--out"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = Command::new(exe).args(["init", "--preset", "tiny", "--out"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");

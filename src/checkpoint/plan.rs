@@ -17,14 +17,7 @@ pub struct PlannedTensor {
 }
 
 fn t(name: String, shape: &[usize], dtype: StDtype, mean: f32, std: f32) -> PlannedTensor {
-    PlannedTensor {
-        entry: TensorEntry {
-            name,
-            shape: shape.to_vec(),
-            dtype,
-        },
-        draw: Draw { mean, std },
-    }
+    PlannedTensor { entry: TensorEntry { name, shape: shape.to_vec(), dtype }, draw: Draw { mean, std } }
 }
 
 /// Weight scaled like a trained linear layer: std 1/sqrt(fan_in).
@@ -40,13 +33,7 @@ pub fn gemma_tensors(c: &GemmaTextConfig, dtype: StDtype) -> Vec<PlannedTensor> 
     let (nq, nkv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
     let p = "language_model.model";
     let norm = |name: String, d: usize| t(name, &[d], dtype, 0.0, 0.3);
-    let mut v = vec![t(
-        format!("{p}.embed_tokens.weight"),
-        &[c.vocab_size, h],
-        dtype,
-        0.0,
-        1.0 / (h as f32).sqrt(),
-    )];
+    let mut v = vec![t(format!("{p}.embed_tokens.weight"), &[c.vocab_size, h], dtype, 0.0, 1.0 / (h as f32).sqrt())];
     for l in 0..c.num_hidden_layers {
         let q = format!("{p}.layers.{l}");
         v.push(norm(format!("{q}.input_layernorm.weight"), h));
@@ -57,21 +44,11 @@ pub fn gemma_tensors(c: &GemmaTextConfig, dtype: StDtype) -> Vec<PlannedTensor> 
         v.push(norm(format!("{q}.post_feedforward_layernorm.weight"), h));
         v.push(norm(format!("{q}.pre_feedforward_layernorm.weight"), h));
         v.push(norm(format!("{q}.self_attn.k_norm.weight"), hd));
-        v.push(linear(
-            format!("{q}.self_attn.k_proj.weight"),
-            nkv,
-            h,
-            dtype,
-        ));
+        v.push(linear(format!("{q}.self_attn.k_proj.weight"), nkv, h, dtype));
         v.push(linear(format!("{q}.self_attn.o_proj.weight"), h, nq, dtype));
         v.push(norm(format!("{q}.self_attn.q_norm.weight"), hd));
         v.push(linear(format!("{q}.self_attn.q_proj.weight"), nq, h, dtype));
-        v.push(linear(
-            format!("{q}.self_attn.v_proj.weight"),
-            nkv,
-            h,
-            dtype,
-        ));
+        v.push(linear(format!("{q}.self_attn.v_proj.weight"), nkv, h, dtype));
     }
     v.push(norm(format!("{p}.norm.weight"), h));
     v
@@ -79,28 +56,14 @@ pub fn gemma_tensors(c: &GemmaTextConfig, dtype: StDtype) -> Vec<PlannedTensor> 
 
 /// CLIP vision tower with `vision_model.*` keys, as in the hub's CLIPModel checkpoint.
 pub fn clip_tensors(c: &ClipVisionConfig, dtype: StDtype) -> Vec<PlannedTensor> {
-    let (d, i, ch, ps) = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_channels,
-        c.patch_size,
-    );
+    let (d, i, ch, ps) = (c.hidden_size, c.intermediate_size, c.num_channels, c.patch_size);
     let p = "vision_model";
     let ln = |name: &str| {
-        [
-            t(format!("{name}.weight"), &[d], dtype, 1.0, 0.1),
-            t(format!("{name}.bias"), &[d], dtype, 0.0, 0.05),
-        ]
+        [t(format!("{name}.weight"), &[d], dtype, 1.0, 0.1), t(format!("{name}.bias"), &[d], dtype, 0.0, 0.05)]
     };
     let bias = |name: String, n: usize| t(name, &[n], dtype, 0.0, 0.02);
     let mut v = vec![
-        t(
-            format!("{p}.embeddings.class_embedding"),
-            &[d],
-            dtype,
-            0.0,
-            1.0,
-        ),
+        t(format!("{p}.embeddings.class_embedding"), &[d], dtype, 0.0, 1.0),
         t(
             format!("{p}.embeddings.patch_embedding.weight"),
             &[d, ch, ps, ps],
@@ -108,13 +71,7 @@ pub fn clip_tensors(c: &ClipVisionConfig, dtype: StDtype) -> Vec<PlannedTensor> 
             0.0,
             1.0 / ((ch * ps * ps) as f32).sqrt(),
         ),
-        t(
-            format!("{p}.embeddings.position_embedding.weight"),
-            &[c.num_patches() + 1, d],
-            dtype,
-            0.0,
-            0.1,
-        ),
+        t(format!("{p}.embeddings.position_embedding.weight"), &[c.num_patches() + 1, d], dtype, 0.0, 0.1),
     ];
     v.extend(ln(&format!("{p}.pre_layrnorm")));
     for l in 0..c.num_hidden_layers {

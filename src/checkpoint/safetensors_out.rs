@@ -52,10 +52,7 @@ pub fn header_bytes(entries: &[TensorEntry]) -> Vec<u8> {
     let mut offset = 0usize;
     for e in entries {
         let end = offset + e.bytes();
-        map.insert(
-            e.name.clone(),
-            json!({"dtype": e.dtype.name(), "shape": e.shape, "data_offsets": [offset, end]}),
-        );
+        map.insert(e.name.clone(), json!({"dtype": e.dtype.name(), "shape": e.shape, "data_offsets": [offset, end]}));
         offset = end;
     }
     let mut text = serde_json::to_vec(&Value::Object(map)).expect("json");
@@ -87,9 +84,7 @@ pub fn shard_file_names(n: usize) -> Vec<String> {
     if n == 1 {
         vec!["model.safetensors".into()]
     } else {
-        (1..=n)
-            .map(|k| format!("model-{k:05}-of-{n:05}.safetensors"))
-            .collect()
+        (1..=n).map(|k| format!("model-{k:05}-of-{n:05}.safetensors")).collect()
     }
 }
 
@@ -97,8 +92,7 @@ pub fn shard_file_names(n: usize) -> Vec<String> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_name(path);
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
 pub fn tmp_name(path: &Path) -> PathBuf {
@@ -123,29 +117,18 @@ pub fn write_checkpoint(
         let path = dir.join(name);
         let tmp = tmp_name(&path);
         let result = (|| -> Result<()> {
-            let file = std::fs::File::create(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?;
-            let mut w = CountingWriter {
-                inner: std::io::BufWriter::with_capacity(1 << 22, file),
-                count: 0,
-            };
+            let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+            let mut w = CountingWriter { inner: std::io::BufWriter::with_capacity(1 << 22, file), count: 0 };
             w.write_all(&header_bytes(shard))?;
             for e in shard {
                 let before = w.count;
                 fill(e, &mut w)?;
                 if w.count - before != e.bytes() as u64 {
-                    bail!(
-                        "internal: tensor {} wrote {} bytes, expected {}",
-                        e.name,
-                        w.count - before,
-                        e.bytes()
-                    );
+                    bail!("internal: tensor {} wrote {} bytes, expected {}", e.name, w.count - before, e.bytes());
                 }
                 weight_map.insert(e.name.clone(), Value::String(name.clone()));
             }
-            w.inner
-                .flush()
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            w.inner.flush().with_context(|| format!("cannot write {}", tmp.display()))?;
             Ok(())
         })();
         if let Err(e) = result {

@@ -80,10 +80,8 @@ pub fn tokenizer_json(l: &TokenLayout) -> Value {
     for (id, p) in pieces.iter().enumerate() {
         vocab.insert(p.clone(), json!(id));
     }
-    let mut added_tokens: Vec<(u32, Value)> = named_specials(l)
-        .into_iter()
-        .map(|(id, s)| (id, added(id, s, true)))
-        .collect();
+    let mut added_tokens: Vec<(u32, Value)> =
+        named_specials(l).into_iter().map(|(id, s)| (id, added(id, s, true))).collect();
     // Gemma registers its low `<unusedN>` pieces (ids 6..105) as special added tokens; the filler
     // pieces of the large synthetic vocabulary stay plain vocabulary entries, so loading the
     // full-size tokenizer does not build a matcher over a quarter-million added tokens.
@@ -156,7 +154,8 @@ pub fn tokenizer_config_json(l: &TokenLayout) -> Value {
 }
 
 pub fn special_tokens_map_json() -> Value {
-    let tok = |s: &str| json!({"content": s, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false});
+    let tok =
+        |s: &str| json!({"content": s, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false});
     json!({
         "boi_token": "<start_of_image>",
         "bos_token": tok("<bos>"),

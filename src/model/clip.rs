@@ -16,11 +16,7 @@ struct Norm {
 
 impl Norm {
     fn load(w: &Weights, name: &str, d: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[d])?,
-            bias: w.get(&format!("{name}.bias"), &[d])?,
-            eps,
-        })
+        Ok(Self { weight: w.get(&format!("{name}.weight"), &[d])?, bias: w.get(&format!("{name}.bias"), &[d])?, eps })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)
@@ -28,10 +24,7 @@ impl Norm {
 }
 
 fn load_linear(w: &Weights, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        w.get(&format!("{name}.weight"), &[out_f, in_f])?,
-        Some(w.get(&format!("{name}.bias"), &[out_f])?),
-    ))
+    Ok(Linear::new(w.get(&format!("{name}.weight"), &[out_f, in_f])?, Some(w.get(&format!("{name}.bias"), &[out_f])?)))
 }
 
 struct EncoderLayer {
@@ -67,11 +60,7 @@ impl EncoderLayer {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.heads;
         let h = self.layer_norm1.forward(x)?;
-        let split = |y: Tensor| {
-            y.reshape((b, t, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let split = |y: Tensor| y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous();
         let q = split(self.q_proj.forward(&h)?)?;
         let k = split(self.k_proj.forward(&h)?)?;
         let v = split(self.v_proj.forward(&h)?)?;
@@ -99,12 +88,7 @@ impl ClipVision {
     /// and CLIPVisionModel files). Only the layers that feed layer -2 are loaded.
     pub fn load(w: Weights, c: &ClipVisionConfig) -> Result<Self> {
         let w = w.with_prefix_of(
-            &[
-                "vision_model.",
-                "vision_tower.vision_model.",
-                "model.vision_tower.vision_model.",
-                "",
-            ],
+            &["vision_model.", "vision_tower.vision_model.", "model.vision_tower.vision_model.", ""],
             "embeddings.patch_embedding.weight",
         )?;
         let d = c.hidden_size;
@@ -112,15 +96,10 @@ impl ClipVision {
             .map(|i| EncoderLayer::load(&w, &format!("encoder.layers.{i}"), c))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            patch_embedding: w.get(
-                "embeddings.patch_embedding.weight",
-                &[d, c.num_channels, c.patch_size, c.patch_size],
-            )?,
+            patch_embedding: w
+                .get("embeddings.patch_embedding.weight", &[d, c.num_channels, c.patch_size, c.patch_size])?,
             class_embedding: w.get("embeddings.class_embedding", &[d])?,
-            position_embedding: w.get(
-                "embeddings.position_embedding.weight",
-                &[c.num_patches() + 1, d],
-            )?,
+            position_embedding: w.get("embeddings.position_embedding.weight", &[c.num_patches() + 1, d])?,
             pre_layrnorm: Norm::load(&w, "pre_layrnorm", d, c.layer_norm_eps)?,
             layers,
             cfg: c.clone(),
@@ -138,12 +117,8 @@ impl ClipVision {
         let pixels = pixels.to_dtype(self.dtype())?;
         let patches = pixels.conv2d(&self.patch_embedding, 0, self.cfg.patch_size, 1, 1)?; // [B, D, g, g]
         let patches = patches.flatten_from(2)?.transpose(1, 2)?; // [B, N, D]
-        let cls = self
-            .class_embedding
-            .reshape((1, 1, d))?
-            .broadcast_as((b, 1, d))?;
-        let x = Tensor::cat(&[&cls, &patches], 1)?
-            .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let cls = self.class_embedding.reshape((1, 1, d))?.broadcast_as((b, 1, d))?;
+        let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
         for layer in &self.layers {
             x = layer.forward(&x)?;

@@ -4,18 +4,20 @@
 //! is composed from ops with a backward, so LoRA training can run through it.
 
 use crate::config::{GemmaTextConfig, LayerType};
-use crate::model::linear::Linear;
+use crate::peft::frozen::FrozenWeight;
+use crate::peft::lora::LoraLinear;
+use crate::peft::nf4::Nf4Weight;
 use crate::model::ops::{gemma_rms_norm, softmax_last_dim_f32};
 use crate::model::rope::RopeTables;
 use crate::weights::Weights;
 use anyhow::Result;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
     q_norm: Tensor,
     k_norm: Tensor,
     n_heads: usize,
@@ -26,9 +28,9 @@ pub struct Attention {
 }
 
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+    pub gate_proj: LoraLinear,
+    pub up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
 }
 
 pub struct DecoderLayer {
@@ -49,31 +51,46 @@ pub struct LayerContext {
     /// [B, 1, Lq, Lk] f32: 0 where a query may attend, f32::MIN elsewhere.
     pub mask_global: Tensor,
     pub mask_sliding: Tensor,
+    /// Some in training: the step's dropout seed (LoRA dropout masks derive from it).
+    pub dropout_seed: Option<u64>,
+}
+
+/// How the frozen base weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseFormat {
+    /// As loaded, in the compute dtype.
+    Dense,
+    /// NF4, quantized at load; the dense copy is dropped layer by layer.
+    Nf4,
 }
 
 pub struct Gemma3Text {
     pub embed_tokens: Tensor,
+    /// The tied lm_head: the embedding matrix behind a no-dW op.
+    lm_head: FrozenWeight,
     pub layers: Vec<DecoderLayer>,
     norm: Tensor,
     pub cfg: GemmaTextConfig,
 }
 
-fn load_linear(w: &Weights, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        w.get(&format!("{name}.weight"), &[out_f, in_f])?,
-        None,
-    ))
+fn load_linear(w: &Weights, name: &str, out_f: usize, in_f: usize, base: BaseFormat) -> Result<LoraLinear> {
+    let dense = w.get(&format!("{name}.weight"), &[out_f, in_f])?;
+    let frozen = match base {
+        BaseFormat::Dense => FrozenWeight::Dense(dense),
+        BaseFormat::Nf4 => FrozenWeight::Nf4(Nf4Weight::quantize(&dense)?),
+    };
+    Ok(LoraLinear::frozen(frozen))
 }
 
 impl Attention {
-    fn load(w: &Weights, p: &str, cfg: &GemmaTextConfig) -> Result<Self> {
+    fn load(w: &Weights, p: &str, cfg: &GemmaTextConfig, base: BaseFormat) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q_proj: load_linear(w, &format!("{p}.q_proj"), nq * hd, h)?,
-            k_proj: load_linear(w, &format!("{p}.k_proj"), nkv * hd, h)?,
-            v_proj: load_linear(w, &format!("{p}.v_proj"), nkv * hd, h)?,
-            o_proj: load_linear(w, &format!("{p}.o_proj"), h, nq * hd)?,
+            q_proj: load_linear(w, &format!("{p}.q_proj"), nq * hd, h, base)?,
+            k_proj: load_linear(w, &format!("{p}.k_proj"), nkv * hd, h, base)?,
+            v_proj: load_linear(w, &format!("{p}.v_proj"), nkv * hd, h, base)?,
+            o_proj: load_linear(w, &format!("{p}.o_proj"), h, nq * hd, base)?,
             q_norm: w.get(&format!("{p}.q_norm.weight"), &[hd])?,
             k_norm: w.get(&format!("{p}.k_norm.weight"), &[hd])?,
             n_heads: nq,
@@ -85,17 +102,12 @@ impl Attention {
     }
 
     /// x [B, L, H] -> [B, L, H]
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RopeTables,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (hd, nq, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
-        let q = self.q_proj.forward(x)?.reshape((b, l, nq, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((b, l, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((b, l, nkv, hd))?;
+        let q = self.q_proj.forward(x, seed)?.reshape((b, l, nq, hd))?;
+        let k = self.k_proj.forward(x, seed)?.reshape((b, l, nkv, hd))?;
+        let v = self.v_proj.forward(x, seed)?.reshape((b, l, nkv, hd))?;
         let q = gemma_rms_norm(&q, &self.q_norm, self.eps)?.transpose(1, 2)?; // [B, nq, L, hd]
         let k = gemma_rms_norm(&k, &self.k_norm, self.eps)?.transpose(1, 2)?; // [B, nkv, L, hd]
         let q = rope.apply(&q.contiguous()?)?;
@@ -103,28 +115,20 @@ impl Attention {
         let v = v.transpose(1, 2)?.contiguous()?;
         let out = grouped_attention(&q, &k, &v, mask, self.scale)?; // [B, nq, L, hd]
         let out = out.transpose(1, 2)?.reshape((b, l, nq * hd))?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out, seed)
     }
 }
 
 /// softmax(q k^T * scale + mask) v with grouped key/value heads, without materialising repeated
 /// k/v: query head h uses kv head h / (nq / nkv), as transformers' `repeat_kv` lays them out.
 /// q [B, nq, Lq, hd], k/v [B, nkv, Lk, hd], mask [B, 1, Lq, Lk] -> [B, nq, Lq, hd]
-pub fn grouped_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    scale: f64,
-) -> candle_core::Result<Tensor> {
+pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let (b, nq, lq, hd) = q.dims4()?;
     let (_, nkv, lk, _) = k.dims4()?;
     let rep = nq / nkv;
     let qg = q.reshape((b, nkv, rep * lq, hd))?;
     let scores = (qg.matmul(&k.t()?)? * scale)?; // [B, nkv, rep*Lq, Lk]
-    let scores = scores
-        .to_dtype(DType::F32)?
-        .reshape((b, nkv, rep, lq, lk))?;
+    let scores = scores.to_dtype(DType::F32)?.reshape((b, nkv, rep, lq, lk))?;
     let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?; // mask [B, 1, 1, Lq, Lk]
     let probs = softmax_last_dim_f32(&scores)?.to_dtype(q.dtype())?;
     let out = probs.reshape((b, nkv, rep * lq, lk))?.matmul(v)?; // [B, nkv, rep*Lq, hd]
@@ -132,36 +136,33 @@ pub fn grouped_attention(
 }
 
 impl Mlp {
-    fn load(w: &Weights, p: &str, cfg: &GemmaTextConfig) -> Result<Self> {
+    fn load(w: &Weights, p: &str, cfg: &GemmaTextConfig, base: BaseFormat) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: load_linear(w, &format!("{p}.gate_proj"), i, h)?,
-            up_proj: load_linear(w, &format!("{p}.up_proj"), i, h)?,
-            down_proj: load_linear(w, &format!("{p}.down_proj"), h, i)?,
+            gate_proj: load_linear(w, &format!("{p}.gate_proj"), i, h, base)?,
+            up_proj: load_linear(w, &format!("{p}.up_proj"), i, h, base)?,
+            down_proj: load_linear(w, &format!("{p}.down_proj"), h, i, base)?,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
         // gelu_pytorch_tanh (candle's `gelu` is the tanh approximation)
-        let gate = self.gate_proj.forward(x)?.gelu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate = self.gate_proj.forward(x, seed)?.gelu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x, seed)?)?, seed)
     }
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, i: usize, cfg: &GemmaTextConfig) -> Result<Self> {
+    fn load(w: &Weights, i: usize, cfg: &GemmaTextConfig, base: BaseFormat) -> Result<Self> {
         let p = format!("layers.{i}");
         let h = cfg.hidden_size;
         Ok(Self {
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, base)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, base)?,
             input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-            post_attention_layernorm: w
-                .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            pre_feedforward_layernorm: w
-                .get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?,
-            post_feedforward_layernorm: w
-                .get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?,
+            post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            pre_feedforward_layernorm: w.get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?,
+            post_feedforward_layernorm: w.get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?,
             layer_type: cfg.layer_types[i],
             eps: cfg.rms_norm_eps,
         })
@@ -174,10 +175,10 @@ impl DecoderLayer {
             LayerType::Sliding => (&ctx.rope_local, &ctx.mask_sliding),
         };
         let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
-        let h = self.self_attn.forward(&h, rope, mask)?;
+        let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed)?;
         let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
-        let h = self.mlp.forward(&h)?;
+        let h = self.mlp.forward(&h, ctx.dropout_seed)?;
         x + gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?
     }
 }
@@ -212,27 +213,52 @@ pub fn attention_mask(
 impl Gemma3Text {
     /// Loads from a Gemma-3 checkpoint directory; accepts the hub's `language_model.model.*`,
     /// transformers 4.52+'s `model.language_model.*` and the text-only `model.*` key forms.
-    pub fn load(w: Weights, cfg: &GemmaTextConfig) -> Result<Self> {
-        let w = w.with_prefix_of(
-            &[
-                "language_model.model.",
-                "model.language_model.",
-                "model.",
-                "",
-            ],
-            "embed_tokens.weight",
-        )?;
+    pub fn load(w: Weights, cfg: &GemmaTextConfig, base: BaseFormat) -> Result<Self> {
+        let w =
+            w.with_prefix_of(&["language_model.model.", "model.language_model.", "model.", ""], "embed_tokens.weight")?;
         let embed_tokens = w.get("embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&w, i, cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(&w, i, cfg, base)).collect::<Result<Vec<_>>>()?;
         let norm = w.get("norm.weight", &[cfg.hidden_size])?;
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            cfg: cfg.clone(),
-        })
+        let lm_head = FrozenWeight::Dense(embed_tokens.clone());
+        Ok(Self { embed_tokens, lm_head, layers, norm, cfg: cfg.clone() })
+    }
+
+    /// Every adaptable linear with its module path under the text model (`layers.N.self_attn.q_proj`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
+        let mut v = vec![];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                v.push((format!("layers.{i}.{name}"), lin));
+            }
+        }
+        v
+    }
+
+    /// Bytes the frozen weights hold on the device (embedding and norms included).
+    pub fn frozen_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = t(&self.embed_tokens) + t(&self.norm);
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+                n += lin.base.bytes();
+            }
+            n += t(&a.q_norm) + t(&a.k_norm);
+            for w in [&l.input_layernorm, &l.post_attention_layernorm, &l.pre_feedforward_layernorm, &l.post_feedforward_layernorm] {
+                n += t(w);
+            }
+        }
+        n
     }
 
     pub fn dtype(&self) -> DType {
@@ -247,44 +273,27 @@ impl Gemma3Text {
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let rows = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
-        let scale =
-            Tensor::new(self.cfg.embed_scale() as f32, self.device())?.to_dtype(self.dtype())?;
-        rows.broadcast_mul(&scale)?
-            .reshape((b, l, self.cfg.hidden_size))
+        let scale = Tensor::new(self.cfg.embed_scale() as f32, self.device())?.to_dtype(self.dtype())?;
+        rows.broadcast_mul(&scale)?.reshape((b, l, self.cfg.hidden_size))
     }
 
     /// The RoPE tables and masks for a forward over `lq` new positions starting at `offset`,
     /// attending keys whose validity is `valid` ([B][Lk], Lk = offset + lq).
-    pub fn layer_context(
-        &self,
-        valid: &[Vec<bool>],
-        lq: usize,
-        offset: usize,
-    ) -> candle_core::Result<LayerContext> {
+    pub fn layer_context(&self, valid: &[Vec<bool>], lq: usize, offset: usize) -> candle_core::Result<LayerContext> {
         let c = &self.cfg;
         let dev = self.device();
         Ok(LayerContext {
-            rope_global: RopeTables::new(
-                c.head_dim,
-                c.rope_theta,
-                c.rope_scaling_factor,
-                offset,
-                lq,
-                dev,
-            )?,
+            rope_global: RopeTables::new(c.head_dim, c.rope_theta, c.rope_scaling_factor, offset, lq, dev)?,
             rope_local: RopeTables::new(c.head_dim, c.rope_local_base_freq, 1.0, offset, lq, dev)?,
             mask_global: attention_mask(valid, lq, offset, None, dev)?,
             mask_sliding: attention_mask(valid, lq, offset, Some(c.sliding_window), dev)?,
+            dropout_seed: None,
         })
     }
 
     /// embeds [B, L, H] -> last hidden state before the final norm [B, L, H]. `valid[b][t]` is
     /// false on padding; None means no padding.
-    pub fn forward_embeds(
-        &self,
-        embeds: &Tensor,
-        valid: Option<&[Vec<bool>]>,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward_embeds(&self, embeds: &Tensor, valid: Option<&[Vec<bool>]>) -> candle_core::Result<Tensor> {
         let (b, l, _) = embeds.dims3()?;
         let all_valid;
         let valid = match valid {
@@ -305,7 +314,7 @@ impl Gemma3Text {
     /// Final norm and tied lm_head on selected rows: hidden [N, H] -> logits [N, V] (f32).
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let h = gemma_rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
-        let logits = h.matmul(&self.embed_tokens.t()?)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.forward(&h)?.to_dtype(DType::F32)?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),

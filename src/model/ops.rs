@@ -21,10 +21,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let centered = xf.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
-    normed
-        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
-        .broadcast_add(&bias.to_dtype(DType::F32)?)?
-        .to_dtype(dtype)
+    normed.broadcast_mul(&weight.to_dtype(DType::F32)?)?.broadcast_add(&bias.to_dtype(DType::F32)?)?.to_dtype(dtype)
 }
 
 /// Softmax over the last dimension of an f32 tensor (composed, so it has a backward).

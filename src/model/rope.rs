@@ -21,10 +21,7 @@ impl RopeTables {
         let half = head_dim / 2;
         // inv_freq = 1 / theta^(2i/d), in f32 like torch, then / factor.
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-                    / linear_factor as f32
-            })
+            .map(|i| (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) / linear_factor as f32)
             .collect();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
@@ -35,10 +32,7 @@ impl RopeTables {
                 sin.push(angle.sin());
             }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (len, half), dev)?,
-            sin: Tensor::from_vec(sin, (len, half), dev)?,
-        })
+        Ok(Self { cos: Tensor::from_vec(cos, (len, half), dev)?, sin: Tensor::from_vec(sin, (len, half), dev)? })
     }
 
     /// Applies the rotation to x [B, heads, L, head_dim]; the tables are cast to x's dtype first,

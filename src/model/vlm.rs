@@ -43,12 +43,7 @@ impl Supervised {
 /// Replaces the rows of `text` [B, L, H] whose id is `image_token` by the rows of `image` [M, H],
 /// in order, with one index_select over cat(text, image) (its backward is an index_add; candle's
 /// scatter backward is wrong, candle-notes §0.4).
-pub fn splice_image_features(
-    text: &Tensor,
-    ids: &[Vec<u32>],
-    image_token: u32,
-    image: &Tensor,
-) -> Result<Tensor> {
+pub fn splice_image_features(text: &Tensor, ids: &[Vec<u32>], image_token: u32, image: &Tensor) -> Result<Tensor> {
     let (b, l, h) = text.dims3()?;
     let m = image.dim(0)?;
     let mut index = Vec::with_capacity(b * l);
@@ -66,10 +61,7 @@ pub fn splice_image_features(
     if k != m {
         bail!("the prompt has {k} image tokens but the images give {m} feature rows");
     }
-    let all = Tensor::cat(
-        &[text.reshape((b * l, h))?, image.to_dtype(text.dtype())?],
-        0,
-    )?;
+    let all = Tensor::cat(&[text.reshape((b * l, h))?, image.to_dtype(text.dtype())?], 0)?;
     let index = Tensor::from_vec(index, b * l, text.device())?;
     Ok(all.index_select(&index, 0)?.reshape((b, l, h))?)
 }
@@ -88,23 +80,12 @@ impl Vlm {
         let embeds = self.llm.embed(&ids_t)?;
         match pixels {
             Some(px) => {
-                let feats = self
-                    .projector
-                    .forward(&self.vision.forward(px)?.to_dtype(self.llm.dtype())?)?;
+                let feats = self.projector.forward(&self.vision.forward(px)?.to_dtype(self.llm.dtype())?)?;
                 let (n, t, hdim) = feats.dims3()?;
-                splice_image_features(
-                    &embeds,
-                    ids,
-                    self.cfg.image_token_index,
-                    &feats.reshape((n * t, hdim))?,
-                )
+                splice_image_features(&embeds, ids, self.cfg.image_token_index, &feats.reshape((n * t, hdim))?)
             }
             None => {
-                if ids
-                    .iter()
-                    .flatten()
-                    .any(|&i| i == self.cfg.image_token_index)
-                {
+                if ids.iter().flatten().any(|&i| i == self.cfg.image_token_index) {
                     bail!("the prompt has image tokens but no image was given");
                 }
                 Ok(embeds)

@@ -19,9 +19,7 @@ pub fn tiny_dir() -> &'static Path {
 }
 
 pub fn fixture_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 pub struct Fixture {
@@ -40,18 +38,12 @@ impl Fixture {
     }
 
     pub fn get(&self, k: &str) -> &Tensor {
-        self.tensors
-            .get(k)
-            .unwrap_or_else(|| panic!("fixture has no tensor {k}"))
+        self.tensors.get(k).unwrap_or_else(|| panic!("fixture has no tensor {k}"))
     }
 
     /// An integer tensor as rows of i64.
     pub fn rows_i64(&self, k: &str) -> Vec<Vec<i64>> {
-        self.get(k)
-            .to_dtype(candle_core::DType::I64)
-            .unwrap()
-            .to_vec2::<i64>()
-            .unwrap()
+        self.get(k).to_dtype(candle_core::DType::I64).unwrap().to_vec2::<i64>().unwrap()
     }
 }
 
@@ -60,16 +52,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(candle_core::DType::F32).unwrap();
     let b = b.to_dtype(candle_core::DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 pub mod forward {
@@ -78,7 +61,7 @@ pub mod forward {
     use candle_core::{DType, Device, Tensor};
     use gemmaclip::config::{ClipVisionConfig, LlmConfig};
     use gemmaclip::model::clip::ClipVision;
-    use gemmaclip::model::gemma3::Gemma3Text;
+    use gemmaclip::model::gemma3::{BaseFormat, Gemma3Text};
     use gemmaclip::model::projector::Projector;
     use gemmaclip::model::vlm::{Supervised, Vlm};
     use gemmaclip::weights::Weights;
@@ -89,7 +72,7 @@ pub mod forward {
 
     pub fn gemma(dev: &Device) -> Gemma3Text {
         let w = Weights::open(&tiny_dir().join("llm"), DType::F32, dev).unwrap();
-        Gemma3Text::load(w, &llm_cfg().text).unwrap()
+        Gemma3Text::load(w, &llm_cfg().text, BaseFormat::Dense).unwrap()
     }
 
     pub fn clip(dev: &Device) -> ClipVision {
@@ -104,18 +87,12 @@ pub mod forward {
     }
 
     fn valid(f: &Fixture, key: &str) -> Vec<Vec<bool>> {
-        f.rows_i64(key)
-            .iter()
-            .map(|r| r.iter().map(|&m| m == 1).collect())
-            .collect()
+        f.rows_i64(key).iter().map(|r| r.iter().map(|&m| m == 1).collect()).collect()
     }
 
     fn all_logits(llm: &Gemma3Text, hidden: &Tensor) -> Tensor {
         let (b, l, h) = hidden.dims3().unwrap();
-        llm.logits(&hidden.reshape((b * l, h)).unwrap())
-            .unwrap()
-            .reshape((b, l, ()))
-            .unwrap()
+        llm.logits(&hidden.reshape((b * l, h)).unwrap()).unwrap().reshape((b, l, ())).unwrap()
     }
 
     /// Logits [L, V] of the long text prompt.
@@ -131,27 +108,17 @@ pub mod forward {
         let llm = gemma(dev);
         let valid = valid(f, "batch.attention_mask");
         let ids = ids_tensor(&f.rows_i64("batch.input_ids"), dev);
-        let hidden = llm
-            .forward_embeds(&llm.embed(&ids).unwrap(), Some(&valid))
-            .unwrap();
+        let hidden = llm.forward_embeds(&llm.embed(&ids).unwrap(), Some(&valid)).unwrap();
         let logits = all_logits(&llm, &hidden);
         valid
             .iter()
             .enumerate()
-            .map(|(b, row)| {
-                logits
-                    .get(b)
-                    .unwrap()
-                    .narrow(0, 0, row.iter().filter(|&&v| v).count())
-                    .unwrap()
-            })
+            .map(|(b, row)| logits.get(b).unwrap().narrow(0, 0, row.iter().filter(|&&v| v).count()).unwrap())
             .collect()
     }
 
     pub fn clip_features(f: &Fixture, dev: &Device) -> Tensor {
-        clip(dev)
-            .forward(&f.get("clip.pixel_values").to_device(dev).unwrap())
-            .unwrap()
+        clip(dev).forward(&f.get("clip.pixel_values").to_device(dev).unwrap()).unwrap()
     }
 
     /// (loss, logits at supervised positions, number of supervised positions) of the LLaVA forward.
@@ -162,24 +129,13 @@ pub mod forward {
             .unwrap();
         let (vision, llm) = (clip(dev), gemma(dev));
         let projector = Projector::load(&pw, vision.cfg.hidden_size, llm.cfg.hidden_size).unwrap();
-        let vlm = Vlm {
-            vision,
-            projector,
-            llm,
-            cfg: llm_cfg(),
-        };
-        let ids: Vec<Vec<u32>> = f
-            .rows_i64("vlm.input_ids")
-            .iter()
-            .map(|r| r.iter().map(|&x| x as u32).collect())
-            .collect();
+        let vlm = Vlm { vision, projector, llm, cfg: llm_cfg() };
+        let ids: Vec<Vec<u32>> =
+            f.rows_i64("vlm.input_ids").iter().map(|r| r.iter().map(|&x| x as u32).collect()).collect();
         let sup = Supervised::from_labels(&f.rows_i64("vlm.labels"));
         let px = f.get("vlm.pixel_values").to_device(dev).unwrap();
         let embeds = vlm.input_embeds(&ids, Some(&px)).unwrap();
-        let hidden = vlm
-            .llm
-            .forward_embeds(&embeds, Some(&valid(f, "vlm.attention_mask")))
-            .unwrap();
+        let hidden = vlm.llm.forward_embeds(&embeds, Some(&valid(f, "vlm.attention_mask"))).unwrap();
         let (loss, logits) = vlm.loss(&hidden, &sup).unwrap();
         (loss.to_scalar::<f32>().unwrap(), logits, sup.rows.len())
     }

@@ -1,0 +1,220 @@
+//! PEFT's on-disk LoRA format (model-facts §5): `adapter_config.json` + `adapter_model.safetensors`
+//! with keys `base_model.model.<module path>.lora_{A,B}.weight`, A [r, in], B [out, r].
+//! We write the module paths `PeftModel.from_pretrained(Gemma3ForConditionalGeneration...)` expects
+//! under transformers 5.x and read that form, the 4.50 form and the Gemma3ForCausalLM form.
+
+use crate::checkpoint::safetensors_out::{tmp_name, write_atomic};
+use crate::model::gemma3::Gemma3Text;
+use crate::peft::lora::{Lora, LoraSpec};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub const CONFIG_NAME: &str = "adapter_config.json";
+pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
+
+/// Where the text model's layers sit inside the model PEFT wraps, per transformers layout:
+/// 5.x / 4.52+ Gemma3ForConditionalGeneration (what we write), 4.50 Gemma3ForConditionalGeneration,
+/// and the text-only Gemma3ForCausalLM.
+pub const KEY_PREFIXES: [&str; 3] =
+    ["base_model.model.model.language_model.", "base_model.model.language_model.model.", "base_model.model.model."];
+
+/// `target_modules` as a regex over the language model only: bare names would also match the
+/// SigLIP tower's q/k/v projections inside Gemma3ForConditionalGeneration.
+pub fn target_regex(targets: &[String]) -> String {
+    format!(r".*language_model.*\.({})", targets.join("|"))
+}
+
+/// Attaches fresh adapters (PEFT's init) to every targeted linear.
+pub fn attach_new(model: &mut Gemma3Text, spec: &LoraSpec, seed: u64) -> Result<()> {
+    for (path, lin) in model.linears_mut() {
+        if !spec.targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
+            continue;
+        }
+        let (o, i) = lin.base.shape();
+        let dev = lin.base.device().clone();
+        lin.lora = Some(Lora::init(&path, i, o, spec, seed, &dev)?);
+    }
+    Ok(())
+}
+
+/// The trainable LoRA tensors of a model as (PEFT key, Var), in a fixed order.
+pub fn lora_vars(model: &mut Gemma3Text) -> Vec<(String, Var)> {
+    let mut v = vec![];
+    for (path, lin) in model.linears_mut() {
+        if let Some(l) = &lin.lora {
+            v.push((format!("{}{path}.lora_A.weight", KEY_PREFIXES[0]), l.a.clone()));
+            v.push((format!("{}{path}.lora_B.weight", KEY_PREFIXES[0]), l.b.clone()));
+        }
+    }
+    v
+}
+
+/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (f32), each atomically.
+pub fn save(dir: &Path, model: &mut Gemma3Text, spec: &LoraSpec, base_model: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors: HashMap<String, Tensor> = lora_vars(model)
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    if tensors.is_empty() {
+        bail!("the model has no LoRA adapters to save");
+    }
+    let weights = dir.join(WEIGHTS_NAME);
+    let tmp = tmp_name(&weights);
+    candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &weights).with_context(|| format!("cannot write {}", weights.display()))?;
+    // PEFT writes json.dumps(config, indent=2, sort_keys=True); serde_json's map is sorted too.
+    let config = json!({
+        "alpha_pattern": {},
+        "auto_mapping": null,
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": spec.r,
+        "rank_pattern": {},
+        "revision": null,
+        "target_modules": target_regex(&spec.targets),
+        "task_type": "CAUSAL_LM",
+        "use_dora": false,
+        "use_rslora": false
+    });
+    write_atomic(&dir.join(CONFIG_NAME), (serde_json::to_string_pretty(&config)? + "\n").as_bytes())
+}
+
+/// An adapter read from disk: its settings and (A, B) per module path (`layers.N.self_attn.q_proj`).
+pub struct Adapter {
+    pub spec: LoraSpec,
+    pub modules: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+fn read_config(path: &Path) -> Result<(LoraSpec, f64)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let what = path.display();
+    let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+    if let Some(t) = field("peft_type").and_then(Value::as_str) {
+        if t != "LORA" {
+            bail!("{what}: peft_type {t:?} is not LORA");
+        }
+    }
+    for (k, allowed) in [("use_dora", false), ("fan_in_fan_out", false)] {
+        if field(k).and_then(Value::as_bool).unwrap_or(false) != allowed {
+            bail!("{what}: {k} = true is not supported");
+        }
+    }
+    if field("bias").and_then(Value::as_str).is_some_and(|b| b != "none") {
+        bail!("{what}: bias {:?} is not supported (only \"none\")", field("bias").unwrap());
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if field(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+            bail!("{what}: a non-empty {k} is not supported");
+        }
+    }
+    let r = field("r").and_then(Value::as_u64).with_context(|| format!("{what}: no integer \"r\""))? as usize;
+    let alpha = field("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
+    let scale = if field("use_rslora").and_then(Value::as_bool).unwrap_or(false) {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    };
+    Ok((LoraSpec { r, alpha, dropout, targets: vec![] }, scale))
+}
+
+impl Adapter {
+    /// Reads a PEFT adapter directory into f32 tensors on `dev`.
+    pub fn load(dir: &Path, dev: &Device) -> Result<(Self, f64)> {
+        let (mut spec, scale) = read_config(&dir.join(CONFIG_NAME))?;
+        let path = dir.join(WEIGHTS_NAME);
+        if !path.is_file() {
+            bail!("{}: no such file (only safetensors adapters are read)", path.display());
+        }
+        let tensors = candle_core::safetensors::load(&path, dev)
+            .with_context(|| format!("{}: cannot read safetensors", path.display()))?;
+        let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (key, t) in tensors {
+            let Some(rest) = KEY_PREFIXES.iter().find_map(|p| key.strip_prefix(p)) else {
+                bail!("{}: key `{key}` is not a LoRA weight of the Gemma language model", path.display());
+            };
+            let (module, is_a) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+                (m, true)
+            } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+                (m, false)
+            } else {
+                bail!("{}: key `{key}` is not a lora_A/lora_B weight", path.display());
+            };
+            if !module.starts_with("layers.") {
+                bail!("{}: key `{key}` is outside the decoder layers", path.display());
+            }
+            let e = halves.entry(module.to_string()).or_default();
+            let t = t.to_dtype(DType::F32)?;
+            if is_a {
+                e.0 = Some(t)
+            } else {
+                e.1 = Some(t)
+            }
+        }
+        let mut modules = BTreeMap::new();
+        for (m, (a, b)) in halves {
+            let (Some(a), Some(b)) = (a, b) else {
+                bail!("{}: module `{m}` has only one of lora_A / lora_B", path.display());
+            };
+            let (ra, _) = a.dims2()?;
+            let (_, rb) = b.dims2()?;
+            if ra != spec.r || rb != spec.r {
+                bail!("{}: module `{m}` has rank {ra}/{rb} but adapter_config.json says r = {}", path.display(), spec.r);
+            }
+            let name = m.rsplit('.').next().unwrap_or(&m).to_string();
+            if !spec.targets.contains(&name) {
+                spec.targets.push(name);
+            }
+            modules.insert(m, (a, b));
+        }
+        if modules.is_empty() {
+            bail!("{}: no LoRA weights", path.display());
+        }
+        Ok((Self { spec, modules }, scale))
+    }
+
+    /// Puts the adapter's weights (as trainable f32 Vars) on the matching linears of `model`.
+    pub fn attach(&self, model: &mut Gemma3Text, scale: f64) -> Result<()> {
+        let mut seen = 0;
+        for (path, lin) in model.linears_mut() {
+            let Some((a, b)) = self.modules.get(&path) else { continue };
+            let (o, i) = lin.base.shape();
+            if a.dims() != [self.spec.r, i] || b.dims() != [o, self.spec.r] {
+                bail!(
+                    "adapter module `{path}`: lora_A {:?} / lora_B {:?} do not fit a [{o}, {i}] linear of rank {}",
+                    a.dims(),
+                    b.dims(),
+                    self.spec.r
+                );
+            }
+            lin.lora = Some(Lora {
+                a: Var::from_tensor(a)?,
+                b: Var::from_tensor(b)?,
+                scale,
+                dropout: self.spec.dropout,
+                stream: crate::checkpoint::rng::name_hash(&path),
+            });
+            seen += 1;
+        }
+        if seen != self.modules.len() {
+            let known: Vec<String> = model.linears_mut().into_iter().map(|(p, _)| p).collect();
+            let extra: Vec<&String> = self.modules.keys().filter(|m| !known.contains(m)).collect();
+            bail!("adapter modules not in the model: {extra:?}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+// NF4 (bitsandbytes layout: blocks of 64, one f32 absmax per block, element 2i in the high nibble
+// of byte i) and a counter-based dropout mask. Header-free so it builds with plain nvcc --ptx.
+// Built without FMA contraction (build.rs passes --fmad=false) so the f32 arithmetic is the same
+// rounding sequence as the CPU code in nf4.rs and dropout.rs.
+
+__constant__ float NF4_CODE[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+__device__ __forceinline__ unsigned int f32_to_bf16_rne(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return u >> 16;
+}
+__device__ __forceinline__ float bf16_to_f32(unsigned short h) {
+    return __uint_as_float(((unsigned int)h) << 16);
+}
+
+// Index of the nearest code value as torch.bucketize(x, midpoints) (right=False) computes it:
+// the number of midpoints strictly below x.
+__device__ __forceinline__ unsigned int nf4_index(float x, const float* mid) {
+    unsigned int k = 0;
+#pragma unroll
+    for (int j = 0; j < 15; j++) k += (mid[j] < x) ? 1u : 0u;
+    return k;
+}
+
+__device__ __forceinline__ void load_midpoints(float* mid) {
+    if (threadIdx.x < 15) mid[threadIdx.x] = (NF4_CODE[threadIdx.x] + NF4_CODE[threadIdx.x + 1]) / 2.0f;
+    __syncthreads();
+}
+
+__device__ __forceinline__ unsigned char nf4_pack(float x0, float x1, float am, const float* mid) {
+    float inv = 1.0f / fmaxf(am, 1e-38f);
+    float s0 = fminf(fmaxf(x0 * inv, -1.0f), 1.0f);
+    float s1 = fminf(fmaxf(x1 * inv, -1.0f), 1.0f);
+    return (unsigned char)((nf4_index(s0, mid) << 4) | nf4_index(s1, mid));
+}
+
+// One thread per output byte; n_bytes = n / 2, block size a multiple of 2.
+extern "C" __global__ void nf4_quantize_bf16(const unsigned short* __restrict__ w, const float* __restrict__ absmax,
+                                             unsigned char* __restrict__ out, unsigned int n_bytes, unsigned int block) {
+    __shared__ float mid[15];
+    load_midpoints(mid);
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_bytes) return;
+    out[i] = nf4_pack(bf16_to_f32(w[2 * i]), bf16_to_f32(w[2 * i + 1]), absmax[(2 * i) / block], mid);
+}
+
+extern "C" __global__ void nf4_quantize_f32(const float* __restrict__ w, const float* __restrict__ absmax,
+                                            unsigned char* __restrict__ out, unsigned int n_bytes, unsigned int block) {
+    __shared__ float mid[15];
+    load_midpoints(mid);
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_bytes) return;
+    out[i] = nf4_pack(w[2 * i], w[2 * i + 1], absmax[(2 * i) / block], mid);
+}
+
+// One thread = 4 packed bytes -> 8 bf16 in one 16-byte store; n % 8 == 0 and block % 8 == 0.
+extern "C" __global__ void nf4_dequantize_bf16(const unsigned int* __restrict__ q4, const float* __restrict__ absmax,
+                                               uint4* __restrict__ out, unsigned int n_words, unsigned int block) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
+    __syncthreads();
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_words) return;
+    unsigned int w = q4[i];
+    float s = absmax[(8u * i) / block];
+    unsigned int r[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        unsigned int b = (w >> (8 * j)) & 0xffu;
+        r[j] = f32_to_bf16_rne(lut[b >> 4] * s) | (f32_to_bf16_rne(lut[b & 15] * s) << 16);
+    }
+    out[i] = make_uint4(r[0], r[1], r[2], r[3]);
+}
+
+extern "C" __global__ void nf4_dequantize_f32(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
+                                              float* __restrict__ out, unsigned int n, unsigned int block) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
+    __syncthreads();
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned char b = q[i / 2];
+    out[i] = lut[(i & 1) ? (b & 15) : (b >> 4)] * absmax[i / block];
+}
+
+// Inverted dropout: out[i] = keep ? scale : 0 with keep = uniform(seed, i) >= p, where uniform is
+// the top 24 bits of splitmix64(seed + i * golden) -- the same stream dropout.rs draws on the CPU.
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+extern "C" __global__ void dropout_mask_f32(float* __restrict__ out, unsigned long long seed, unsigned long long n,
+                                            float p, float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned long long r = splitmix64(seed + (i + 1ull) * 0x9E3779B97F4A7C15ull);
+    float u = (float)(r >> 40) * (1.0f / 16777216.0f);
+    out[i] = (u >= p) ? scale : 0.0f;
+}
+extern "C" __global__ void dropout_mask_bf16(unsigned short* __restrict__ out, unsigned long long seed,
+                                             unsigned long long n, float p, float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned long long r = splitmix64(seed + (i + 1ull) * 0x9E3779B97F4A7C15ull);
+    float u = (float)(r >> 40) * (1.0f / 16777216.0f);
+    out[i] = (unsigned short)f32_to_bf16_rne((u >= p) ? scale : 0.0f);
+}

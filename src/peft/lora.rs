@@ -1,0 +1,86 @@
+//! LoRA on frozen linears: y = W x + (alpha / r) B A dropout(x), as PEFT computes it. A and B are
+//! f32 `Var`s cast to the activation dtype in forward, so the optimizer keeps f32 state and their
+//! gradients arrive in f32.
+
+use crate::checkpoint::rng::{name_hash, SplitMix64};
+use crate::peft::dropout;
+use crate::peft::frozen::FrozenWeight;
+use candle_core::{DType, Device, Tensor, Var};
+
+/// The seven projections PEFT targets on Gemma (the original project's choice).
+pub const DEFAULT_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    /// Module names (the last path component) that get an adapter.
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+}
+
+pub struct Lora {
+    /// [r, in]
+    pub a: Var,
+    /// [out, r]
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+    /// Distinguishes this module's dropout stream from the others'.
+    pub stream: u64,
+}
+
+impl Lora {
+    /// PEFT's init: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+    pub fn init(name: &str, in_f: usize, out_f: usize, spec: &LoraSpec, seed: u64, dev: &Device) -> candle_core::Result<Self> {
+        let bound = 1.0 / (in_f as f64).sqrt();
+        let mut rng = SplitMix64::new(seed ^ name_hash(name));
+        let a: Vec<f32> = (0..spec.r * in_f).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+        Ok(Self {
+            a: Var::from_tensor(&Tensor::from_vec(a, (spec.r, in_f), dev)?)?,
+            b: Var::zeros((out_f, spec.r), DType::F32, dev)?,
+            scale: spec.scale(),
+            dropout: spec.dropout,
+            stream: name_hash(name),
+        })
+    }
+}
+
+pub struct LoraLinear {
+    pub base: FrozenWeight,
+    pub lora: Option<Lora>,
+}
+
+impl LoraLinear {
+    pub fn frozen(base: FrozenWeight) -> Self {
+        Self { base, lora: None }
+    }
+
+    /// x [.., in] -> [.., out]. `dropout_seed` is Some in training (one value per step); the same
+    /// seed gives the same masks, which gradient checkpointing's recompute relies on.
+    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let Some(l) = &self.lora else { return Ok(y) };
+        let dtype = x.dtype();
+        let xin = match dropout_seed {
+            Some(seed) if l.dropout > 0.0 => dropout::apply(x, l.dropout, seed ^ l.stream)?,
+            _ => x.clone(),
+        };
+        let (r, in_f) = l.a.dims2()?;
+        let lead = &x.dims()[..x.rank() - 1];
+        let rows: usize = lead.iter().product();
+        let a = l.a.as_tensor().to_dtype(dtype)?;
+        let b = l.b.as_tensor().to_dtype(dtype)?;
+        let h = xin.reshape((rows, in_f))?.matmul(&a.t()?)?; // [rows, r]
+        let d = (h.matmul(&b.t()?)? * l.scale)?; // [rows, out]
+        debug_assert_eq!(h.dim(1)?, r);
+        let d = d.reshape(y.dims())?;
+        y + d
+    }
+}

@@ -1,0 +1,294 @@
+//! NF4 in bitsandbytes' layout (model-facts §6): blocks of 64 values, one f32 absmax per block,
+//! each value the index of the nearest of 16 code values, element 2i in the high nibble of byte i.
+//! Quantization follows bitsandbytes' reference (`backends/default/ops.py`) operation by
+//! operation, so the packed bytes and absmax are identical; CPU (rayon) and CUDA kernels agree.
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+pub const BLOCK: usize = 64;
+
+/// bitsandbytes' `get_4bit_type("nf4")`, as f32.
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+fn midpoints() -> [f32; 15] {
+    std::array::from_fn(|k| (NF4_CODE[k] + NF4_CODE[k + 1]) / 2.0)
+}
+
+/// torch.bucketize(x, midpoints), right=False: the number of midpoints strictly below x.
+#[inline]
+fn index(x: f32, mid: &[f32; 15]) -> u8 {
+    mid.iter().filter(|&&m| m < x).count() as u8
+}
+
+/// Quantizes row-major values: (packed bytes [ceil(n/2)], absmax [ceil(n/BLOCK)]). A trailing
+/// partial block gets its own absmax and, as in bitsandbytes, is scaled by division.
+pub fn quantize_cpu(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let mid = midpoints();
+    let n = values.len();
+    let full = n / BLOCK * BLOCK;
+    let mut absmax: Vec<f32> = values.par_chunks(BLOCK).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
+    let mut scaled = vec![0f32; n.div_ceil(2) * 2];
+    scaled[..full].par_chunks_mut(BLOCK).zip(values[..full].par_chunks(BLOCK)).zip(&absmax).for_each(
+        |((s, v), &am)| {
+            let inv = 1.0f32 / am.max(1e-38);
+            for (s, v) in s.iter_mut().zip(v) {
+                *s = (v * inv).clamp(-1.0, 1.0);
+            }
+        },
+    );
+    if full < n {
+        let am = absmax[full / BLOCK].max(1e-38);
+        absmax[full / BLOCK] = am;
+        for i in full..n {
+            scaled[i] = (values[i] / am).clamp(-1.0, 1.0);
+        }
+    }
+    let packed = scaled.par_chunks(2).map(|p| (index(p[0], &mid) << 4) | index(p[1], &mid)).collect();
+    (packed, absmax)
+}
+
+/// Dequantizes to f32 as bitsandbytes does: code[idx] * absmax, in f32.
+pub fn dequantize_cpu(packed: &[u8], absmax: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, chunk)| {
+        let s = absmax[b];
+        for (j, o) in chunk.iter_mut().enumerate() {
+            let i = b * BLOCK + j;
+            let byte = packed[i / 2];
+            let code = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
+            *o = NF4_CODE[code as usize] * s;
+        }
+    });
+    out
+}
+
+/// A frozen matrix in NF4: packed u8 [n/2] and absmax f32 [n/64] on the compute device.
+#[derive(Clone, Debug)]
+pub struct Nf4Weight {
+    pub packed: Tensor,
+    pub absmax: Tensor,
+    /// [out, in]
+    pub shape: (usize, usize),
+}
+
+impl Nf4Weight {
+    /// Quantizes a weight [out, in] (bf16 or f32) on its own device; the input can be dropped after.
+    pub fn quantize(w: &Tensor) -> Result<Self> {
+        let (o, i) = w.dims2()?;
+        let n = o * i;
+        if n % BLOCK != 0 {
+            bail!("NF4 needs a multiple of {BLOCK} elements, got a [{o}, {i}] matrix");
+        }
+        let dev = w.device().clone();
+        if dev.is_cpu() {
+            let v = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let (packed, absmax) = quantize_cpu(&v);
+            return Ok(Self {
+                packed: Tensor::from_vec(packed, n / 2, &dev)?,
+                absmax: Tensor::from_vec(absmax, n / BLOCK, &dev)?,
+                shape: (o, i),
+            });
+        }
+        let w = match w.dtype() {
+            DType::BF16 | DType::F32 => w.flatten_all()?.contiguous()?,
+            _ => w.flatten_all()?.to_dtype(DType::F32)?,
+        };
+        // max |x| per block is exact in any order, so candle's reduction gives bitsandbytes' absmax.
+        let absmax = w.reshape((n / BLOCK, BLOCK))?.abs()?.max(1)?.to_dtype(DType::F32)?.contiguous()?;
+        let packed = w.apply_op2_no_bwd(&absmax, &Nf4Quantize)?;
+        Ok(Self { packed, absmax, shape: (o, i) })
+    }
+
+    /// The weight [out, in] in `dtype` (bf16 or f32), freshly materialised.
+    pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        self.packed.apply_op2_no_bwd(&self.absmax, &Nf4Dequantize { shape: self.shape, dtype })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.packed.elem_count() + 4 * self.absmax.elem_count()
+    }
+}
+
+/// (weight bf16/f32 [n], absmax f32 [n/64]) -> packed u8 [n/2]. CUDA only; the CPU path calls
+/// `quantize_cpu` directly.
+struct Nf4Quantize;
+
+impl CustomOp2 for Nf4Quantize {
+    fn name(&self) -> &'static str {
+        "nf4-quantize"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("nf4-quantize: the CPU path is quantize_cpu")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::quantize(w, wl, a, al)
+    }
+}
+
+/// (packed u8 [n/2], absmax f32 [n/64]) -> weight [out, in] in bf16 or f32.
+struct Nf4Dequantize {
+    shape: (usize, usize),
+    dtype: DType,
+}
+
+impl CustomOp2 for Nf4Dequantize {
+    fn name(&self) -> &'static str {
+        "nf4-dequantize"
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, ql: &Layout, a: &CpuStorage, al: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (Some((q0, q1)), Some((a0, a1))) = (ql.contiguous_offsets(), al.contiguous_offsets()) else {
+            candle_core::bail!("nf4-dequantize: inputs must be contiguous")
+        };
+        let n = self.shape.0 * self.shape.1;
+        let v = dequantize_cpu(&q.as_slice::<u8>()?[q0..q1], &a.as_slice::<f32>()?[a0..a1], n);
+        let out = match self.dtype {
+            DType::F32 => CpuStorage::F32(v),
+            DType::BF16 => CpuStorage::BF16(v.par_iter().map(|&x| half::bf16::from_f32(x)).collect()),
+            d => candle_core::bail!("nf4-dequantize: unsupported output dtype {d:?}"),
+        };
+        Ok((out, Shape::from(self.shape)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::dequantize(q, ql, a, al, self.shape.0 * self.shape.1, self.dtype)?;
+        Ok((out, Shape::from(self.shape)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use super::BLOCK;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, DType, Layout, Shape};
+
+    pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
+    pub const MODULE: &str = "gemmaclip_nf4";
+
+    fn grid(n: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn offsets(l: &Layout) -> candle_core::Result<(usize, usize)> {
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("nf4: inputs must be contiguous".into()))
+    }
+
+    pub fn quantize(w: &CudaStorage, wl: &Layout, a: &CudaStorage, al: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = w.device().clone();
+        let ((w0, w1), (a0, a1)) = (offsets(wl)?, offsets(al)?);
+        let n = w1 - w0;
+        let n_bytes = n / 2;
+        let out = unsafe { dev.alloc::<u8>(n_bytes)? };
+        let abs = a.as_cuda_slice::<f32>()?.slice(a0..a1);
+        let name = match w.dtype() {
+            DType::BF16 => "nf4_quantize_bf16",
+            DType::F32 => "nf4_quantize_f32",
+            d => candle_core::bail!("nf4-quantize: unsupported dtype {d:?}"),
+        };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let mut b = func.builder();
+        let ws_bf;
+        let ws_f;
+        match w.dtype() {
+            DType::BF16 => {
+                ws_bf = w.as_cuda_slice::<half::bf16>()?.slice(w0..w1);
+                b.arg(&ws_bf);
+            }
+            _ => {
+                ws_f = w.as_cuda_slice::<f32>()?.slice(w0..w1);
+                b.arg(&ws_f);
+            }
+        }
+        b.arg(&abs);
+        b.arg(&out);
+        let (nb, blk) = (n_bytes as u32, BLOCK as u32);
+        b.arg(&nb);
+        b.arg(&blk);
+        unsafe { b.launch(grid(n_bytes)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n_bytes)))
+    }
+
+    pub fn dequantize(
+        q: &CudaStorage,
+        ql: &Layout,
+        a: &CudaStorage,
+        al: &Layout,
+        n: usize,
+        dtype: DType,
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = q.device().clone();
+        let ((q0, q1), (a0, a1)) = (offsets(ql)?, offsets(al)?);
+        let qs = q.as_cuda_slice::<u8>()?.slice(q0..q1);
+        let abs = a.as_cuda_slice::<f32>()?.slice(a0..a1);
+        let blk = BLOCK as u32;
+        match dtype {
+            DType::BF16 => {
+                if n % 8 != 0 || q0 % 4 != 0 {
+                    candle_core::bail!("nf4-dequantize: needs n % 8 == 0 and 4-byte aligned input");
+                }
+                let out = unsafe { dev.alloc::<half::bf16>(n)? };
+                let func = dev.get_or_load_custom_func("nf4_dequantize_bf16", MODULE, PTX)?;
+                let n_words = (n / 8) as u32;
+                let mut b = func.builder();
+                b.arg(&qs);
+                b.arg(&abs);
+                b.arg(&out);
+                b.arg(&n_words);
+                b.arg(&blk);
+                unsafe { b.launch(grid(n / 8)) }.w()?;
+                Ok(CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            DType::F32 => {
+                let out = unsafe { dev.alloc::<f32>(n)? };
+                let func = dev.get_or_load_custom_func("nf4_dequantize_f32", MODULE, PTX)?;
+                let n32 = n as u32;
+                let mut b = func.builder();
+                b.arg(&qs);
+                b.arg(&abs);
+                b.arg(&out);
+                b.arg(&n32);
+                b.arg(&blk);
+                unsafe { b.launch(grid(n)) }.w()?;
+                Ok(CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            d => candle_core::bail!("nf4-dequantize: unsupported output dtype {d:?}"),
+        }
+    }
+}
