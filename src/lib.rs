@@ -6,4 +6,5 @@ pub mod config;
 pub mod device;
 pub mod model;
 pub mod peft;
+pub mod train;
 pub mod weights;

@@ -175,7 +175,9 @@ fn bad_checkpoints_give_one_line_naming_the_file_and_key() {
     copy_dir(&tiny_dir().join("llm"), &llm);
     let cfg = LlmConfig::from_file(&llm.join("config.json")).unwrap();
     let load = |cfg: &LlmConfig| {
-        Weights::open(&llm, DType::F32, &Device::Cpu).and_then(|w| Gemma3Text::load(w, &cfg.text, BaseFormat::Dense)).map(|_| ())
+        Weights::open(&llm, DType::F32, &Device::Cpu)
+            .and_then(|w| Gemma3Text::load(w, &cfg.text, BaseFormat::Dense))
+            .map(|_| ())
     };
     assert!(load(&cfg).is_ok());
 

@@ -4,11 +4,11 @@
 //! is composed from ops with a backward, so LoRA training can run through it.
 
 use crate::config::{GemmaTextConfig, LayerType};
+use crate::model::ops::{gemma_rms_norm, softmax_last_dim_f32};
+use crate::model::rope::RopeTables;
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::LoraLinear;
 use crate::peft::nf4::Nf4Weight;
-use crate::model::ops::{gemma_rms_norm, softmax_last_dim_f32};
-use crate::model::rope::RopeTables;
 use crate::weights::Weights;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
@@ -102,7 +102,13 @@ impl Attention {
     }
 
     /// x [B, L, H] -> [B, L, H]
-    pub fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        seed: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (hd, nq, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
         let q = self.q_proj.forward(x, seed)?.reshape((b, l, nq, hd))?;
@@ -217,7 +223,8 @@ impl Gemma3Text {
         let w =
             w.with_prefix_of(&["language_model.model.", "model.language_model.", "model.", ""], "embed_tokens.weight")?;
         let embed_tokens = w.get("embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(&w, i, cfg, base)).collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(&w, i, cfg, base)).collect::<Result<Vec<_>>>()?;
         let norm = w.get("norm.weight", &[cfg.hidden_size])?;
         let lm_head = FrozenWeight::Dense(embed_tokens.clone());
         Ok(Self { embed_tokens, lm_head, layers, norm, cfg: cfg.clone() })
@@ -254,7 +261,12 @@ impl Gemma3Text {
                 n += lin.base.bytes();
             }
             n += t(&a.q_norm) + t(&a.k_norm);
-            for w in [&l.input_layernorm, &l.post_attention_layernorm, &l.pre_feedforward_layernorm, &l.post_feedforward_layernorm] {
+            for w in [
+                &l.input_layernorm,
+                &l.post_attention_layernorm,
+                &l.pre_feedforward_layernorm,
+                &l.post_feedforward_layernorm,
+            ] {
                 n += t(w);
             }
         }

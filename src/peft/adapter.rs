@@ -5,7 +5,7 @@
 
 use crate::checkpoint::safetensors_out::{tmp_name, write_atomic};
 use crate::model::gemma3::Gemma3Text;
-use crate::peft::lora::{Lora, LoraSpec};
+use crate::peft::lora::{Lora, LoraSpec, DEFAULT_TARGETS};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
@@ -77,7 +77,8 @@ pub fn save(dir: &Path, model: &mut Gemma3Text, spec: &LoraSpec, base_model: &st
         "init_lora_weights": true,
         "layers_pattern": null,
         "layers_to_transform": null,
-        "lora_alpha": spec.alpha,
+        // PEFT's lora_alpha is an int; keep it one when it is whole.
+        "lora_alpha": if spec.alpha.fract() == 0.0 { json!(spec.alpha as i64) } else { json!(spec.alpha) },
         "lora_dropout": spec.dropout,
         "modules_to_save": null,
         "peft_type": "LORA",
@@ -173,7 +174,11 @@ impl Adapter {
             let (ra, _) = a.dims2()?;
             let (_, rb) = b.dims2()?;
             if ra != spec.r || rb != spec.r {
-                bail!("{}: module `{m}` has rank {ra}/{rb} but adapter_config.json says r = {}", path.display(), spec.r);
+                bail!(
+                    "{}: module `{m}` has rank {ra}/{rb} but adapter_config.json says r = {}",
+                    path.display(),
+                    spec.r
+                );
             }
             let name = m.rsplit('.').next().unwrap_or(&m).to_string();
             if !spec.targets.contains(&name) {
@@ -184,6 +189,8 @@ impl Adapter {
         if modules.is_empty() {
             bail!("{}: no LoRA weights", path.display());
         }
+        let rank = |t: &String| DEFAULT_TARGETS.iter().position(|d| d == t).unwrap_or(DEFAULT_TARGETS.len());
+        spec.targets.sort_by_key(rank);
         Ok((Self { spec, modules }, scale))
     }
 

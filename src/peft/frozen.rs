@@ -104,7 +104,11 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, x: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (m, n, k, out, xl, wt) = self.dims(l)?;
         let w = self.w.materialize(x.dtype())?.contiguous()?;
         let (ws, wl) = w.storage_and_layout();

@@ -38,7 +38,14 @@ pub struct Lora {
 
 impl Lora {
     /// PEFT's init: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
-    pub fn init(name: &str, in_f: usize, out_f: usize, spec: &LoraSpec, seed: u64, dev: &Device) -> candle_core::Result<Self> {
+    pub fn init(
+        name: &str,
+        in_f: usize,
+        out_f: usize,
+        spec: &LoraSpec,
+        seed: u64,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
         let bound = 1.0 / (in_f as f64).sqrt();
         let mut rng = SplitMix64::new(seed ^ name_hash(name));
         let a: Vec<f32> = (0..spec.r * in_f).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();

@@ -137,7 +137,13 @@ impl CustomOp2 for Nf4Quantize {
         "nf4-quantize"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         candle_core::bail!("nf4-quantize: the CPU path is quantize_cpu")
     }
 
@@ -164,7 +170,13 @@ impl CustomOp2 for Nf4Dequantize {
         "nf4-dequantize"
     }
 
-    fn cpu_fwd(&self, q: &CpuStorage, ql: &Layout, a: &CpuStorage, al: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (Some((q0, q1)), Some((a0, a1))) = (ql.contiguous_offsets(), al.contiguous_offsets()) else {
             candle_core::bail!("nf4-dequantize: inputs must be contiguous")
         };
@@ -210,7 +222,12 @@ pub(crate) mod cuda {
         l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("nf4: inputs must be contiguous".into()))
     }
 
-    pub fn quantize(w: &CudaStorage, wl: &Layout, a: &CudaStorage, al: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    pub fn quantize(
+        w: &CudaStorage,
+        wl: &Layout,
+        a: &CudaStorage,
+        al: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = w.device().clone();
         let ((w0, w1), (a0, a1)) = (offsets(wl)?, offsets(al)?);
         let n = w1 - w0;

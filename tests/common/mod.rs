@@ -140,3 +140,71 @@ pub mod forward {
         (loss.to_scalar::<f32>().unwrap(), logits, sup.rows.len())
     }
 }
+
+pub mod qlora {
+    //! The gradient computations, on any device: tiny model + the committed fixture adapter and
+    //! projector + the parity fixture's LLaVA batch.
+    use super::{fixture_path, forward, tiny_dir, Fixture};
+    use candle_core::{DType, Device, Var};
+    use gemmaclip::model::gemma3::{BaseFormat, Gemma3Text};
+    use gemmaclip::model::projector::Projector;
+    use gemmaclip::model::vlm::{Supervised, Vlm};
+    use gemmaclip::peft::adapter::{self, Adapter};
+    use gemmaclip::train::step::{loss_and_grads, Batch, StepOptions};
+    use gemmaclip::weights::Weights;
+
+    /// The tiny VLM with the fixture adapter attached, and its trainable (name, Var)s.
+    pub fn model(dev: &Device, base: BaseFormat) -> (Vlm, Vec<(String, Var)>) {
+        model_with_dropout(dev, base, None)
+    }
+
+    /// As `model`, with every adapter's dropout probability overridden.
+    pub fn model_with_dropout(dev: &Device, base: BaseFormat, dropout: Option<f32>) -> (Vlm, Vec<(String, Var)>) {
+        let w = Weights::open(&tiny_dir().join("llm"), DType::F32, dev).unwrap();
+        let mut llm = Gemma3Text::load(w, &forward::llm_cfg().text, base).unwrap();
+        let dir = fixture_path("lora_init");
+        let (ad, scale) = Adapter::load(&dir, dev).unwrap();
+        ad.attach(&mut llm, scale).unwrap();
+        if let Some(p) = dropout {
+            for (_, lin) in llm.linears_mut() {
+                lin.lora.as_mut().unwrap().dropout = p;
+            }
+        }
+        let mut vars = adapter::lora_vars(&mut llm);
+        let vision = forward::clip(dev);
+        let pw = Weights::open_file(&dir.join("projector.safetensors"), DType::F32, dev).unwrap();
+        let projector = Projector::load(&pw, vision.cfg.hidden_size, llm.cfg.hidden_size).unwrap();
+        vars.extend(projector.vars().into_iter().map(|(n, v)| (format!("projector.{n}"), v)));
+        (Vlm { vision, projector, llm, cfg: forward::llm_cfg() }, vars)
+    }
+
+    pub fn batch(f: &Fixture, dev: &Device) -> Batch {
+        Batch {
+            ids: f.rows_i64("vlm.input_ids").iter().map(|r| r.iter().map(|&x| x as u32).collect()).collect(),
+            valid: f.rows_i64("vlm.attention_mask").iter().map(|r| r.iter().map(|&m| m == 1).collect()).collect(),
+            pixels: Some(f.get("vlm.pixel_values").to_device(dev).unwrap()),
+            supervised: Supervised::from_labels(&f.rows_i64("vlm.labels")),
+        }
+    }
+
+    /// (loss, [(name, grad on the CPU)]).
+    pub fn grads(
+        dev: &Device,
+        base: BaseFormat,
+        dropout: Option<f32>,
+        opts: &StepOptions,
+    ) -> (f32, Vec<(String, candle_core::Tensor)>) {
+        let f = Fixture::load("parity.safetensors");
+        let (vlm, vars) = model_with_dropout(dev, base, dropout);
+        let only_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        let g = loss_and_grads(&vlm, &batch(&f, dev), &only_vars, opts).unwrap();
+        let named = vars
+            .iter()
+            .zip(g.grads)
+            .map(|((n, _), g)| {
+                (n.clone(), g.unwrap_or_else(|| panic!("no gradient for {n}")).to_device(&Device::Cpu).unwrap())
+            })
+            .collect();
+        (g.loss, named)
+    }
+}

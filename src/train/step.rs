@@ -1,0 +1,144 @@
+//! Loss and gradients of one batch. Only the supervised rows of the last hidden state reach the
+//! final norm and the (no-dW) lm_head, in chunks, so the 262k-vocabulary logits never exist for
+//! more than `loss_chunk` rows at once. With checkpointing, the first pass keeps only each layer's
+//! input; backward recomputes one layer at a time with its graph and back-propagates the
+//! surrogate sum(out * grad_out) (candle has no built-in checkpointing, candle-notes §5.4).
+
+use crate::model::vlm::{Supervised, Vlm};
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var, D};
+
+/// One padded batch, ready for the model.
+pub struct Batch {
+    /// [B][L], right-padded to one length.
+    pub ids: Vec<Vec<u32>>,
+    /// [B][L]: false on padding.
+    pub valid: Vec<Vec<bool>>,
+    /// [N_img, C, S, S], in the order the image-token blocks appear.
+    pub pixels: Option<Tensor>,
+    pub supervised: Supervised,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepOptions {
+    pub checkpointing: bool,
+    /// Some(seed) turns LoRA dropout on with masks derived from it.
+    pub dropout_seed: Option<u64>,
+    /// Supervised rows per lm_head/log-softmax chunk.
+    pub loss_chunk: usize,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        Self { checkpointing: false, dropout_seed: None, loss_chunk: 256 }
+    }
+}
+
+/// Mean cross-entropy over the batch's supervised tokens, and d(loss)/d(var) for each trainable
+/// var (None where the batch does not reach it, e.g. the projector on a text-only batch).
+pub struct Gradients {
+    pub loss: f32,
+    pub grads: Vec<Option<Tensor>>,
+}
+
+/// Sum over rows of -log softmax(logits)[target], divided by `denom`, in f32.
+fn ce_sum(logits: &Tensor, targets: &Tensor, denom: f64) -> candle_core::Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?.broadcast_sub(&lse)?;
+    picked.sum_all()?.neg()? / denom
+}
+
+/// Loss over the supervised rows `h` [S, H] (no graph) and d(loss)/dh, chunk by chunk.
+fn loss_and_grad_on_rows(vlm: &Vlm, h: &Tensor, targets: &[u32], chunk: usize) -> Result<(f32, Tensor)> {
+    let s = h.dim(0)?;
+    let hv = Var::from_tensor(h)?;
+    let targets = Tensor::from_vec(targets.to_vec(), s, h.device())?;
+    let mut loss = 0f32;
+    let mut grad: Option<Tensor> = None;
+    for start in (0..s).step_by(chunk.max(1)) {
+        let n = chunk.min(s - start);
+        let logits = vlm.llm.logits(&hv.as_tensor().narrow(0, start, n)?)?;
+        let l = ce_sum(&logits, &targets.narrow(0, start, n)?, s as f64)?;
+        loss += l.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let g = l.backward()?.remove(hv.as_tensor()).expect("the rows reach the loss");
+        grad = Some(match grad {
+            Some(acc) => (acc + g)?,
+            None => g,
+        });
+    }
+    Ok((loss, grad.expect("at least one supervised row")))
+}
+
+fn collect(into: &mut [Option<Tensor>], store: &GradStore, vars: &[Var]) -> Result<()> {
+    for (slot, v) in into.iter_mut().zip(vars) {
+        if let Some(g) = store.get(v.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(acc) => (acc + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Rows of the flattened hidden state [B*L, H] that are supervised.
+fn supervised_rows(x: &Tensor, sup: &Supervised) -> candle_core::Result<Tensor> {
+    let (b, l, h) = x.dims3()?;
+    let rows = Tensor::from_vec(sup.rows.clone(), sup.rows.len(), x.device())?;
+    x.reshape((b * l, h))?.index_select(&rows, 0)
+}
+
+/// Loss and gradients for `vars` (the LoRA A/B and projector Vars, f32).
+pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions) -> Result<Gradients> {
+    if batch.supervised.rows.is_empty() {
+        bail!("the batch has no supervised tokens");
+    }
+    let l = batch.ids[0].len();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let embeds = vlm.input_embeds(&batch.ids, batch.pixels.as_ref())?;
+    let mut ctx = vlm.llm.layer_context(&batch.valid, l, 0)?;
+    ctx.dropout_seed = opts.dropout_seed;
+    let targets = &batch.supervised.targets;
+
+    if !opts.checkpointing {
+        let mut x = embeds;
+        for layer in &vlm.llm.layers {
+            x = layer.forward(&x, &ctx)?;
+        }
+        let h = supervised_rows(&x, &batch.supervised)?;
+        let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk)?;
+        let store = (h * g)?.sum_all()?.backward()?;
+        collect(&mut grads, &store, vars)?;
+        return Ok(Gradients { loss, grads });
+    }
+
+    // Pass 1: layer inputs only (each layer's graph is dropped with its detached output).
+    let mut acts = vec![embeds.detach()];
+    for layer in &vlm.llm.layers {
+        let next = layer.forward(acts.last().expect("non-empty"), &ctx)?.detach();
+        acts.push(next);
+    }
+    let last = Var::from_tensor(&acts.pop().expect("non-empty"))?;
+    let h = supervised_rows(last.as_tensor(), &batch.supervised)?;
+    let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk)?;
+    let mut g = (h * g)?.sum_all()?.backward()?.remove(last.as_tensor()).expect("grad of the last layer");
+    drop(last);
+
+    // Backward: recompute each layer with its graph, then the surrogate sum(y * dL/dy).
+    for (i, layer) in vlm.llm.layers.iter().enumerate().rev() {
+        let xin = Var::from_tensor(&acts.pop().expect("one input per layer"))?;
+        let y = layer.forward(xin.as_tensor(), &ctx)?;
+        let store = (y * &g)?.sum_all()?.backward()?;
+        collect(&mut grads, &store, vars)?;
+        g = store.get(xin.as_tensor()).cloned().unwrap_or_else(|| panic!("layer {i} input has no gradient"));
+    }
+    if embeds.track_op() {
+        let store = (embeds * g)?.sum_all()?.backward()?;
+        collect(&mut grads, &store, vars)?;
+    }
+    Ok(Gradients { loss, grads })
+}
