@@ -20,3 +20,103 @@ pub fn default_dtype(dev: &Device) -> DType {
         DType::F32
     }
 }
+
+/// Synchronizes the device (a no-op on the CPU), so wall-clock timings cover the queued work.
+pub fn synchronize(dev: &Device) -> Result<()> {
+    dev.synchronize()?;
+    Ok(())
+}
+
+/// GPU memory as the CUDA stream-ordered pool that candle allocates from sees it (candle-notes §7).
+/// On the CPU every figure is None.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryReading {
+    /// Bytes in live allocations now.
+    pub used: Option<u64>,
+    /// High-water mark of `used` since the last reset.
+    pub peak: Option<u64>,
+    /// Device-wide bytes in use (all processes, pool reservations included).
+    pub device_used: Option<u64>,
+}
+
+#[cfg(feature = "cuda")]
+mod pool {
+    use candle_core::cuda_backend::cudarc::driver::{
+        result::{device, mem_pool},
+        sys::{CUmemPool_attribute as A, CUmemoryPool},
+    };
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::CudaDevice;
+
+    fn pool(dev: &CudaDevice) -> candle_core::Result<CUmemoryPool> {
+        let ctx = dev.cuda_stream().context().clone();
+        unsafe { device::get_default_mem_pool(ctx.cu_device()) }.w()
+    }
+
+    pub fn set(dev: &CudaDevice, attr: A, mut value: u64) -> candle_core::Result<()> {
+        unsafe { mem_pool::set_attribute(pool(dev)?, attr, &mut value as *mut u64 as *mut _) }.w()
+    }
+
+    pub fn get(dev: &CudaDevice, attr: A) -> candle_core::Result<u64> {
+        let mut value = 0u64;
+        unsafe { mem_pool::get_attribute(pool(dev)?, attr, &mut value as *mut u64 as *mut _) }.w()?;
+        Ok(value)
+    }
+
+    pub fn device_used(dev: &CudaDevice) -> candle_core::Result<u64> {
+        let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;
+        Ok((total - free) as u64)
+    }
+}
+
+/// Keeps freed memory in the pool instead of returning it to the driver at every synchronize, as
+/// PyTorch's caching allocator does (the pool's default release threshold is 0).
+pub fn keep_pool_memory(dev: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        pool::set(d, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)?;
+    }
+    let _ = dev;
+    Ok(())
+}
+
+pub fn reset_peak_memory(dev: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        dev.synchronize()?;
+        pool::set(d, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)?;
+    }
+    let _ = dev;
+    Ok(())
+}
+
+pub fn memory(dev: &Device) -> Result<MemoryReading> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        dev.synchronize()?;
+        return Ok(MemoryReading {
+            used: Some(pool::get(d, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?),
+            peak: Some(pool::get(d, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?),
+            device_used: Some(pool::device_used(d)?),
+        });
+    }
+    let _ = dev;
+    Ok(MemoryReading::default())
+}
+
+pub fn device_name(dev: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        if let Ok(name) = d.cuda_stream().context().name() {
+            return name;
+        }
+    }
+    if dev.is_cuda() {
+        "cuda".into()
+    } else {
+        "cpu".into()
+    }
+}

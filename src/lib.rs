@@ -1,6 +1,7 @@
 //! gemmaclip: QLoRA fine-tuning and inference of a LLaVA-style CLIP + Gemma-3 model on candle.
 //! The binary (`src/main.rs`) is a thin CLI over this library; tests use it directly.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

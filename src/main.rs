@@ -1,5 +1,6 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use gemmaclip::bench;
 use gemmaclip::checkpoint::{self, Preset};
 use std::path::PathBuf;
 
@@ -28,6 +29,48 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Measure speed and memory on synthetic inputs of real shapes (compare with
+    /// ../shared/bench/hf_reference.py on the same GPU).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// One QLoRA step (forward, backward, clipping, AdamW) on one sample; one JSON line per setting.
+    TrainStep {
+        /// Gemma-3 checkpoint directory (hub layout), e.g. OUT/llm from `init`.
+        #[arg(long)]
+        model: PathBuf,
+        /// CLIP checkpoint directory, e.g. OUT/vision from `init`.
+        #[arg(long)]
+        vision_model: PathBuf,
+        /// Keep the base in bf16 instead of NF4.
+        #[arg(long)]
+        no_4bit: bool,
+        /// Gradient checkpointing: on, off, or both (two JSON lines).
+        #[arg(long, value_parser = ["on", "off", "both"], default_value = "both")]
+        checkpointing: String,
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        #[arg(long, default_value_t = 256)]
+        label_tokens: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 64)]
+        lora_r: usize,
+        #[arg(long, default_value_t = 128.0)]
+        lora_alpha: f64,
+        #[arg(long, default_value_t = 0.05)]
+        lora_dropout: f32,
+        /// Supervised rows per lm_head / log-softmax chunk.
+        #[arg(long, default_value_t = 256)]
+        loss_chunk: usize,
+    },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -37,6 +80,45 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {} and {}", out.join("llm").display(), out.join("vision").display());
             Ok(())
         }
+        Command::Bench { what } => match what {
+            BenchCommand::TrainStep {
+                model,
+                vision_model,
+                no_4bit,
+                checkpointing,
+                seq,
+                label_tokens,
+                steps,
+                warmup,
+                lora_r,
+                lora_alpha,
+                lora_dropout,
+                loss_chunk,
+            } => {
+                if steps == 0 {
+                    anyhow::bail!("--steps must be at least 1");
+                }
+                let checkpointing = match checkpointing.as_str() {
+                    "on" => vec![true],
+                    "off" => vec![false],
+                    _ => vec![false, true],
+                };
+                bench::train_step(&bench::TrainStepArgs {
+                    model,
+                    vision_model,
+                    four_bit: !no_4bit,
+                    checkpointing,
+                    seq,
+                    label_tokens,
+                    steps,
+                    warmup,
+                    lora_r,
+                    lora_alpha,
+                    lora_dropout,
+                    loss_chunk,
+                })
+            }
+        },
     }
 }
 

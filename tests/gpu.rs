@@ -40,3 +40,55 @@ fn tiny_forwards_on_cuda_match_cpu_and_transformers() {
         report(&format!("padded batch row {b}"), &g.to_device(&cpu).unwrap(), &c, &r);
     }
 }
+
+#[test]
+fn nf4_cuda_kernels_match_bitsandbytes_and_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let f = Fixture::load("nf4.safetensors");
+    for case in ["normal", "bf16", "edge"] {
+        let input = f.get(&format!("{case}.input"));
+        let n = input.elem_count();
+        let w = gemmaclip::peft::nf4::Nf4Weight::quantize(&input.reshape((n / 64, 64)).unwrap().to_device(&gpu).unwrap())
+            .unwrap();
+        let packed = w.packed.to_device(&Device::Cpu).unwrap();
+        assert_eq!(packed.to_vec1::<u8>().unwrap(), f.get(&format!("{case}.packed")).to_vec1::<u8>().unwrap(), "{case}");
+        let absmax = w.absmax.to_device(&Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff(&absmax, f.get(&format!("{case}.absmax"))), 0.0, "{case}");
+        for (dt, key) in [(candle_core::DType::F32, "dequant_f32"), (candle_core::DType::BF16, "dequant_bf16")] {
+            let d = w.dequantize(dt).unwrap().flatten_all().unwrap().to_device(&Device::Cpu).unwrap();
+            assert_eq!(max_abs_diff(&d, f.get(&format!("{case}.{key}"))), 0.0, "{case} {key}");
+        }
+        println!("{case}: CUDA NF4 quantize/dequantize identical to bitsandbytes ({n} values)");
+    }
+}
+
+#[test]
+fn qlora_gradients_on_cuda_match_peft_and_checkpointing() {
+    use gemmaclip::model::gemma3::BaseFormat;
+    use gemmaclip::train::step::StepOptions;
+    let Some(gpu) = cuda() else { return };
+    let reference = Fixture::load("grads.safetensors");
+    for (base, prefix) in [(BaseFormat::Dense, "dense"), (BaseFormat::Nf4, "nf4")] {
+        let (loss, grads) = common::qlora::grads(&gpu, base, None, &StepOptions::default());
+        let mut worst = 0f32;
+        for (name, g) in &grads {
+            let want = reference.get(&format!("{prefix}.{name}"));
+            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            worst = worst.max(max_abs_diff(g, want) / scale);
+        }
+        let loss_err = (loss - reference.get(&format!("{prefix}.loss")).to_scalar::<f32>().unwrap()).abs();
+        println!("{prefix} base on CUDA: max relative gradient error vs PEFT {worst:.3e}, loss |diff| {loss_err:.3e}");
+        assert!(worst <= 1e-4 && loss_err <= 1e-4);
+
+        let opts = |c| StepOptions { checkpointing: c, dropout_seed: Some(3), loss_chunk: 5 };
+        let (l0, g0) = common::qlora::grads(&gpu, base, Some(0.1), &opts(false));
+        let (l1, g1) = common::qlora::grads(&gpu, base, Some(0.1), &opts(true));
+        let (lc, gc) = common::qlora::grads(&Device::Cpu, base, Some(0.1), &opts(true));
+        let d_ckpt = g0.iter().zip(&g1).map(|((_, a), (_, b))| max_abs_diff(a, b)).fold(0f32, f32::max);
+        let d_cpu = g1.iter().zip(&gc).map(|((_, a), (_, b))| max_abs_diff(a, b)).fold(0f32, f32::max);
+        println!(
+            "{prefix} base on CUDA with dropout: checkpointing on vs off max |diff| {d_ckpt:.3e} (loss {l0} vs {l1}); CUDA vs CPU {d_cpu:.3e} (loss {l1} vs {lc})"
+        );
+        assert!(d_ckpt <= 1e-5 && d_cpu <= 1e-4 && (l1 - lc).abs() <= 1e-4);
+    }
+}

@@ -1,0 +1,136 @@
+//! `gemmaclip bench train-step`: one QLoRA training step (forward, backward, gradient clipping,
+//! AdamW) on a synthetic 1-sample batch with the shapes of ../shared/bench/hf_reference.py train
+//! (1024 tokens = <bos> + 576 image tokens + text, loss on the last 256), so the two print
+//! comparable JSON lines on the same GPU.
+
+use crate::config::{ClipVisionConfig, LlmConfig};
+use crate::device::{self, memory, reset_peak_memory, synchronize};
+use crate::model::clip::ClipVision;
+use crate::model::gemma3::{BaseFormat, Gemma3Text};
+use crate::model::projector::Projector;
+use crate::model::vlm::{Supervised, Vlm};
+use crate::peft::adapter;
+use crate::peft::lora::{LoraSpec, DEFAULT_TARGETS};
+use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::step::{loss_and_grads, Batch, StepOptions};
+use crate::weights::Weights;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor, Var};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct TrainStepArgs {
+    pub model: PathBuf,
+    pub vision_model: PathBuf,
+    pub four_bit: bool,
+    pub checkpointing: Vec<bool>,
+    pub seq: usize,
+    pub label_tokens: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f32,
+    pub loss_chunk: usize,
+}
+
+fn gib(b: Option<u64>) -> serde_json::Value {
+    b.map_or(serde_json::Value::Null, |b| json!((b as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0))
+}
+
+/// The synthetic batch: <bos>, the image block, random text; labels on the last `label_tokens`.
+fn batch(cfg: &LlmConfig, n_image: usize, image_size: usize, a: &TrainStepArgs, dev: &Device) -> Result<Batch> {
+    if a.seq < n_image + 2 || a.label_tokens >= a.seq - n_image {
+        bail!("--seq {} must exceed {} image tokens + 1 and leave room for --label-tokens {}", a.seq, n_image, a.label_tokens);
+    }
+    let mut rng = crate::checkpoint::rng::SplitMix64::new(1234);
+    let hi = cfg.boi_token_index.min(200_000) as u64;
+    let mut ids = vec![cfg.text.bos_token_id];
+    ids.extend(std::iter::repeat_n(cfg.image_token_index, n_image));
+    while ids.len() < a.seq {
+        ids.push((10 + rng.next_u64() % (hi - 10)) as u32);
+    }
+    let labels: Vec<i64> =
+        ids.iter().enumerate().map(|(t, &id)| if t >= a.seq - a.label_tokens { id as i64 } else { -100 }).collect();
+    let pixels = Tensor::randn(0f32, 1.0, (1, 3, image_size, image_size), dev)?;
+    Ok(Batch {
+        supervised: Supervised::from_labels(&[labels]),
+        ids: vec![ids],
+        valid: vec![vec![true; a.seq]],
+        pixels: Some(pixels),
+    })
+}
+
+pub fn train_step(a: &TrainStepArgs) -> Result<()> {
+    let dev = device::best_device()?;
+    let dtype = device::default_dtype(&dev);
+    device::keep_pool_memory(&dev)?;
+    let cfg = LlmConfig::from_file(&a.model.join("config.json"))?;
+    let vcfg = ClipVisionConfig::from_file(&a.vision_model.join("config.json"))?;
+
+    let t = Instant::now();
+    let base = if a.four_bit { BaseFormat::Nf4 } else { BaseFormat::Dense };
+    let mut llm = Gemma3Text::load(Weights::open(&a.model, dtype, &dev)?, &cfg.text, base)?;
+    let vision = ClipVision::load(Weights::open(&a.vision_model, dtype, &dev)?, &vcfg)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let after_load = memory(&dev)?;
+
+    let spec = LoraSpec {
+        r: a.lora_r,
+        alpha: a.lora_alpha,
+        dropout: a.lora_dropout,
+        targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+    };
+    adapter::attach_new(&mut llm, &spec, 0)?;
+    let projector = Projector::init(vcfg.hidden_size, cfg.text.hidden_size, 0, &dev)?;
+    let mut vars: Vec<Var> = adapter::lora_vars(&mut llm).into_iter().map(|(_, v)| v).collect();
+    vars.extend(projector.vars().into_iter().map(|(_, v)| v));
+    let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let frozen_gib = llm.frozen_bytes() as f64 / (1u64 << 30) as f64;
+    let vlm = Vlm { vision, projector, llm, cfg: cfg.clone() };
+    let batch = batch(&cfg, vcfg.num_patches(), vcfg.image_size, a, &dev)?;
+
+    for &ckpt in &a.checkpointing {
+        let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+        let opts = StepOptions { checkpointing: ckpt, dropout_seed: None, loss_chunk: a.loss_chunk };
+        let mut times = vec![];
+        let mut loss = 0f32;
+        let mut peak = 0u64;
+        for step in 0..a.warmup + a.steps {
+            reset_peak_memory(&dev)?;
+            synchronize(&dev)?;
+            let t = Instant::now();
+            let opts = StepOptions { dropout_seed: Some(step as u64), ..opts.clone() };
+            let mut g = loss_and_grads(&vlm, &batch, &vars, &opts)?;
+            clip_grad_norm(&mut g.grads, 1.0)?;
+            opt.step(&g.grads, 1e-4)?;
+            synchronize(&dev)?;
+            if step >= a.warmup {
+                times.push(t.elapsed().as_secs_f64());
+                peak = peak.max(memory(&dev)?.peak.unwrap_or(0));
+            }
+            loss = g.loss;
+        }
+        times.sort_by(f64::total_cmp);
+        let med = times[times.len() / 2];
+        let after = memory(&dev)?;
+        println!(
+            "{}",
+            json!({
+                "what": "gemmaclip_train_step", "four_bit": a.four_bit, "grad_ckpt": ckpt,
+                "seq": a.seq, "label_tokens": a.label_tokens, "lora_r": a.lora_r,
+                "trainable_params": trainable, "step_ms_median": (med * 1e4).round() / 10.0,
+                "step_ms_min": (times[0] * 1e4).round() / 10.0, "tokens_per_s": (a.seq as f64 / med * 10.0).round() / 10.0,
+                "loss": loss, "gpu": device::device_name(&dev), "load_s": (load_s * 10.0).round() / 10.0,
+                "frozen_weights_gib": (frozen_gib * 100.0).round() / 100.0,
+                "resident_after_load_gib": gib(after_load.used),
+                "resident_with_adapters_and_optimizer_gib": gib(after.used),
+                "peak_alloc_gib": gib(if dev.is_cuda() { Some(peak) } else { None }),
+                "device_used_gib": gib(after.device_used),
+            })
+        );
+    }
+    Ok(())
+}
