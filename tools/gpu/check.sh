@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU checks of the QLoRA core, in one device call (the GPU machine has no Rust: build and pack
+# here first). From the repository root, on this machine:
+#   GPU_TESTS=gpu ../shared/gpu/build.sh && ../shared/gpu/bnb.sh && cp ../shared/bench/hf_reference.py .gpu/
+# then run with the device tool, carry [".gpu"]:
+#   source .gpu/env.sh && bash tools/gpu/check.sh
+# Logs land in $OUT (test-gpu.log, bench.jsonl).
+set -uo pipefail
+OUT="${OUT:-/tmp/gemmaclip-out}"
+mkdir -p "$OUT"
+STEPS="${STEPS:-5}"
+WARMUP="${WARMUP:-2}"
+
+echo "== GPU tests (tiny model: CUDA vs CPU vs transformers/PEFT/bitsandbytes fixtures)"
+test-gpu --nocapture --test-threads 1 2>&1 | tee "$OUT/test-gpu.log" | grep -vE '^\s*$' | tail -30
+
+echo "== gemmaclip init --preset gemma-3-4b-it"
+/usr/bin/time -f "init: %e s, max RSS %M KiB" gemmaclip init --preset gemma-3-4b-it --out /tmp/g4b 2>&1 | tail -2
+
+echo "== gemmaclip bench train-step (NF4 base, LoRA r=64 on 7 projections, 1024 tokens, 256 supervised)"
+gemmaclip bench train-step --model /tmp/g4b/llm --vision-model /tmp/g4b/vision \
+  --checkpointing both --steps "$STEPS" --warmup "$WARMUP" 2>&1 | tee "$OUT/bench.jsonl"
+
+if [ -f .gpu/hf_reference.py ]; then
+  echo "== transformers + PEFT + bitsandbytes, same shapes, same GPU"
+  python3 .gpu/hf_reference.py train --steps "$STEPS" --warmup "$WARMUP" --attn sdpa 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
+  python3 .gpu/hf_reference.py train --steps "$STEPS" --warmup "$WARMUP" --attn sdpa --no-ckpt 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
+fi
