@@ -43,7 +43,12 @@ fn gib(b: Option<u64>) -> serde_json::Value {
 /// The synthetic batch: <bos>, the image block, random text; labels on the last `label_tokens`.
 fn batch(cfg: &LlmConfig, n_image: usize, image_size: usize, a: &TrainStepArgs, dev: &Device) -> Result<Batch> {
     if a.seq < n_image + 2 || a.label_tokens >= a.seq - n_image {
-        bail!("--seq {} must exceed {} image tokens + 1 and leave room for --label-tokens {}", a.seq, n_image, a.label_tokens);
+        bail!(
+            "--seq {} must exceed {} image tokens + 1 and leave room for --label-tokens {}",
+            a.seq,
+            n_image,
+            a.label_tokens
+        );
     }
     let mut rng = crate::checkpoint::rng::SplitMix64::new(1234);
     let hi = cfg.boi_token_index.min(200_000) as u64;

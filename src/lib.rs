@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod model;
 pub mod peft;

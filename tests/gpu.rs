@@ -48,10 +48,15 @@ fn nf4_cuda_kernels_match_bitsandbytes_and_the_cpu() {
     for case in ["normal", "bf16", "edge"] {
         let input = f.get(&format!("{case}.input"));
         let n = input.elem_count();
-        let w = gemmaclip::peft::nf4::Nf4Weight::quantize(&input.reshape((n / 64, 64)).unwrap().to_device(&gpu).unwrap())
-            .unwrap();
+        let w =
+            gemmaclip::peft::nf4::Nf4Weight::quantize(&input.reshape((n / 64, 64)).unwrap().to_device(&gpu).unwrap())
+                .unwrap();
         let packed = w.packed.to_device(&Device::Cpu).unwrap();
-        assert_eq!(packed.to_vec1::<u8>().unwrap(), f.get(&format!("{case}.packed")).to_vec1::<u8>().unwrap(), "{case}");
+        assert_eq!(
+            packed.to_vec1::<u8>().unwrap(),
+            f.get(&format!("{case}.packed")).to_vec1::<u8>().unwrap(),
+            "{case}"
+        );
         let absmax = w.absmax.to_device(&Device::Cpu).unwrap();
         assert_eq!(max_abs_diff(&absmax, f.get(&format!("{case}.absmax"))), 0.0, "{case}");
         for (dt, key) in [(candle_core::DType::F32, "dequant_f32"), (candle_core::DType::BF16, "dequant_bf16")] {

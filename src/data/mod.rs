@@ -1,0 +1,6 @@
+//! ScienceQA data: parquet splits, image preprocessing, prompts and labels, batches.
+
+pub mod batch;
+pub mod image;
+pub mod prompt;
+pub mod scienceqa;
