@@ -29,12 +29,101 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Fine-tune the projector and LoRA adapters on ScienceQA (multimodal chain-of-thought).
+    Train(Box<TrainCli>),
     /// Measure speed and memory on synthetic inputs of real shapes (compare with
     /// ../shared/bench/hf_reference.py on the same GPU).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainCli {
+    /// Where the adapter, projector, tokenizer, metrics and checkpoints go.
+    #[arg(long)]
+    output_dir: PathBuf,
+    /// The embedded tiny random model and the bundled ScienceQA sample (offline; ignores --model,
+    /// --vision-model and --data).
+    #[arg(long, value_parser = ["tiny"])]
+    preset: Option<String>,
+    /// Gemma-3 model: a directory in the hub layout or a hub id in the Hugging Face cache.
+    #[arg(long, default_value = "google/gemma-3-4b-it")]
+    model: String,
+    /// CLIP vision tower: a directory or a hub id in the cache.
+    #[arg(long, default_value = "openai/clip-vit-large-patch14-336")]
+    vision_model: String,
+    /// ScienceQA in the derek-thomas/ScienceQA parquet layout: a directory or a hub dataset id in the cache.
+    #[arg(long, default_value = "derek-thomas/ScienceQA")]
+    data: String,
+    #[arg(long, default_value_t = 1.0)]
+    num_train_epochs: f64,
+    /// Optimizer steps to run (overrides --num-train-epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    per_device_train_batch_size: usize,
+    #[arg(long, default_value_t = 8)]
+    gradient_accumulation_steps: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    learning_rate: f64,
+    /// AdamW weight decay on the LoRA and projector weights.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, value_enum, default_value = "cosine")]
+    lr_scheduler_type: gemmaclip::train::schedule::Schedule,
+    #[arg(long, default_value_t = 0.03)]
+    warmup_ratio: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Compute in bf16 (the default on a GPU; the CPU computes in f32 unless this is given).
+    #[arg(long)]
+    bf16: bool,
+    /// Accepted for the original project's command lines; this build attends with its own kernels.
+    #[arg(long)]
+    use_flash_attention_2: bool,
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    #[arg(long, default_value_t = 64)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 128.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Linears that get adapters (comma-separated module names).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    lora_target_modules: Vec<String>,
+    /// Keep the frozen base in bf16 instead of NF4.
+    #[arg(long)]
+    no_4bit: bool,
+    #[arg(long)]
+    max_train_samples: Option<usize>,
+    /// Longer rows are cut (their tail loses its labels).
+    #[arg(long, default_value_t = 2048)]
+    max_seq_len: usize,
+    /// Model-turn target: chain-of-thought (mcot) or the final answer alone.
+    #[arg(long, value_enum, default_value = "mcot")]
+    target: gemmaclip::data::prompt::Target,
+    /// Pad images to a square with the CLIP mean colour (LLaVA-1.5) or resize and centre-crop.
+    #[arg(long, value_enum, default_value = "pad")]
+    image_aspect: gemmaclip::data::image::Aspect,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Save a resumable checkpoint every N optimizer steps (0: only at the end or on Ctrl-C).
+    #[arg(long, default_value_t = 500)]
+    save_steps: usize,
+    #[arg(long, default_value_t = 10)]
+    logging_steps: usize,
+    /// Supervised rows per lm_head / log-softmax chunk.
+    #[arg(long, default_value_t = 256)]
+    loss_chunk: usize,
+    /// Continue from the latest checkpoint in --output-dir, or from the checkpoint directory given.
+    #[arg(long, num_args = 0..=1, value_name = "CHECKPOINT")]
+    resume: Option<Option<PathBuf>>,
+    /// Stop (with a checkpoint) after this many optimizer steps of this invocation.
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +169,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {} and {}", out.join("llm").display(), out.join("vision").display());
             Ok(())
         }
+        Command::Train(t) => train(*t),
         Command::Bench { what } => match what {
             BenchCommand::TrainStep {
                 model,
@@ -120,6 +210,77 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
     }
+}
+
+fn train(t: TrainCli) -> Result<()> {
+    for (flag, v) in [
+        ("--per-device-train-batch-size", t.per_device_train_batch_size),
+        ("--gradient-accumulation-steps", t.gradient_accumulation_steps),
+        ("--lora-r", t.lora_r),
+        ("--logging-steps", t.logging_steps),
+        ("--max-seq-len", t.max_seq_len),
+        ("--loss-chunk", t.loss_chunk),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{flag} must be at least 1");
+        }
+    }
+    if !(0.0..1.0).contains(&t.lora_dropout) {
+        anyhow::bail!("--lora-dropout must be in [0, 1), got {}", t.lora_dropout);
+    }
+    if t.max_steps.is_none() && t.num_train_epochs <= 0.0 {
+        anyhow::bail!("--num-train-epochs must be positive");
+    }
+    if t.use_flash_attention_2 {
+        eprintln!("note: --use-flash-attention-2: this build attends with its own kernels (no flash-attn compiled in)");
+    }
+    let args = gemmaclip::train::run::TrainArgs {
+        output_dir: t.output_dir,
+        model: t.model,
+        vision_model: t.vision_model,
+        data: t.data,
+        preset_tiny: t.preset.is_some(),
+        num_train_epochs: t.num_train_epochs,
+        max_steps: t.max_steps,
+        per_device_train_batch_size: t.per_device_train_batch_size,
+        gradient_accumulation_steps: t.gradient_accumulation_steps,
+        learning_rate: t.learning_rate,
+        weight_decay: t.weight_decay,
+        lr_scheduler_type: t.lr_scheduler_type,
+        warmup_ratio: t.warmup_ratio,
+        max_grad_norm: t.max_grad_norm,
+        lora_r: t.lora_r,
+        lora_alpha: t.lora_alpha,
+        lora_dropout: t.lora_dropout,
+        lora_target_modules: t.lora_target_modules,
+        four_bit: !t.no_4bit,
+        bf16: t.bf16,
+        gradient_checkpointing: t.gradient_checkpointing,
+        max_train_samples: t.max_train_samples,
+        max_seq_len: t.max_seq_len,
+        target: t.target,
+        image_aspect: t.image_aspect,
+        seed: t.seed,
+        save_steps: t.save_steps,
+        logging_steps: t.logging_steps,
+        loss_chunk: t.loss_chunk,
+        stop_after: t.stop_after,
+    };
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130); // a second Ctrl-C does not wait for the checkpoint
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })?;
+    let done = gemmaclip::train::run::train(&args, t.resume, interrupted.clone())?;
+    if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("stopped at step {done}; continue with --resume");
+        std::process::exit(130);
+    }
+    println!("wrote {}", args.output_dir.display());
+    Ok(())
 }
 
 fn main() {

@@ -1,5 +1,10 @@
-//! Training: one step's loss and gradients (with or without gradient checkpointing); the loop,
-//! optimizer and schedule build on it.
+//! Training: one step's loss and gradients (with or without gradient checkpointing), the
+//! optimizer, the schedule, run checkpoints, metrics and the loop that ties them together.
 
+pub mod metrics;
 pub mod optimizer;
+pub mod plot;
+pub mod run;
+pub mod schedule;
+pub mod state;
 pub mod step;

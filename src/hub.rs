@@ -1,0 +1,104 @@
+//! Where models and data come from: a local directory in the hub layout, a hub id found in the
+//! Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`, as
+//! `huggingface-cli download` leaves it), or the embedded tiny preset (random weights written by
+//! `init` and the bundled ScienceQA sample, no network).
+
+use crate::checkpoint::{init, Preset};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// gemmaclip's own cache: `$GEMMACLIP_CACHE`, else `$XDG_CACHE_HOME/gemmaclip`, else `~/.cache/gemmaclip`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("GEMMACLIP_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("gemmaclip");
+    }
+    home().join(".cache/gemmaclip")
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn hf_hub_cache() -> PathBuf {
+    if let Some(d) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(d).join("hub");
+    }
+    home().join(".cache/huggingface/hub")
+}
+
+/// The snapshot directory of `repo` (e.g. "google/gemma-3-4b-it") in the hub cache, at refs/main.
+fn cached_snapshot(kind: &str, repo: &str) -> Option<PathBuf> {
+    let base = hf_hub_cache().join(format!("{kind}--{}", repo.replace('/', "--")));
+    let rev = std::fs::read_to_string(base.join("refs/main")).ok()?;
+    let snap = base.join("snapshots").join(rev.trim());
+    snap.is_dir().then_some(snap)
+}
+
+/// A model argument (`--model`, `--vision-model`): a directory, or a hub id already in the cache.
+pub fn resolve_model(arg: &str, flag: &str) -> Result<PathBuf> {
+    resolve(arg, flag, "models")
+}
+
+/// A dataset argument (`--data`): a directory, or a hub dataset id already in the cache.
+pub fn resolve_dataset(arg: &str, flag: &str) -> Result<PathBuf> {
+    resolve(arg, flag, "datasets")
+}
+
+fn resolve(arg: &str, flag: &str, kind: &str) -> Result<PathBuf> {
+    let p = Path::new(arg);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    if p.exists() {
+        bail!("{flag} {arg}: not a directory");
+    }
+    let looks_like_id = arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.starts_with('/');
+    if looks_like_id {
+        if let Some(snap) = cached_snapshot(kind, arg) {
+            return Ok(snap);
+        }
+        bail!(
+            "{flag} {arg}: not a directory and not in the Hugging Face cache ({}); download it first, e.g. \
+             `huggingface-cli download {}{arg}` (gated models need HF_TOKEN), or pass a directory",
+            hf_hub_cache().display(),
+            if kind == "datasets" { "--repo-type dataset " } else { "" }
+        );
+    }
+    bail!("{flag} {arg}: no such directory")
+}
+
+/// The tiny preset's model directories (`<cache>/tiny-seed0/{llm,vision}`), written on first use.
+pub fn tiny_model() -> Result<(PathBuf, PathBuf)> {
+    let dir = cache_dir().join("tiny-seed0");
+    let done = dir.join(".complete");
+    if !done.exists() {
+        init(Preset::Tiny, &dir, 0).with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
+        std::fs::write(&done, b"")?;
+    }
+    Ok((dir.join("llm"), dir.join("vision")))
+}
+
+const SAMPLE: [(&str, &[u8]); 3] = [
+    ("train.parquet", include_bytes!("../assets/scienceqa-sample/train.parquet")),
+    ("validation.parquet", include_bytes!("../assets/scienceqa-sample/validation.parquet")),
+    ("test.parquet", include_bytes!("../assets/scienceqa-sample/test.parquet")),
+];
+
+/// The bundled ScienceQA sample (`assets/scienceqa-sample`, embedded in the binary), as a directory.
+pub fn sample_dataset() -> Result<PathBuf> {
+    let dir = cache_dir().join("scienceqa-sample");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, bytes) in SAMPLE {
+        let path = dir.join(name);
+        if std::fs::read(&path).map(|b| b != bytes).unwrap_or(true) {
+            crate::checkpoint::safetensors_out::write_atomic(&path, bytes)?;
+        }
+    }
+    Ok(dir)
+}

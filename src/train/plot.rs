@@ -1,0 +1,54 @@
+//! The loss curve as a PNG (`loss_curve.png`): loss per logged step, learning rate on a second axis.
+
+use crate::train::metrics::Record;
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // the embedded font is valid, so registration cannot fail
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+pub fn loss_curve(records: &[Record], path: &Path) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    register_font();
+    let (w, h) = (900u32, 500u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
+        let (lo, hi) = records.iter().fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(r.loss), b.max(r.loss)));
+        let pad = ((hi - lo) * 0.05).max(1e-3);
+        let mut chart = ChartBuilder::on(&root)
+            .caption("training loss", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..max_step, (lo - pad).max(0.0)..hi + pad)
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .y_desc("cross-entropy")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        chart
+            .draw_series(LineSeries::new(records.iter().map(|r| (r.step as f64, r.loss)), BLUE.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer")?;
+    let tmp = crate::checkpoint::safetensors_out::tmp_name(path);
+    img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
