@@ -1,10 +1,11 @@
-//! With the `cuda` feature, compiles src/peft/kernels/*.cu to PTX with nvcc (which candle's own
+//! With the `cuda` feature, compiles src/{peft,model}/kernels/*.cu to PTX with nvcc (which candle's own
 //! CUDA build already requires). The PTX targets `compute_<CUDA_COMPUTE_CAP>` (default 80), so the
 //! driver JIT-compiles it for any GPU of that generation or newer.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/peft/kernels");
+    println!("cargo:rerun-if-changed=src/model/kernels");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
@@ -16,13 +17,13 @@ fn main() {
         .filter(|c| c.is_ascii_digit())
         .collect();
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let src = "src/peft/kernels/nf4.cu";
-    let ptx = out.join("nf4.ptx");
-    let status = std::process::Command::new(&nvcc)
-        .args(["--ptx", "-O3", "--fmad=false", &format!("-arch=compute_{cap}"), "-o"])
-        .arg(&ptx)
-        .arg(src)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {nvcc} (the cuda feature needs the CUDA toolkit): {e}"));
-    assert!(status.success(), "nvcc failed on {src}");
+    for (src, name) in [("src/peft/kernels/nf4.cu", "nf4.ptx"), ("src/model/kernels/rmsnorm.cu", "rmsnorm.ptx")] {
+        let status = std::process::Command::new(&nvcc)
+            .args(["--ptx", "-O3", "--fmad=false", &format!("-arch=compute_{cap}"), "-o"])
+            .arg(out.join(name))
+            .arg(src)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {nvcc} (the cuda feature needs the CUDA toolkit): {e}"));
+        assert!(status.success(), "nvcc failed on {src}");
+    }
 }

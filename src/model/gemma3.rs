@@ -4,7 +4,7 @@
 //! is composed from ops with a backward, so LoRA training can run through it.
 
 use crate::config::{GemmaTextConfig, LayerType};
-use crate::model::ops::{gemma_rms_norm, softmax_last_dim_f32};
+use crate::model::ops::{gemma_norm_scale, gemma_rms_norm, softmax_last_dim_f32};
 use crate::model::rope::RopeTables;
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::LoraLinear;
@@ -91,8 +91,8 @@ impl Attention {
             k_proj: load_linear(w, &format!("{p}.k_proj"), nkv * hd, h, base)?,
             v_proj: load_linear(w, &format!("{p}.v_proj"), nkv * hd, h, base)?,
             o_proj: load_linear(w, &format!("{p}.o_proj"), h, nq * hd, base)?,
-            q_norm: w.get(&format!("{p}.q_norm.weight"), &[hd])?,
-            k_norm: w.get(&format!("{p}.k_norm.weight"), &[hd])?,
+            q_norm: gemma_norm_scale(&w.get(&format!("{p}.q_norm.weight"), &[hd])?)?,
+            k_norm: gemma_norm_scale(&w.get(&format!("{p}.k_norm.weight"), &[hd])?)?,
             n_heads: nq,
             n_kv_heads: nkv,
             head_dim: hd,
@@ -165,10 +165,10 @@ impl DecoderLayer {
         Ok(Self {
             self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, base)?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, base)?,
-            input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-            post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            pre_feedforward_layernorm: w.get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?,
-            post_feedforward_layernorm: w.get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?,
+            input_layernorm: gemma_norm_scale(&w.get(&format!("{p}.input_layernorm.weight"), &[h])?)?,
+            post_attention_layernorm: gemma_norm_scale(&w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?)?,
+            pre_feedforward_layernorm: gemma_norm_scale(&w.get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?)?,
+            post_feedforward_layernorm: gemma_norm_scale(&w.get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?)?,
             layer_type: cfg.layer_types[i],
             eps: cfg.rms_norm_eps,
         })
@@ -225,7 +225,7 @@ impl Gemma3Text {
         let embed_tokens = w.get("embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
         let layers =
             (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(&w, i, cfg, base)).collect::<Result<Vec<_>>>()?;
-        let norm = w.get("norm.weight", &[cfg.hidden_size])?;
+        let norm = gemma_norm_scale(&w.get("norm.weight", &[cfg.hidden_size])?)?;
         let lm_head = FrozenWeight::Dense(embed_tokens.clone());
         Ok(Self { embed_tokens, lm_head, layers, norm, cfg: cfg.clone() })
     }

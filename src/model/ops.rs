@@ -3,14 +3,119 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// Gemma's RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, all in f32, then cast to x's dtype.
-pub fn gemma_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+/// Gemma's RMSNorm scale `1 + w` in f32, as transformers computes it (`1.0 + weight.float()`).
+pub fn gemma_norm_scale(weight: &Tensor) -> Result<Tensor> {
+    weight.to_dtype(DType::F32)? + 1.0
+}
+
+/// Gemma's RMSNorm: `x * rsqrt(mean(x^2) + eps) * scale` with `scale = 1 + w` (f32), all in f32,
+/// then cast to x's dtype. On a GPU one fused kernel each way (the scale is frozen: dx only);
+/// elsewhere composed from differentiable ops.
+pub fn gemma_rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return x.contiguous()?.apply_op1(rmsnorm_cuda::RmsNorm { scale: scale.clone(), eps: eps as f32 });
+    }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xf.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?;
-    let scale = (weight.to_dtype(DType::F32)? + 1.0)?;
-    normed.broadcast_mul(&scale)?.to_dtype(dtype)
+    normed.broadcast_mul(scale)?.to_dtype(dtype)
+}
+
+#[cfg(feature = "cuda")]
+mod rmsnorm_cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm.ptx"));
+    const MODULE: &str = "gemmaclip_rmsnorm";
+
+    pub struct RmsNorm {
+        pub scale: Tensor,
+        pub eps: f32,
+    }
+
+    struct RmsNormBwd {
+        scale: Tensor,
+        eps: f32,
+    }
+
+    fn launch(
+        name_f32: &str,
+        name_bf16: &str,
+        inputs: &[(&CudaStorage, &Layout)],
+        scale: &Tensor,
+        eps: f32,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (x, xl) = inputs[0];
+        let shape = xl.shape().clone();
+        let cols = *shape.dims().last().unwrap_or(&1);
+        let rows = shape.elem_count() / cols;
+        let dev = x.device().clone();
+        let (ss, sl) = scale.storage_and_layout();
+        let Storage::Cuda(ss) = &*ss else { candle_core::bail!("rmsnorm: scale not on the GPU") };
+        let Some((s0, s1)) = sl.contiguous_offsets() else { candle_core::bail!("rmsnorm: scale not contiguous") };
+        let s = ss.as_cuda_slice::<f32>()?.slice(s0..s1);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (c, e) = (cols as i32, eps);
+        macro_rules! go {
+            ($t:ty, $name:expr) => {{
+                let out = unsafe { dev.alloc::<$t>(shape.elem_count())? };
+                let func = dev.get_or_load_custom_func($name, MODULE, PTX)?;
+                let mut b = func.builder();
+                let mut slices = vec![];
+                for (st, l) in inputs {
+                    let Some((o0, o1)) = l.contiguous_offsets() else { candle_core::bail!("rmsnorm: input not contiguous") };
+                    slices.push(st.as_cuda_slice::<$t>()?.slice(o0..o1));
+                }
+                for sl in &slices {
+                    b.arg(sl);
+                }
+                b.arg(&s);
+                b.arg(&out);
+                b.arg(&c);
+                b.arg(&e);
+                unsafe { b.launch(cfg) }.w()?;
+                Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => go!(f32, name_f32),
+            DType::BF16 => go!(half::bf16, name_bf16),
+            d => candle_core::bail!("rmsnorm: unsupported dtype {d:?}"),
+        }
+    }
+
+    impl CustomOp1 for RmsNorm {
+        fn name(&self) -> &'static str {
+            "gemma-rmsnorm"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("gemma-rmsnorm: the CPU path is composed")
+        }
+        fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            launch("rmsnorm_fwd_f32", "rmsnorm_fwd_bf16", &[(x, l)], &self.scale, self.eps)
+        }
+        fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            let dx = x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &RmsNormBwd { scale: self.scale.clone(), eps: self.eps })?;
+            Ok(Some(dx))
+        }
+    }
+
+    impl CustomOp2 for RmsNormBwd {
+        fn name(&self) -> &'static str {
+            "gemma-rmsnorm-bwd"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("gemma-rmsnorm-bwd: the CPU path is composed")
+        }
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, g: &CudaStorage, gl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            launch("rmsnorm_bwd_f32", "rmsnorm_bwd_bf16", &[(x, xl), (g, gl)], &self.scale, self.eps)
+        }
+    }
 }
 
 /// LayerNorm over the last dimension, statistics in f32.

@@ -234,8 +234,11 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
     let mut window_start = Instant::now();
     device::reset_peak_memory(&dev)?;
     let stop_at = a.stop_after.map_or(total, |s| (state.global_step + s).min(total));
+    let (mut step_times, mut step_tokens, mut peak_bytes) = (vec![], vec![], 0u64);
     while state.global_step < stop_at {
         let step = state.global_step;
+        let step_start = Instant::now();
+        let tokens_before = window_tokens;
         let lr = a.learning_rate * factor(a.lr_scheduler_type, step, warmup, total);
         let mut grads: Vec<Option<Tensor>> = vec![None; m.vars.len()];
         let mut step_loss = 0f64;
@@ -265,6 +268,9 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         }
         let grad_norm = clip_grad_norm(&mut grads, a.max_grad_norm)?;
         opt.step(&grads, lr)?;
+        device::synchronize(&dev)?;
+        step_times.push(step_start.elapsed().as_secs_f64());
+        step_tokens.push(window_tokens - tokens_before);
         state.global_step += 1;
         window_loss += step_loss;
         window_n += 1;
@@ -275,6 +281,7 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         if state.global_step % a.logging_steps == 0 || last {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let mem = device::memory(&dev)?;
+            peak_bytes = peak_bytes.max(mem.peak.unwrap_or(0));
             let rec = Record {
                 step: state.global_step,
                 epoch: (state.global_step * ga) as f64 / n_batches as f64,
@@ -307,6 +314,21 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         }
     }
     bar.finish_and_clear();
+    if !step_times.is_empty() {
+        let mut sorted = step_times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let med = sorted[sorted.len() / 2];
+        let tokens: usize = step_tokens.iter().sum();
+        let secs: f64 = step_times.iter().sum();
+        eprintln!(
+            "{} steps on {}: median step {:.1} ms, {:.0} tokens/s{}",
+            step_times.len(),
+            device::device_name(&dev),
+            med * 1e3,
+            tokens as f64 / secs,
+            if dev.is_cuda() { format!(", peak memory {:.2} GiB", peak_bytes as f64 / (1u64 << 30) as f64) } else { String::new() }
+        );
+    }
     if state.global_step == total {
         write_outputs(&mut m, a)?;
         crate::train::plot::loss_curve(&metrics::read(&metrics_path)?, &a.output_dir.join("loss_curve.png"))?;

@@ -21,6 +21,14 @@ echo "== gemmaclip bench train-step (NF4 base, LoRA r=64 on 7 projections, 1024 
 gemmaclip bench train-step --model /tmp/g4b/llm --vision-model /tmp/g4b/vision \
   --checkpointing both --steps "$STEPS" --warmup "$WARMUP" 2>&1 | tee "$OUT/bench.jsonl"
 
+echo "== gemmaclip train, 20 steps, batch 1, grad-accum 1, on init's gemma-3-4b-it + the bundled ScienceQA sample"
+for ckpt in "--gradient-checkpointing" ""; do
+  gemmaclip train --model /tmp/g4b/llm --vision-model /tmp/g4b/vision --data assets/scienceqa-sample \
+    --output-dir "/tmp/run4b$ckpt" --max-steps 20 --per-device-train-batch-size 1 --gradient-accumulation-steps 1 \
+    --logging-steps 5 --save-steps 0 $ckpt 2>&1 | tail -6 | tee -a "$OUT/train.log"
+  cp "/tmp/run4b$ckpt/metrics.jsonl" "$OUT/train-metrics${ckpt:+-ckpt}.jsonl" 2>/dev/null
+done
+
 if [ -f .gpu/hf_reference.py ]; then
   echo "== transformers + PEFT + bitsandbytes, same shapes, same GPU"
   python3 .gpu/hf_reference.py train --steps "$STEPS" --warmup "$WARMUP" --attn sdpa 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
