@@ -92,14 +92,44 @@ fn supervised_rows(x: &Tensor, sup: &Supervised) -> candle_core::Result<Tensor> 
     x.reshape((b * l, h))?.index_select(&rows, 0)
 }
 
+/// With `GEMMACLIP_PHASES` set, prints how long each phase of a step took (device synchronized).
+struct Phases {
+    on: bool,
+    dev: candle_core::Device,
+    t: std::time::Instant,
+    parts: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn new(dev: &candle_core::Device) -> Self {
+        Self { on: std::env::var_os("GEMMACLIP_PHASES").is_some(), dev: dev.clone(), t: std::time::Instant::now(), parts: vec![] }
+    }
+    fn mark(&mut self, name: &'static str) -> Result<()> {
+        if self.on {
+            self.dev.synchronize()?;
+            self.parts.push((name, self.t.elapsed().as_secs_f64() * 1e3));
+            self.t = std::time::Instant::now();
+        }
+        Ok(())
+    }
+    fn report(&self) {
+        if self.on {
+            let s: Vec<String> = self.parts.iter().map(|(n, ms)| format!("{n} {ms:.1} ms")).collect();
+            eprintln!("phases: {}", s.join(", "));
+        }
+    }
+}
+
 /// Loss and gradients for `vars` (the LoRA A/B and projector Vars, f32).
 pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions) -> Result<Gradients> {
+    let mut phases = Phases::new(vlm.llm.device());
     if batch.supervised.rows.is_empty() {
         bail!("the batch has no supervised tokens");
     }
     let l = batch.ids[0].len();
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     let embeds = vlm.input_embeds(&batch.ids, batch.pixels.as_ref())?;
+    phases.mark("embed+vision")?;
     let mut ctx = vlm.llm.layer_context(&batch.valid, l, 0)?;
     ctx.dropout_seed = opts.dropout_seed;
     let targets = &batch.supervised.targets;
@@ -109,10 +139,14 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
         for layer in &vlm.llm.layers {
             x = layer.forward(&x, &ctx)?;
         }
+        phases.mark("forward")?;
         let h = supervised_rows(&x, &batch.supervised)?;
         let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk)?;
+        phases.mark("loss")?;
         let store = (h * g)?.sum_all()?.backward()?;
+        phases.mark("backward")?;
         collect(&mut grads, &store, vars)?;
+        phases.report();
         return Ok(Gradients { loss, grads });
     }
 
@@ -122,11 +156,13 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
         let next = layer.forward(acts.last().expect("non-empty"), &ctx)?.detach();
         acts.push(next);
     }
+    phases.mark("forward (no graph)")?;
     let last = Var::from_tensor(&acts.pop().expect("non-empty"))?;
     let h = supervised_rows(last.as_tensor(), &batch.supervised)?;
     let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk)?;
     let mut g = (h * g)?.sum_all()?.backward()?.remove(last.as_tensor()).expect("grad of the last layer");
     drop(last);
+    phases.mark("loss")?;
 
     // Backward: recompute each layer with its graph, then the surrogate sum(y * dL/dy).
     for (i, layer) in vlm.llm.layers.iter().enumerate().rev() {
@@ -136,9 +172,12 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
         collect(&mut grads, &store, vars)?;
         g = store.get(xin.as_tensor()).cloned().unwrap_or_else(|| panic!("layer {i} input has no gradient"));
     }
+    phases.mark("recompute+backward")?;
     if embeds.track_op() {
         let store = (embeds * g)?.sum_all()?.backward()?;
         collect(&mut grads, &store, vars)?;
     }
+    phases.mark("projector backward")?;
+    phases.report();
     Ok(Gradients { loss, grads })
 }

@@ -21,6 +21,12 @@ echo "== gemmaclip bench train-step (NF4 base, LoRA r=64 on 7 projections, 1024 
 gemmaclip bench train-step --model /tmp/g4b/llm --vision-model /tmp/g4b/vision \
   --checkpointing both --steps "$STEPS" --warmup "$WARMUP" 2>&1 | tee "$OUT/bench.jsonl"
 
+echo "== where a step's time goes (device synchronized between phases)"
+for c in on off; do
+  GEMMACLIP_PHASES=1 gemmaclip bench train-step --model /tmp/g4b/llm --vision-model /tmp/g4b/vision \
+    --checkpointing $c --steps 2 --warmup 1 2>&1 | grep phases | tail -1
+done
+
 echo "== gemmaclip train, 20 steps, batch 1, grad-accum 1, on init's gemma-3-4b-it + the bundled ScienceQA sample"
 for ckpt in "--gradient-checkpointing" ""; do
   gemmaclip train --model /tmp/g4b/llm --vision-model /tmp/g4b/vision --data assets/scienceqa-sample \
