@@ -101,13 +101,15 @@ impl Attention {
         })
     }
 
-    /// x [B, L, H] -> [B, L, H]
+    /// x [B, L, H] -> [B, L, H]. With a cache, k/v of the new positions are appended to it
+    /// (detached) and the queries attend over everything it holds; `mask` then covers the cache.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &RopeTables,
         mask: &Tensor,
         seed: Option<u64>,
+        cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (hd, nq, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
@@ -119,7 +121,16 @@ impl Attention {
         let q = rope.apply(&q.contiguous()?)?;
         let k = rope.apply(&k.contiguous()?)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let out = grouped_attention(&q, &k, &v, mask, self.scale)?; // [B, nq, L, hd]
+        let (k, v, mask) = match cache {
+            Some(c) => {
+                let (k, v) = c.append(k.detach(), v.detach())?;
+                let lk = k.dim(2)?;
+                let total = mask.dim(3)?;
+                (k, v, mask.narrow(3, total - lk, lk)?)
+            }
+            None => (k, v, mask.clone()),
+        };
+        let out = grouped_attention(&q, &k, &v, &mask, self.scale)?; // [B, nq, L, hd]
         let out = out.transpose(1, 2)?.reshape((b, l, nq * hd))?;
         self.o_proj.forward(&out, seed)
     }
@@ -167,11 +178,34 @@ impl DecoderLayer {
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, base)?,
             input_layernorm: gemma_norm_scale(&w.get(&format!("{p}.input_layernorm.weight"), &[h])?)?,
             post_attention_layernorm: gemma_norm_scale(&w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?)?,
-            pre_feedforward_layernorm: gemma_norm_scale(&w.get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?)?,
-            post_feedforward_layernorm: gemma_norm_scale(&w.get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?)?,
+            pre_feedforward_layernorm: gemma_norm_scale(
+                &w.get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?,
+            )?,
+            post_feedforward_layernorm: gemma_norm_scale(
+                &w.get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?,
+            )?,
             layer_type: cfg.layer_types[i],
             eps: cfg.rms_norm_eps,
         })
+    }
+
+    /// One decoding/prefill pass over new positions with this layer's KV cache.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        ctx: &LayerContext,
+        cache: &mut LayerCache,
+    ) -> candle_core::Result<Tensor> {
+        let (rope, mask) = match self.layer_type {
+            LayerType::Global => (&ctx.rope_global, &ctx.mask_global),
+            LayerType::Sliding => (&ctx.rope_local, &ctx.mask_sliding),
+        };
+        let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
+        let h = self.self_attn.forward(&h, rope, mask, None, Some(cache))?;
+        let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
+        let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
+        let h = self.mlp.forward(&h, None)?;
+        x + gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?
     }
 
     /// x [B, L, H] -> [B, L, H]
@@ -181,12 +215,57 @@ impl DecoderLayer {
             LayerType::Sliding => (&ctx.rope_local, &ctx.mask_sliding),
         };
         let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
-        let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed)?;
+        let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, None)?;
         let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
         let h = self.mlp.forward(&h, ctx.dropout_seed)?;
         x + gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?
     }
+}
+
+/// One layer's keys and values [B, nkv, T, hd] for the positions it still needs: all of them on a
+/// global layer, the last `window` on a sliding one (older keys are outside every later query's
+/// window), so the cache never grows past what the model attends to.
+pub struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    window: Option<usize>,
+}
+
+impl LayerCache {
+    /// Appends new keys/values; returns the full (k, v) the new queries attend over. The trim to
+    /// the window happens after this pass, so the new queries still see their whole window.
+    fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (k, v) = match (self.k.take(), self.v.take()) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            _ => (k, v),
+        };
+        let t = k.dim(2)?;
+        let (kk, vv) = match self.window {
+            Some(w) if t > w => (k.narrow(2, t - w, w)?, v.narrow(2, t - w, w)?),
+            _ => (k.clone(), v.clone()),
+        };
+        self.k = Some(kk);
+        self.v = Some(vv);
+        Ok((k, v))
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The KV cache of a batch being generated: per layer, plus per row which positions are real
+/// (left padding is not) and the RoPE position of the next token.
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+    pub valid: Vec<Vec<bool>>,
+    pub next_position: Vec<usize>,
 }
 
 /// Additive attention mask [B, 1, Lq, Lk] for queries at positions `offset..offset+Lq` over keys
@@ -301,6 +380,64 @@ impl Gemma3Text {
             mask_sliding: attention_mask(valid, lq, offset, Some(c.sliding_window), dev)?,
             dropout_seed: None,
         })
+    }
+
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| LayerCache {
+                k: None,
+                v: None,
+                window: (l.layer_type == LayerType::Sliding).then_some(self.cfg.sliding_window),
+            })
+            .collect();
+        KvCache { layers, valid: vec![vec![]; batch], next_position: vec![0; batch] }
+    }
+
+    /// Runs new positions through the model with the cache: embeds [B, Lq, H], `valid[b][t]` false
+    /// on (left) padding among the new positions. Returns the last hidden state [B, Lq, H].
+    pub fn forward_cached(
+        &self,
+        embeds: &Tensor,
+        valid: &[Vec<bool>],
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let (b, lq, _) = embeds.dims3()?;
+        let offset = cache.valid.first().map_or(0, |v| v.len());
+        if offset + lq > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "{} positions exceed the model's max_position_embeddings ({})",
+                offset + lq,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let mut positions = vec![];
+        for r in 0..b {
+            let mut row = vec![];
+            for &ok in &valid[r] {
+                row.push(cache.next_position[r]);
+                if ok {
+                    cache.next_position[r] += 1;
+                }
+            }
+            cache.valid[r].extend_from_slice(&valid[r]);
+            positions.push(row);
+        }
+        let c = &self.cfg;
+        let dev = self.device();
+        let ctx = LayerContext {
+            rope_global: RopeTables::for_rows(c.head_dim, c.rope_theta, c.rope_scaling_factor, &positions, dev)?,
+            rope_local: RopeTables::for_rows(c.head_dim, c.rope_local_base_freq, 1.0, &positions, dev)?,
+            mask_global: attention_mask(&cache.valid, lq, offset, None, dev)?,
+            mask_sliding: attention_mask(&cache.valid, lq, offset, Some(c.sliding_window), dev)?,
+            dropout_seed: None,
+        };
+        let mut x = embeds.clone();
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_cached(&x, &ctx, lc)?;
+        }
+        Ok(x)
     }
 
     /// embeds [B, L, H] -> last hidden state before the final norm [B, L, H]. `valid[b][t]` is

@@ -68,7 +68,9 @@ mod rmsnorm_cuda {
                 let mut b = func.builder();
                 let mut slices = vec![];
                 for (st, l) in inputs {
-                    let Some((o0, o1)) = l.contiguous_offsets() else { candle_core::bail!("rmsnorm: input not contiguous") };
+                    let Some((o0, o1)) = l.contiguous_offsets() else {
+                        candle_core::bail!("rmsnorm: input not contiguous")
+                    };
                     slices.push(st.as_cuda_slice::<$t>()?.slice(o0..o1));
                 }
                 for sl in &slices {
@@ -100,7 +102,9 @@ mod rmsnorm_cuda {
             launch("rmsnorm_fwd_f32", "rmsnorm_fwd_bf16", &[(x, l)], &self.scale, self.eps)
         }
         fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-            let dx = x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &RmsNormBwd { scale: self.scale.clone(), eps: self.eps })?;
+            let dx = x
+                .contiguous()?
+                .apply_op2_no_bwd(&g.contiguous()?, &RmsNormBwd { scale: self.scale.clone(), eps: self.eps })?;
             Ok(Some(dx))
         }
     }
@@ -109,10 +113,22 @@ mod rmsnorm_cuda {
         fn name(&self) -> &'static str {
             "gemma-rmsnorm-bwd"
         }
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
             candle_core::bail!("gemma-rmsnorm-bwd: the CPU path is composed")
         }
-        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, g: &CudaStorage, gl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
             launch("rmsnorm_bwd_f32", "rmsnorm_bwd_bf16", &[(x, xl), (g, gl)], &self.scale, self.eps)
         }
     }

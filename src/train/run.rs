@@ -1,15 +1,13 @@
 //! `gemmaclip train`: the loop, top to bottom. Loading, batching, logging and checkpointing are the
 //! small functions around it.
 
-use crate::config::{ClipVisionConfig, LlmConfig};
 use crate::data::batch::collate;
 use crate::data::image::{Aspect, ImageProcessor};
 use crate::data::prompt::{encode, Target};
 use crate::data::scienceqa::{read_split, split_file, Problem};
 use crate::device;
 use crate::hub;
-use crate::model::clip::ClipVision;
-use crate::model::gemma3::{BaseFormat, Gemma3Text};
+use crate::infer::{load_base, load_tokenizer, Base, ModelArgs};
 use crate::model::projector::Projector;
 use crate::model::vlm::Vlm;
 use crate::peft::adapter;
@@ -19,11 +17,10 @@ use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::schedule::{factor, warmup_steps, Schedule};
 use crate::train::state::{self, TrainerState};
 use crate::train::step::{loss_and_grads, Batch, StepOptions};
-use crate::weights::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -77,16 +74,13 @@ struct Loaded {
 }
 
 fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
-    let (llm_dir, vis_dir) = if a.preset_tiny {
-        hub::tiny_model()?
-    } else {
-        (hub::resolve_model(&a.model, "--model")?, hub::resolve_model(&a.vision_model, "--vision-model")?)
+    let model = ModelArgs {
+        preset_tiny: a.preset_tiny,
+        model: a.model.clone(),
+        vision_model: a.vision_model.clone(),
+        four_bit: a.four_bit,
     };
-    let cfg = LlmConfig::from_file(&llm_dir.join("config.json"))?;
-    let vcfg = ClipVisionConfig::from_file(&vis_dir.join("config.json"))?;
-    let base = if a.four_bit { BaseFormat::Nf4 } else { BaseFormat::Dense };
-    let mut llm = Gemma3Text::load(Weights::open(&llm_dir, dtype, dev)?, &cfg.text, base)?;
-    let vision = ClipVision::load(Weights::open(&vis_dir, dtype, dev)?, &vcfg)?;
+    let Base { mut llm, vision, cfg, vcfg, llm_dir, vis_dir } = load_base(&model, dtype, dev)?;
     let spec =
         LoraSpec { r: a.lora_r, alpha: a.lora_alpha, dropout: a.lora_dropout, targets: a.lora_target_modules.clone() };
     adapter::attach_new(&mut llm, &spec, a.seed)?;
@@ -96,9 +90,7 @@ fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
         bail!("--lora-target-modules {:?} matches no linear of the model", a.lora_target_modules);
     }
     named.extend(projector.vars().into_iter().map(|(n, v)| (format!("projector.{n}"), v)));
-    let tok_path = llm_dir.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
+    let tokenizer = load_tokenizer(&llm_dir)?;
     let images = ImageProcessor::from_dir(&vis_dir, vcfg.image_size, a.image_aspect)?;
     Ok(Loaded {
         vlm: Vlm { vision, projector, llm, cfg },
@@ -326,7 +318,11 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
             device::device_name(&dev),
             med * 1e3,
             tokens as f64 / secs,
-            if dev.is_cuda() { format!(", peak memory {:.2} GiB", peak_bytes as f64 / (1u64 << 30) as f64) } else { String::new() }
+            if dev.is_cuda() {
+                format!(", peak memory {:.2} GiB", peak_bytes as f64 / (1u64 << 30) as f64)
+            } else {
+                String::new()
+            }
         );
     }
     if state.global_step == total {
@@ -349,9 +345,4 @@ fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
     );
     bar.set_position(start as u64);
     bar
-}
-
-/// Whether `path` looks like a finished run's output directory (used by infer/eval later).
-pub fn is_output_dir(path: &Path) -> bool {
-    path.join("projector.safetensors").is_file() && path.join("lora_adapter").is_dir()
 }

@@ -102,7 +102,12 @@ struct Phases {
 
 impl Phases {
     fn new(dev: &candle_core::Device) -> Self {
-        Self { on: std::env::var_os("GEMMACLIP_PHASES").is_some(), dev: dev.clone(), t: std::time::Instant::now(), parts: vec![] }
+        Self {
+            on: std::env::var_os("GEMMACLIP_PHASES").is_some(),
+            dev: dev.clone(),
+            t: std::time::Instant::now(),
+            parts: vec![],
+        }
     }
     fn mark(&mut self, name: &'static str) -> Result<()> {
         if self.on {

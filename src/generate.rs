@@ -1,0 +1,178 @@
+//! Generation with a KV cache: prompts left-padded into one batch, prefill, then one token per
+//! step until `<end_of_turn>`/`<eos>` or the token budget. Greedy at temperature 0, otherwise
+//! temperature / top-k / top-p sampling from a seeded generator.
+
+use crate::checkpoint::rng::SplitMix64;
+use crate::model::vlm::Vlm;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0 = no limit.
+    pub top_k: usize,
+    pub seed: u64,
+    pub stop_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Generated {
+    /// New tokens, the stop token excluded.
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    /// Stopped on a stop token (rather than the budget).
+    pub stopped: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// Prompt in -> first new token out (vision tower, projector and prefill included).
+    pub time_to_first_token_s: f64,
+    /// The remaining tokens.
+    pub decode_s: f64,
+    pub decode_steps: usize,
+}
+
+fn sample(logits: &[f32], o: &GenerateOptions, rng: &mut SplitMix64) -> u32 {
+    let argmax =
+        || logits.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0 as u32;
+    if o.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if o.top_k > 0 {
+        idx.truncate(o.top_k);
+    }
+    let max = logits[idx[0]] as f64;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / o.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if o.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|&p| {
+            acc += p;
+            acc >= o.top_p
+        });
+        let keep = keep.map_or(probs.len(), |k| k + 1);
+        probs.truncate(keep);
+        idx.truncate(keep);
+        let t: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= t);
+    }
+    let u = rng.next_f64();
+    let mut acc = 0.0;
+    for (p, &i) in probs.iter().zip(&idx) {
+        acc += p;
+        if u < acc {
+            return i as u32;
+        }
+    }
+    *idx.last().expect("non-empty") as u32
+}
+
+/// Next-token logits [B, V] (f32, on the CPU) from the last position of `hidden` [B, L, H].
+fn last_logits(vlm: &Vlm, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let l = hidden.dim(1)?;
+    let last = hidden.narrow(1, l - 1, 1)?.squeeze(1)?;
+    Ok(vlm.llm.logits(&last)?.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+/// Generates for a batch of prompts (token ids with their image-token blocks; `pixels` holds the
+/// batch's images in order). `on_token(row, token)` sees each new token as it comes.
+pub fn generate(
+    vlm: &Vlm,
+    prompts: &[Vec<u32>],
+    pixels: Option<&Tensor>,
+    o: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<(Vec<Generated>, Timings)> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok((vec![], Timings::default()));
+    }
+    let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if l == 0 {
+        bail!("empty prompt");
+    }
+    let pad = vlm.cfg.text.pad_token_id;
+    let mut ids = vec![];
+    let mut valid = vec![];
+    for p in prompts {
+        let n = l - p.len();
+        ids.push(std::iter::repeat_n(pad, n).chain(p.iter().copied()).collect::<Vec<_>>());
+        valid.push((0..l).map(|t| t >= n).collect::<Vec<_>>());
+    }
+    let start = Instant::now();
+    let mut cache = vlm.llm.new_cache(b);
+    let embeds = vlm.input_embeds(&ids, pixels)?;
+    let hidden = vlm.llm.forward_cached(&embeds, &valid, &mut cache)?;
+    let mut logits = last_logits(vlm, &hidden)?;
+    let mut out: Vec<Generated> =
+        prompts.iter().map(|p| Generated { prompt_tokens: p.len(), ..Default::default() }).collect();
+    let mut rng = SplitMix64::new(o.seed);
+    let mut timings = Timings::default();
+    let mut decode_start = None;
+    for step in 0..o.max_new_tokens {
+        let mut next = vec![];
+        for (r, g) in out.iter_mut().enumerate() {
+            if g.stopped || g.tokens.len() >= o.max_new_tokens {
+                next.push(pad);
+                continue;
+            }
+            let t = sample(&logits[r], o, &mut rng);
+            if o.stop_ids.contains(&t) {
+                g.stopped = true;
+            } else {
+                g.tokens.push(t);
+                on_token(r, t);
+            }
+            next.push(t);
+        }
+        if step == 0 {
+            timings.time_to_first_token_s = start.elapsed().as_secs_f64();
+            decode_start = Some(Instant::now());
+        }
+        if out.iter().all(|g| g.stopped || g.tokens.len() >= o.max_new_tokens) || step + 1 == o.max_new_tokens {
+            break;
+        }
+        let tok = Tensor::from_vec(next, (b, 1), vlm.llm.device())?;
+        let embeds = vlm.llm.embed(&tok)?;
+        let hidden = vlm.llm.forward_cached(&embeds, &vec![vec![true]; b], &mut cache)?;
+        logits = last_logits(vlm, &hidden)?;
+        timings.decode_steps += 1;
+    }
+    timings.decode_s = decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    Ok((out, timings))
+}
+
+/// Greedy decoding that recomputes the whole sequence at every step, without a cache: the
+/// reference the cached path must equal. One prompt.
+pub fn greedy_without_cache(
+    vlm: &Vlm,
+    prompt: &[u32],
+    pixels: Option<&Tensor>,
+    max_new: usize,
+    stop: &[u32],
+) -> Result<Vec<u32>> {
+    let mut ids = prompt.to_vec();
+    let mut new = vec![];
+    for _ in 0..max_new {
+        let embeds = vlm.input_embeds(std::slice::from_ref(&ids), pixels)?;
+        let hidden = vlm.llm.forward_embeds(&embeds, None)?;
+        let logits = last_logits(vlm, &hidden)?;
+        let t =
+            logits[0].iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0 as u32;
+        if stop.contains(&t) {
+            break;
+        }
+        new.push(t);
+        ids.push(t);
+    }
+    Ok(new)
+}
