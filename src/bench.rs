@@ -139,3 +139,79 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Clone)]
+pub struct GenerateArgs {
+    pub model: PathBuf,
+    pub vision_model: PathBuf,
+    pub four_bit: bool,
+    pub prompt: usize,
+    pub new: usize,
+    /// 0: the base model alone (as hf_reference.py infer measures it).
+    pub lora_r: usize,
+}
+
+/// Time to first token for a `prompt`-token prompt (<bos> + image block + text) and decode speed
+/// at batch 1, measured as ../shared/bench/hf_reference.py infer does (best of 3 and of 2 runs).
+pub fn generate(a: &GenerateArgs) -> Result<()> {
+    use crate::generate::{generate, GenerateOptions};
+    let dev = device::best_device()?;
+    let dtype = device::default_dtype(&dev);
+    device::keep_pool_memory(&dev)?;
+    let cfg = LlmConfig::from_file(&a.model.join("config.json"))?;
+    let vcfg = ClipVisionConfig::from_file(&a.vision_model.join("config.json"))?;
+    let base = if a.four_bit { BaseFormat::Nf4 } else { BaseFormat::Dense };
+    let mut llm = Gemma3Text::load(Weights::open(&a.model, dtype, &dev)?, &cfg.text, base)?;
+    let vision = ClipVision::load(Weights::open(&a.vision_model, dtype, &dev)?, &vcfg)?;
+    if a.lora_r > 0 {
+        let spec = LoraSpec {
+            r: a.lora_r,
+            alpha: 2.0 * a.lora_r as f64,
+            dropout: 0.0,
+            targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+        };
+        adapter::attach_new(&mut llm, &spec, 0)?;
+        llm.freeze_adapters();
+    }
+    let projector = Projector::init(vcfg.hidden_size, cfg.text.hidden_size, 0, &dev)?;
+    let vlm = Vlm { vision, projector, llm, cfg: cfg.clone() };
+    let n_img = vcfg.num_patches();
+    if a.prompt < n_img + 3 {
+        bail!("--prompt {} must exceed the image block ({} tokens)", a.prompt, n_img + 2);
+    }
+    let mut rng = crate::checkpoint::rng::SplitMix64::new(7);
+    let hi = cfg.boi_token_index.min(200_000) as u64;
+    let mut ids = vec![cfg.text.bos_token_id, cfg.boi_token_index];
+    ids.extend(std::iter::repeat_n(cfg.image_token_index, n_img));
+    ids.push(cfg.eoi_token_index);
+    while ids.len() < a.prompt {
+        ids.push((10 + rng.next_u64() % (hi - 10)) as u32);
+    }
+    let pixels = Tensor::randn(0f32, 1.0, (1, 3, vcfg.image_size, vcfg.image_size), &dev)?;
+    let run = |n: usize| -> Result<(f64, f64, usize)> {
+        let o =
+            GenerateOptions { max_new_tokens: n, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids: vec![] };
+        synchronize(&dev)?;
+        let t = Instant::now();
+        let (_, tm) = generate(&vlm, std::slice::from_ref(&ids), Some(&pixels), &o, &mut |_, _| {})?;
+        synchronize(&dev)?;
+        Ok((t.elapsed().as_secs_f64(), tm.time_to_first_token_s, tm.decode_steps))
+    };
+    run(4)?;
+    reset_peak_memory(&dev)?;
+    let first = (0..3).map(|_| run(1).map(|r| r.0)).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
+    let full =
+        (0..2).map(|_| run(a.new).map(|r| r.0)).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
+    let mem = memory(&dev)?;
+    println!(
+        "{}",
+        json!({
+            "what": "gemmaclip_generate", "four_bit": a.four_bit, "lora_r": a.lora_r,
+            "prompt_tokens": a.prompt, "new_tokens": a.new,
+            "time_to_first_token_ms": (first * 1e4).round() / 10.0,
+            "decode_tokens_per_s": ((a.new - 1) as f64 / (full - first) * 10.0).round() / 10.0,
+            "gpu": device::device_name(&dev), "peak_alloc_gib": gib(mem.peak),
+        })
+    );
+    Ok(())
+}

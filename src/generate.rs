@@ -110,7 +110,8 @@ pub fn generate(
     }
     let start = Instant::now();
     let mut cache = vlm.llm.new_cache(b);
-    let embeds = vlm.input_embeds(&ids, pixels)?;
+    // answering builds no graph: the projector's Vars stop here
+    let embeds = vlm.input_embeds(&ids, pixels)?.detach();
     let hidden = vlm.llm.forward_cached(&embeds, &valid, &mut cache)?;
     let mut logits = last_logits(vlm, &hidden)?;
     let mut out: Vec<Generated> =
@@ -163,7 +164,7 @@ pub fn greedy_without_cache(
     let mut ids = prompt.to_vec();
     let mut new = vec![];
     for _ in 0..max_new {
-        let embeds = vlm.input_embeds(std::slice::from_ref(&ids), pixels)?;
+        let embeds = vlm.input_embeds(std::slice::from_ref(&ids), pixels)?.detach();
         let hidden = vlm.llm.forward_embeds(&embeds, None)?;
         let logits = last_logits(vlm, &hidden)?;
         let t =

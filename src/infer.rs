@@ -85,6 +85,7 @@ pub fn load_answerer(a: &AnswererArgs) -> Result<Answerer> {
     if let Some(dir) = a.adapter_dir {
         let (adapter, scale) = Adapter::load(dir, &dev)?;
         adapter.attach(&mut base.llm, scale).with_context(|| format!("--adapter-dir {}", dir.display()))?;
+        base.llm.freeze_adapters();
     }
     let (projector, has_projector) = match a.projector_path {
         Some(p) => {

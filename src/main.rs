@@ -230,6 +230,23 @@ struct EvalCli {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Time to first token and decode speed at batch 1 (greedy, no early stop); one JSON line.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        vision_model: PathBuf,
+        #[arg(long)]
+        no_4bit: bool,
+        /// Prompt length in tokens, image block included.
+        #[arg(long, default_value_t = 800)]
+        prompt: usize,
+        #[arg(long, default_value_t = 256)]
+        new: usize,
+        /// Attach fresh LoRA adapters of this rank (0: the base model alone).
+        #[arg(long, default_value_t = 0)]
+        lora_r: usize,
+    },
     /// One QLoRA step (forward, backward, clipping, AdamW) on one sample; one JSON line per setting.
     TrainStep {
         /// Gemma-3 checkpoint directory (hub layout), e.g. OUT/llm from `init`.
@@ -325,6 +342,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench { what } => match what {
+            BenchCommand::Generate { model, vision_model, no_4bit, prompt, new, lora_r } => {
+                if new < 2 {
+                    anyhow::bail!("--new must be at least 2");
+                }
+                bench::generate(&bench::GenerateArgs { model, vision_model, four_bit: !no_4bit, prompt, new, lora_r })
+            }
             BenchCommand::TrainStep {
                 model,
                 vision_model,

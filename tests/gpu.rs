@@ -97,3 +97,27 @@ fn qlora_gradients_on_cuda_match_peft_and_checkpointing() {
         assert!(d_ckpt <= 1e-5 && d_cpu <= 1e-4 && (l1 - lc).abs() <= 1e-4);
     }
 }
+
+#[test]
+fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
+    use candle_core::{DType, Tensor};
+    use gemmaclip::peft::frozen::FrozenWeight;
+    use gemmaclip::peft::nf4::Nf4Weight;
+    let Some(gpu) = cuda() else { return };
+    for (n, k, m) in [(512usize, 2560usize, 1usize), (384, 10240, 3), (64, 64, 8)] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let q = Nf4Weight::quantize(&w).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (m, k), &gpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let fused = q.gemv(&x).unwrap().expect("the fast path applies");
+        let reference =
+            x.to_dtype(DType::F32).unwrap().matmul(&q.dequantize(DType::F32).unwrap().t().unwrap()).unwrap();
+        let scale = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let err =
+            max_abs_diff(&fused.to_device(&Device::Cpu).unwrap(), &reference.to_device(&Device::Cpu).unwrap()) / scale;
+        println!("nf4 gemv [{m}x{k}] x [{n}x{k}]^T: max error {err:.2e} of the largest output (bf16 output rounding)");
+        assert!(err < 1e-2, "{err}");
+        // and the frozen linear takes it when nothing needs a gradient
+        let via = FrozenWeight::Nf4(q).forward(&x).unwrap();
+        assert_eq!(max_abs_diff(&via, &fused), 0.0);
+    }
+}

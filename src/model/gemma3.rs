@@ -309,6 +309,15 @@ impl Gemma3Text {
         Ok(Self { embed_tokens, lm_head, layers, norm, cfg: cfg.clone() })
     }
 
+    /// Marks every adapter as frozen (answering, not training): no autograd graph is built.
+    pub fn freeze_adapters(&mut self) {
+        for (_, lin) in self.linears_mut() {
+            if let Some(l) = lin.lora.as_mut() {
+                l.frozen = true;
+            }
+        }
+    }
+
     /// Every adaptable linear with its module path under the text model (`layers.N.self_attn.q_proj`).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
         let mut v = vec![];

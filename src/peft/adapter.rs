@@ -214,6 +214,7 @@ impl Adapter {
                 scale,
                 dropout: self.spec.dropout,
                 stream: crate::checkpoint::rng::name_hash(&path),
+                frozen: false,
             });
             seen += 1;
         }

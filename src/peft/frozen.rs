@@ -56,7 +56,15 @@ impl FrozenWeight {
             let (o, i) = self.shape();
             let lead = &x.dims()[..x.rank() - 1];
             let rows: usize = lead.iter().product();
-            let y = x.reshape((rows, i))?.matmul(&self.materialize(x.dtype())?.t()?)?;
+            let x2 = x.reshape((rows, i))?;
+            let fused = match self {
+                FrozenWeight::Nf4(q) => q.gemv(&x2)?,
+                FrozenWeight::Dense(_) => None,
+            };
+            let y = match fused {
+                Some(y) => y,
+                None => x2.matmul(&self.materialize(x.dtype())?.t()?)?,
+            };
             let mut shape = lead.to_vec();
             shape.push(o);
             return y.reshape(shape);

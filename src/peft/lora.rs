@@ -34,6 +34,9 @@ pub struct Lora {
     pub dropout: f32,
     /// Distinguishes this module's dropout stream from the others'.
     pub stream: u64,
+    /// Answering only: A and B enter the computation untracked, so no graph is built and the
+    /// frozen base can take its inference fast path.
+    pub frozen: bool,
 }
 
 impl Lora {
@@ -55,6 +58,7 @@ impl Lora {
             scale: spec.scale(),
             dropout: spec.dropout,
             stream: name_hash(name),
+            frozen: false,
         })
     }
 }
@@ -82,8 +86,12 @@ impl LoraLinear {
         let (r, in_f) = l.a.dims2()?;
         let lead = &x.dims()[..x.rank() - 1];
         let rows: usize = lead.iter().product();
-        let a = l.a.as_tensor().to_dtype(dtype)?;
-        let b = l.b.as_tensor().to_dtype(dtype)?;
+        let (a, b) = if l.frozen {
+            (l.a.as_tensor().detach(), l.b.as_tensor().detach())
+        } else {
+            (l.a.as_tensor().clone(), l.b.as_tensor().clone())
+        };
+        let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
         let h = xin.reshape((rows, in_f))?.matmul(&a.t()?)?; // [rows, r]
         let d = (h.matmul(&b.t()?)? * l.scale)?; // [rows, out]
         debug_assert_eq!(h.dim(1)?, r);

@@ -126,6 +126,23 @@ impl Nf4Weight {
     pub fn bytes(&self) -> usize {
         self.packed.elem_count() + 4 * self.absmax.elem_count()
     }
+
+    /// x [M, in] (bf16, M <= 8, on the GPU) -> x W^T [M, out] read straight from NF4: the decode
+    /// fast path. None where it does not apply (CPU, f32, more rows, or GEMMACLIP_NO_NF4_GEMV set).
+    pub fn gemv(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        {
+            static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let off = *OFF.get_or_init(|| std::env::var_os("GEMMACLIP_NO_NF4_GEMV").is_some());
+            let (m, k) = x.dims2()?;
+            if !off && x.device().is_cuda() && x.dtype() == DType::BF16 && m <= 8 && k == self.shape.1 && k % 64 == 0 {
+                let x = x.contiguous()?;
+                return Ok(Some(x.apply_op3_no_bwd(&self.packed, &self.absmax, &cuda::Gemv { n: self.shape.0 })?));
+            }
+        }
+        let _ = x;
+        Ok(None)
+    }
 }
 
 /// (weight bf16/f32 [n], absmax f32 [n/64]) -> packed u8 [n/2]. CUDA only; the CPU path calls
@@ -260,6 +277,66 @@ pub(crate) mod cuda {
         b.arg(&blk);
         unsafe { b.launch(grid(n_bytes)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n_bytes)))
+    }
+
+    /// (x bf16 [M, K], packed, absmax) -> [M, N] bf16.
+    pub struct Gemv {
+        pub n: usize,
+    }
+
+    impl candle_core::CustomOp3 for Gemv {
+        fn name(&self) -> &'static str {
+            "nf4-gemv"
+        }
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("nf4-gemv is GPU only")
+        }
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            q: &CudaStorage,
+            ql: &Layout,
+            a: &CudaStorage,
+            al: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = x.device().clone();
+            let ((x0, x1), (q0, q1), (a0, a1)) = (offsets(xl)?, offsets(ql)?, offsets(al)?);
+            let (m, k) = xl.shape().dims2()?;
+            if x0 % 8 != 0 || q0 % 4 != 0 {
+                candle_core::bail!("nf4-gemv: misaligned input");
+            }
+            let xs = x.as_cuda_slice::<half::bf16>()?.slice(x0..x1);
+            let qs = q.as_cuda_slice::<u8>()?.slice(q0..q1);
+            let abs = a.as_cuda_slice::<f32>()?.slice(a0..a1);
+            let out = unsafe { dev.alloc::<half::bf16>(m * self.n)? };
+            let func = dev.get_or_load_custom_func("nf4_gemv_bf16", MODULE, PTX)?;
+            let (mi, ni, ki) = (m as i32, self.n as i32, k as i32);
+            let mut b = func.builder();
+            b.arg(&qs);
+            b.arg(&abs);
+            b.arg(&xs);
+            b.arg(&out);
+            b.arg(&mi);
+            b.arg(&ni);
+            b.arg(&ki);
+            let threads = 256u32;
+            let cfg = LaunchConfig {
+                grid_dim: ((self.n as u32 * 32).div_ceil(threads), 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, self.n))))
+        }
     }
 
     pub fn dequantize(

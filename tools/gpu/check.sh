@@ -35,8 +35,14 @@ for ckpt in "--gradient-checkpointing" ""; do
   cp "/tmp/run4b$ckpt/metrics.jsonl" "$OUT/train-metrics${ckpt:+-ckpt}.jsonl" 2>/dev/null
 done
 
+echo "== gemmaclip bench generate (800-token prompt with the image block, 256 new tokens, batch 1)"
+gemmaclip bench generate --model /tmp/g4b/llm --vision-model /tmp/g4b/vision 2>&1 | tee -a "$OUT/bench.jsonl"
+GEMMACLIP_NO_NF4_GEMV=1 gemmaclip bench generate --model /tmp/g4b/llm --vision-model /tmp/g4b/vision 2>&1 | sed 's/gemmaclip_generate/gemmaclip_generate_without_nf4_gemv/' | tee -a "$OUT/bench.jsonl"
+gemmaclip bench generate --model /tmp/g4b/llm --vision-model /tmp/g4b/vision --lora-r 64 2>&1 | tee -a "$OUT/bench.jsonl"
+
 if [ -f .gpu/hf_reference.py ]; then
   echo "== transformers + PEFT + bitsandbytes, same shapes, same GPU"
   python3 .gpu/hf_reference.py train --steps "$STEPS" --warmup "$WARMUP" --attn sdpa 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
   python3 .gpu/hf_reference.py train --steps "$STEPS" --warmup "$WARMUP" --attn sdpa --no-ckpt 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
+  python3 .gpu/hf_reference.py infer --attn sdpa 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
 fi

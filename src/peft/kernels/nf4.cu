@@ -112,3 +112,51 @@ extern "C" __global__ void dropout_mask_bf16(unsigned short* __restrict__ out, u
     float u = (float)(r >> 40) * (1.0f / 16777216.0f);
     out[i] = (unsigned short)f32_to_bf16_rne((u >= p) ? scale : 0.0f);
 }
+
+// Decode fast path: y[m, n] = sum_k x[m, k] * W[n, k] straight from NF4 (0.5 byte per weight read
+// instead of a bf16 copy written and read back). One warp per output row; each lane takes 8
+// consecutive weights (one 32-bit word) per 256-wide stride. K % 256 == 0 is not needed, K % 64 is.
+// M <= 8 activation rows. f32 accumulation; products in f32 (no FMA contraction: --fmad=false).
+#define GEMV_MAX_M 8
+extern "C" __global__ void nf4_gemv_bf16(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
+                                         const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
+                                         int M, int N, int K) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
+    __syncthreads();
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= N) return;
+    const unsigned char* wr = q + (size_t)row * (K / 2);
+    const float* am = absmax + (size_t)row * (K / 64);
+    float acc[GEMV_MAX_M];
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; m++) acc[m] = 0.0f;
+    for (int k0 = lane * 8; k0 < K; k0 += 256) {
+        unsigned int w = *(const unsigned int*)(wr + k0 / 2);
+        float s = am[k0 / 64];
+        float wv[8];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned int b = (w >> (8 * j)) & 0xffu;
+            wv[2 * j] = lut[b >> 4] * s;
+            wv[2 * j + 1] = lut[b & 15] * s;
+        }
+        for (int m = 0; m < M; m++) {
+            uint4 xv = *(const uint4*)(x + (size_t)m * K + k0);
+            unsigned int xs[4] = {xv.x, xv.y, xv.z, xv.w};
+            float a = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                a += wv[2 * j] * bf16_to_f32((unsigned short)(xs[j] & 0xffffu));
+                a += wv[2 * j + 1] * bf16_to_f32((unsigned short)(xs[j] >> 16));
+            }
+            acc[m] += a;
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        float v = acc[m];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) y[(size_t)m * N + row] = (unsigned short)f32_to_bf16_rne(v);
+    }
+}
