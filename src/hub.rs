@@ -1,7 +1,8 @@
-//! Where models and data come from: a local directory in the hub layout, a hub id found in the
-//! Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`, as
-//! `huggingface-cli download` leaves it), or the embedded tiny preset (random weights written by
-//! `init` and the bundled ScienceQA sample, no network).
+//! Where models and data come from: a local directory in the hub layout, a hub id (found in the
+//! Hugging Face cache -- `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub` -- or else
+//! downloaded into it with hf-hub, `HF_TOKEN` for gated repositories, never with
+//! `HF_HUB_OFFLINE=1`), or the embedded tiny preset (random weights written by `init` and the
+//! bundled ScienceQA sample, no network).
 
 use crate::checkpoint::{init, Preset};
 use anyhow::{bail, Context, Result};
@@ -60,17 +61,79 @@ fn resolve(arg: &str, flag: &str, kind: &str) -> Result<PathBuf> {
     }
     let looks_like_id = arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.starts_with('/');
     if looks_like_id {
-        if let Some(snap) = cached_snapshot(kind, arg) {
+        if let Some(snap) = cached_snapshot(kind, arg).filter(|s| complete(s, kind)) {
             return Ok(snap);
         }
-        bail!(
-            "{flag} {arg}: not a directory and not in the Hugging Face cache ({}); download it first, e.g. \
-             `huggingface-cli download {}{arg}` (gated models need HF_TOKEN), or pass a directory",
-            hf_hub_cache().display(),
-            if kind == "datasets" { "--repo-type dataset " } else { "" }
-        );
+        if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v != "0") {
+            bail!(
+                "{flag} {arg}: not a directory and not in the Hugging Face cache ({}), and HF_HUB_OFFLINE is set",
+                hf_hub_cache().display()
+            );
+        }
+        return download(arg, kind).with_context(|| {
+            format!("{flag} {arg}: download failed (gated models need HF_TOKEN and an accepted license; HF_HUB_OFFLINE=1 uses only the cache)")
+        });
     }
     bail!("{flag} {arg}: no such directory")
+}
+
+/// Whether a cached snapshot holds what we read (a download may have been interrupted).
+fn complete(snap: &Path, kind: &str) -> bool {
+    if kind == "datasets" {
+        return ["train", "validation", "test"].iter().all(|s| crate::data::scienceqa::split_file(snap, s).is_ok());
+    }
+    snap.join("config.json").is_file()
+        && crate::weights::safetensors_files(snap).is_ok_and(|f| f.iter().all(|p| p.is_file()))
+}
+
+/// Downloads what gemmaclip reads of a repository into the hub cache; returns its snapshot dir.
+fn download(repo_id: &str, kind: &str) -> Result<PathBuf> {
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Cache, Repo, RepoType};
+    let mut builder = ApiBuilder::from_cache(Cache::new(hf_hub_cache())).with_progress(true);
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        builder = builder.with_token(Some(token));
+    }
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let api = builder.build()?;
+    let rtype = if kind == "datasets" { RepoType::Dataset } else { RepoType::Model };
+    let repo = api.repo(Repo::with_revision(repo_id.to_string(), rtype, "main".to_string()));
+    let files: Vec<String> = repo.info()?.siblings.into_iter().map(|s| s.rfilename).collect();
+    let wanted: Vec<&String> = if kind == "datasets" {
+        files.iter().filter(|f| f.ends_with(".parquet")).collect()
+    } else {
+        let shards = files.iter().any(|f| f == "model.safetensors.index.json");
+        files
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f.as_str(),
+                    "config.json"
+                        | "generation_config.json"
+                        | "preprocessor_config.json"
+                        | "tokenizer.json"
+                        | "tokenizer_config.json"
+                        | "special_tokens_map.json"
+                        | "model.safetensors.index.json"
+                ) || (f.ends_with(".safetensors")
+                    && !f.contains('/')
+                    && (shards != (f.as_str() == "model.safetensors")))
+            })
+            .collect()
+    };
+    if wanted.is_empty() {
+        bail!("the repository lists none of the files gemmaclip reads");
+    }
+    let mut snapshot = None;
+    for f in wanted {
+        let local = repo.get(f)?;
+        // the snapshot root: the downloaded path minus the file's own path inside the repo
+        let depth = f.split('/').count();
+        snapshot = local.ancestors().nth(depth).map(Path::to_path_buf);
+    }
+    snapshot.context("no snapshot directory")
 }
 
 /// The tiny preset's model directories (`<cache>/tiny-seed0/{llm,vision}`), written on first use.
