@@ -15,7 +15,10 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 /// Parses the headers `init` would write for these planned tensors, as a reader of the files would.
-fn headers(tensors: &[plan::PlannedTensor]) -> (Vec<String>, BTreeMap<String, (String, Vec<usize>)>) {
+/// (dtype, shape) per tensor name
+type Header = BTreeMap<String, (String, Vec<usize>)>;
+
+fn headers(tensors: &[plan::PlannedTensor]) -> (Vec<String>, Header) {
     let entries: Vec<_> = tensors.iter().map(|t| t.entry.clone()).collect();
     let shards = plan_shards(&entries, MAX_SHARD_BYTES);
     let mut all = BTreeMap::new();

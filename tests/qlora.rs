@@ -25,7 +25,7 @@ fn nf4_bytes_absmax_and_dequant_equal_bitsandbytes() {
         assert_eq!(absmax, want_absmax, "{case}: absmax");
         let deq = dequantize_cpu(&packed, &absmax, x.len());
         assert_eq!(deq, f.get(&format!("{case}.dequant_f32")).to_vec1::<f32>().unwrap(), "{case}: f32 dequant");
-        if x.len() % 64 == 0 {
+        if x.len().is_multiple_of(64) {
             // the op path, as the model uses it: bf16 out, rounded to nearest even like torch
             let w = Nf4Weight::quantize(&input.reshape((x.len() / 64, 64)).unwrap()).unwrap();
             let bf = w.dequantize(DType::BF16).unwrap().flatten_all().unwrap();

@@ -178,7 +178,7 @@ fn bad_rows_are_skipped_and_counted_with_the_reason() {
     let img = gemmaclip::data::image::ImageProcessor {
         size: 56,
         mean: [0.48145466, 0.4578275, 0.40821073],
-        std: [0.26862954, 0.26130258, 0.27577711],
+        std: [0.26862954, 0.261_302_6, 0.275_777_1],
         aspect: gemmaclip::data::image::Aspect::Pad,
     };
     assert_eq!(img.process_bytes(s.problems[1].image.as_ref().unwrap()).unwrap().len(), 3 * 56 * 56);

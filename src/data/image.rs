@@ -25,7 +25,7 @@ pub struct ImageProcessor {
 }
 
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// Checks that the bytes are an image we can decode (format and dimensions only).
 pub fn probe(bytes: &[u8]) -> Result<(u32, u32)> {

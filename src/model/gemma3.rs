@@ -421,16 +421,23 @@ impl Gemma3Text {
                 self.cfg.max_position_embeddings
             );
         }
+        if valid.len() != b || cache.valid.len() != b {
+            candle_core::bail!(
+                "forward_cached: {} validity rows and a cache of {} for a batch of {b}",
+                valid.len(),
+                cache.valid.len()
+            );
+        }
         let mut positions = vec![];
-        for r in 0..b {
+        for (r, new) in valid.iter().enumerate() {
             let mut row = vec![];
-            for &ok in &valid[r] {
+            for &ok in new {
                 row.push(cache.next_position[r]);
                 if ok {
                     cache.next_position[r] += 1;
                 }
             }
-            cache.valid[r].extend_from_slice(&valid[r]);
+            cache.valid[r].extend_from_slice(new);
             positions.push(row);
         }
         let c = &self.cfg;

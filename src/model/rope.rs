@@ -3,6 +3,13 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+/// inv_freq = 1 / theta^(2i/d), in f32 like torch, then divided by the linear scaling factor.
+fn inv_freq(head_dim: usize, theta: f64, linear_factor: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) / linear_factor as f32)
+        .collect()
+}
+
 /// cos and sin tables for positions `offset..offset+len`, each [len, head_dim/2], f32.
 pub struct RopeTables {
     pub cos: Tensor,
@@ -19,10 +26,7 @@ impl RopeTables {
         dev: &Device,
     ) -> Result<Self> {
         let half = head_dim / 2;
-        // inv_freq = 1 / theta^(2i/d), in f32 like torch, then / factor.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) / linear_factor as f32)
-            .collect();
+        let inv_freq = inv_freq(head_dim, theta, linear_factor);
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in offset..offset + len {
@@ -44,9 +48,7 @@ impl RopeTables {
         dev: &Device,
     ) -> Result<Self> {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) / linear_factor as f32)
-            .collect();
+        let inv_freq = inv_freq(head_dim, theta, linear_factor);
         let (b, l) = (positions.len(), positions.first().map_or(0, |r| r.len()));
         let mut cos = Vec::with_capacity(b * l * half);
         let mut sin = Vec::with_capacity(b * l * half);

@@ -74,7 +74,7 @@ pub fn dequantize_cpu(packed: &[u8], absmax: &[f32], n: usize) -> Vec<f32> {
         for (j, o) in chunk.iter_mut().enumerate() {
             let i = b * BLOCK + j;
             let byte = packed[i / 2];
-            let code = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
+            let code = if i.is_multiple_of(2) { byte >> 4 } else { byte & 0xF };
             *o = NF4_CODE[code as usize] * s;
         }
     });

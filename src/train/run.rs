@@ -270,7 +270,7 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         bar.set_message(format!("loss {step_loss:.4} lr {lr:.2e}"));
 
         let last = state.global_step == total;
-        if state.global_step % a.logging_steps == 0 || last {
+        if state.global_step.is_multiple_of(a.logging_steps) || last {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let mem = device::memory(&dev)?;
             peak_bytes = peak_bytes.max(mem.peak.unwrap_or(0));
@@ -296,7 +296,8 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
             device::reset_peak_memory(&dev)?;
         }
         let stop = interrupted.load(Ordering::SeqCst);
-        if (a.save_steps > 0 && state.global_step % a.save_steps == 0) || stop || state.global_step == stop_at {
+        if (a.save_steps > 0 && state.global_step.is_multiple_of(a.save_steps)) || stop || state.global_step == stop_at
+        {
             let dir = state::checkpoint_dir(&a.output_dir, state.global_step);
             state::save(&dir, &mut m.vlm.llm, &m.vlm.projector, &m.spec, &base_model_name(a), &opt, &m.names, &state)?;
         }
