@@ -139,10 +139,20 @@ fn download(repo_id: &str, kind: &str) -> Result<PathBuf> {
 /// The tiny preset's model directories (`<cache>/tiny-seed0/{llm,vision}`), written on first use.
 pub fn tiny_model() -> Result<(PathBuf, PathBuf)> {
     let dir = cache_dir().join("tiny-seed0");
-    let done = dir.join(".complete");
-    if !done.exists() {
-        init(Preset::Tiny, &dir, 0).with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
-        std::fs::write(&done, b"")?;
+    if !dir.join(".complete").exists() {
+        // written aside and renamed into place: concurrent first uses never see half a model
+        let tmp = crate::checkpoint::safetensors_out::tmp_name(&dir);
+        init(Preset::Tiny, &tmp, 0).with_context(|| format!("cannot write the tiny model to {}", tmp.display()))?;
+        std::fs::write(tmp.join(".complete"), b"")?;
+        if dir.exists() && !dir.join(".complete").exists() {
+            let _ = std::fs::remove_dir_all(&dir); // left by an interrupted older version
+        }
+        if std::fs::rename(&tmp, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !dir.join(".complete").exists() {
+                bail!("cannot put the tiny model in place at {}", dir.display());
+            }
+        }
     }
     Ok((dir.join("llm"), dir.join("vision")))
 }
