@@ -1,9 +1,9 @@
 //! Image preprocessing for CLIP: decode any PNG/JPEG (RGBA, grey, palette, 16-bit: all to RGB),
 //! pad to a square with the CLIP mean colour (LLaVA-1.5's `expand2square`, the default) or resize
-//! the short side and centre-crop (CLIPImageProcessor), bicubic resize, rescale 1/255, normalize.
+//! the short side and centre-crop (CLIPImageProcessor), Pillow-exact bicubic resize, rescale 1/255, normalize.
 
+use crate::data::resize::resize_bicubic;
 use anyhow::{Context, Result};
-use image::imageops::FilterType;
 use image::{DynamicImage, GenericImageView, Rgb, RgbImage};
 use std::path::Path;
 
@@ -70,7 +70,7 @@ impl ImageProcessor {
                 let bg = Rgb(self.mean.map(|m| (m * 255.0) as u8)); // int(x * 255), as LLaVA does
                 let mut square = RgbImage::from_pixel(side, side, bg);
                 image::imageops::overlay(&mut square, &rgb, ((side - w) / 2) as i64, ((side - h) / 2) as i64);
-                image::imageops::resize(&square, s, s, FilterType::CatmullRom)
+                resize_bicubic(&square, s, s)
             }
             Aspect::Crop => {
                 let (w, h) = rgb.dimensions();
@@ -79,7 +79,7 @@ impl ImageProcessor {
                 } else {
                     (((s as u64 * w as u64) / h as u64).max(s as u64) as u32, s)
                 };
-                let r = image::imageops::resize(&rgb, nw, nh, FilterType::CatmullRom);
+                let r = resize_bicubic(&rgb, nw, nh);
                 image::imageops::crop_imm(&r, (nw - s) / 2, (nh - s) / 2, s, s).to_image()
             }
         };

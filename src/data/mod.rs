@@ -3,4 +3,5 @@
 pub mod batch;
 pub mod image;
 pub mod prompt;
+pub mod resize;
 pub mod scienceqa;
