@@ -1,6 +1,6 @@
 //! Image preprocessing against transformers' CLIPImageProcessor (Pillow bicubic), for LLaVA's pad
-#![allow(clippy::excessive_precision)] // the reference processor's own constants, digit for digit
 //! mode and the processor's own resize + centre crop: every pixel identical.
+#![allow(clippy::excessive_precision)] // the reference processor's own constants, digit for digit
 
 mod common;
 
