@@ -246,7 +246,6 @@ pub struct Prediction {
 }
 
 pub struct EvalArgs {
-    pub data: String,
     pub split: String,
     pub limit: Option<usize>,
     pub batch_size: usize,

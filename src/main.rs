@@ -331,7 +331,6 @@ fn run(cli: Cli) -> Result<()> {
                 &m,
                 &data_dir,
                 &gemmaclip::infer::EvalArgs {
-                    data: e.data,
                     split: e.split,
                     limit: e.limit,
                     batch_size: e.batch_size,
@@ -456,7 +455,11 @@ fn train(t: TrainCli) -> Result<()> {
         eprintln!("stopped at step {done}; continue with --resume");
         std::process::exit(130);
     }
-    println!("wrote {}", args.output_dir.display());
+    if args.output_dir.join("projector.safetensors").is_file() && args.stop_after.is_none() {
+        println!("wrote {}", args.output_dir.display());
+    } else {
+        println!("stopped at step {done} with a checkpoint in {}; continue with --resume", args.output_dir.display());
+    }
     Ok(())
 }
 
