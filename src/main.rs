@@ -450,12 +450,12 @@ fn train(t: TrainCli) -> Result<()> {
         }
         eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
     })?;
-    let done = gemmaclip::train::run::train(&args, t.resume, interrupted.clone())?;
+    let (done, total) = gemmaclip::train::run::train(&args, t.resume, interrupted.clone())?;
     if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
         eprintln!("stopped at step {done}; continue with --resume");
         std::process::exit(130);
     }
-    if args.output_dir.join("projector.safetensors").is_file() && args.stop_after.is_none() {
+    if done == total {
         println!("wrote {}", args.output_dir.display());
     } else {
         println!("stopped at step {done} with a checkpoint in {}; continue with --resume", args.output_dir.display());

@@ -76,7 +76,7 @@ fn loss_halves_within_60_steps_and_outputs_reload() {
     a.warmup_ratio = 0.0;
     a.lora_r = 16;
     a.lora_alpha = 32.0;
-    assert_eq!(train(&a, None, no_interrupt()).unwrap(), 60);
+    assert_eq!(train(&a, None, no_interrupt()).unwrap(), (60, 60));
     let m = metrics::read(&out.path().join("metrics.jsonl")).unwrap();
     assert_eq!(m.len(), 60);
     let (first, last) = (m[0].loss, m.last().unwrap().loss);
@@ -132,13 +132,13 @@ fn resume_is_bit_identical() {
         a.gradient_checkpointing = true;
         a
     };
-    assert_eq!(train(&setup(straight.path()), None, no_interrupt()).unwrap(), 6);
+    assert_eq!(train(&setup(straight.path()), None, no_interrupt()).unwrap(), (6, 6));
     let mut first_half = setup(split.path());
     first_half.stop_after = Some(3);
-    assert_eq!(train(&first_half, None, no_interrupt()).unwrap(), 3);
+    assert_eq!(train(&first_half, None, no_interrupt()).unwrap(), (3, 6));
     assert!(split.path().join("checkpoints/step-3/trainer_state.json").is_file());
     assert!(!split.path().join("projector.safetensors").exists(), "not finished yet");
-    assert_eq!(train(&setup(split.path()), Some(None), no_interrupt()).unwrap(), 6);
+    assert_eq!(train(&setup(split.path()), Some(None), no_interrupt()).unwrap(), (6, 6));
 
     for f in ["lora_adapter/adapter_model.safetensors", "projector.safetensors"] {
         let (a, b) = (tensors(&straight.path().join(f)), tensors(&split.path().join(f)));

@@ -165,8 +165,8 @@ fn base_model_name(a: &TrainArgs) -> String {
     }
 }
 
-/// Runs training. Returns the number of optimizer steps done (all of them unless interrupted).
-pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<AtomicBool>) -> Result<usize> {
+/// Runs training. Returns (optimizer steps done, steps the run has in all).
+pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<AtomicBool>) -> Result<(usize, usize)> {
     let dev = device::best_device()?;
     let dtype = if a.bf16 || dev.is_cuda() { DType::BF16 } else { DType::F32 };
     device::keep_pool_memory(&dev)?;
@@ -303,7 +303,7 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         }
         if stop {
             bar.abandon_with_message(format!("interrupted at step {}; resume with --resume", state.global_step));
-            return Ok(state.global_step);
+            return Ok((state.global_step, total));
         }
     }
     bar.finish_and_clear();
@@ -330,7 +330,7 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         write_outputs(&mut m, a)?;
         crate::train::plot::loss_curve(&metrics::read(&metrics_path)?, &a.output_dir.join("loss_curve.png"))?;
     }
-    Ok(state.global_step)
+    Ok((state.global_step, total))
 }
 
 fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
