@@ -201,3 +201,66 @@ fn eval_resumes_without_repeating_questions() {
     assert_eq!(results["results"].as_object().unwrap().len(), 7);
     assert_eq!(results["breakdown"].as_array().unwrap().last().unwrap()["count"], 7);
 }
+
+#[test]
+fn infer_cli_answers_in_json_and_rejects_bad_input_in_one_line() {
+    let cache = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_gemmaclip");
+    let run = |extra: &[&str]| {
+        let o = std::process::Command::new(exe)
+            .env("GEMMACLIP_CACHE", cache.path())
+            .args(["infer", "--preset", "tiny", "--max-new-tokens", "6"])
+            .arg("--adapter-dir")
+            .arg(common::fixture_path("lora_init"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let diagram = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_diagram.png");
+    let projector = common::fixture_path("lora_init/projector.safetensors");
+    let (code, out, err) = run(&[
+        "--image-path",
+        diagram.to_str().unwrap(),
+        "--projector-path",
+        projector.to_str().unwrap(),
+        "--question",
+        "Which process is shown in the diagram?",
+        "--choices",
+        "A) Photosynthesis; B) The Water Cycle; C) The Carbon Cycle",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["prompt_tokens"].as_u64().unwrap() > 16, true);
+    assert!(v["generated_tokens"].as_u64().unwrap() <= 6);
+    for k in ["reasoning", "answer", "text", "time_to_first_token_ms", "decode_tokens_per_s"] {
+        assert!(v.get(k).is_some(), "{k}");
+    }
+    // an image question without the projector, a missing image, too few choices: one line each
+    for (extra, needle) in [
+        (vec!["--image-path", diagram.to_str().unwrap(), "--question", "q", "--choices", "a; b"], "--projector-path"),
+        (
+            vec![
+                "--image-path",
+                "/nonexistent.png",
+                "--projector-path",
+                projector.to_str().unwrap(),
+                "--question",
+                "q",
+                "--choices",
+                "a; b",
+            ],
+            "/nonexistent.png",
+        ),
+        (vec!["--question", "q", "--choices", "only one"], "--choices"),
+    ] {
+        let (code, _, err) = run(&extra);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(needle) && err.trim().lines().count() == 1, "{err}");
+    }
+}
