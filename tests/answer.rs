@@ -236,7 +236,7 @@ fn infer_cli_answers_in_json_and_rejects_bad_input_in_one_line() {
     ]);
     assert_eq!(code, Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(v["prompt_tokens"].as_u64().unwrap() > 16, true);
+    assert!(v["prompt_tokens"].as_u64().unwrap() > 16);
     assert!(v["generated_tokens"].as_u64().unwrap() <= 6);
     for k in ["reasoning", "answer", "text", "time_to_first_token_ms", "decode_tokens_per_s"] {
         assert!(v.get(k).is_some(), "{k}");
