@@ -9,12 +9,13 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use gemmaclip::checkpoint::{init, rng::SplitMix64, Preset};
 use gemmaclip::config::{ClipVisionConfig, LlmConfig};
+use gemmaclip::init::{init, Preset};
 use gemmaclip::model::gemma3::{BaseFormat, Gemma3Text};
 use gemmaclip::model::projector::Projector;
 use gemmaclip::peft::adapter;
 use gemmaclip::peft::lora::{LoraSpec, DEFAULT_TARGETS};
+use gemmaclip::rng::SplitMix64;
 use gemmaclip::weights::Weights;
 
 fn main() -> Result<()> {

@@ -50,7 +50,7 @@ fn batch(cfg: &LlmConfig, n_image: usize, image_size: usize, a: &TrainStepArgs, 
             a.label_tokens
         );
     }
-    let mut rng = crate::checkpoint::rng::SplitMix64::new(1234);
+    let mut rng = crate::rng::SplitMix64::new(1234);
     let hi = cfg.boi_token_index.min(200_000) as u64;
     let mut ids = vec![cfg.text.bos_token_id];
     ids.extend(std::iter::repeat_n(cfg.image_token_index, n_image));
@@ -179,7 +179,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     if a.prompt < n_img + 3 {
         bail!("--prompt {} must exceed the image block ({} tokens)", a.prompt, n_img + 2);
     }
-    let mut rng = crate::checkpoint::rng::SplitMix64::new(7);
+    let mut rng = crate::rng::SplitMix64::new(7);
     let hi = cfg.boi_token_index.min(200_000) as u64;
     let mut ids = vec![cfg.text.bos_token_id, cfg.boi_token_index];
     ids.extend(std::iter::repeat_n(cfg.image_token_index, n_img));

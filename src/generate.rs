@@ -2,8 +2,8 @@
 //! step until `<end_of_turn>`/`<eos>` or the token budget. Greedy at temperature 0, otherwise
 //! temperature / top-k / top-p sampling from a seeded generator.
 
-use crate::checkpoint::rng::SplitMix64;
 use crate::model::vlm::Vlm;
+use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::time::Instant;

@@ -4,7 +4,7 @@
 //! `HF_HUB_OFFLINE=1`), or the embedded tiny preset (random weights written by `init` and the
 //! bundled ScienceQA sample, no network).
 
-use crate::checkpoint::{init, Preset};
+use crate::init::{init, Preset};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -141,7 +141,7 @@ pub fn tiny_model() -> Result<(PathBuf, PathBuf)> {
     let dir = cache_dir().join("tiny-seed0");
     if !dir.join(".complete").exists() {
         // written aside and renamed into place: concurrent first uses never see half a model
-        let tmp = crate::checkpoint::safetensors_out::tmp_name(&dir);
+        let tmp = crate::safetensors_out::tmp_name(&dir);
         init(Preset::Tiny, &tmp, 0).with_context(|| format!("cannot write the tiny model to {}", tmp.display()))?;
         std::fs::write(tmp.join(".complete"), b"")?;
         if dir.exists() && !dir.join(".complete").exists() {
@@ -170,7 +170,7 @@ pub fn sample_dataset() -> Result<PathBuf> {
     for (name, bytes) in SAMPLE {
         let path = dir.join(name);
         if std::fs::read(&path).map(|b| b != bytes).unwrap_or(true) {
-            crate::checkpoint::safetensors_out::write_atomic(&path, bytes)?;
+            crate::safetensors_out::write_atomic(&path, bytes)?;
         }
     }
     Ok(dir)

@@ -292,7 +292,7 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<crate
         text.push_str(&serde_json::to_string(p)?);
         text.push('\n');
     }
-    crate::checkpoint::safetensors_out::write_atomic(&pred_path, text.as_bytes())?;
+    crate::safetensors_out::write_atomic(&pred_path, text.as_bytes())?;
     let todo: Vec<_> = problems.iter().filter(|p| !done.contains_key(&p.pid)).collect();
     if !done.is_empty() {
         eprintln!("resuming: {} of {} questions already answered", problems.len() - todo.len(), problems.len());
@@ -378,12 +378,12 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<crate
         "breakdown": cols,
         "seconds": started.elapsed().as_secs_f64(),
     });
-    crate::checkpoint::safetensors_out::write_atomic(
+    crate::safetensors_out::write_atomic(
         &a.output_dir.join("results.json"),
         (serde_json::to_string_pretty(&out)? + "\n").as_bytes(),
     )?;
     let t = table(&cols);
-    crate::checkpoint::safetensors_out::write_atomic(&a.output_dir.join("breakdown.txt"), t.as_bytes())?;
+    crate::safetensors_out::write_atomic(&a.output_dir.join("breakdown.txt"), t.as_bytes())?;
     print!("{t}");
     Ok(cols)
 }

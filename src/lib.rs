@@ -2,7 +2,6 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library; tests use it directly.
 
 pub mod bench;
-pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -10,7 +9,10 @@ pub mod eval;
 pub mod generate;
 pub mod hub;
 pub mod infer;
+pub mod init;
 pub mod model;
 pub mod peft;
+pub mod rng;
+pub mod safetensors_out;
 pub mod train;
 pub mod weights;

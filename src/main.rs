@@ -1,7 +1,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use gemmaclip::bench;
-use gemmaclip::checkpoint::{self, Preset};
+use gemmaclip::init::{self, Preset};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -284,7 +284,7 @@ enum BenchCommand {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { preset, out, seed } => {
-            checkpoint::init(preset, &out, seed)?;
+            init::init(preset, &out, seed)?;
             println!("wrote {} and {}", out.join("llm").display(), out.join("vision").display());
             Ok(())
         }

@@ -5,11 +5,11 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::tiny_dir;
-use gemmaclip::checkpoint::safetensors_out::{header_bytes, plan_shards, shard_file_names, StDtype};
-use gemmaclip::checkpoint::{init, plan, Preset, MAX_SHARD_BYTES};
 use gemmaclip::config::{ClipVisionConfig, LlmConfig};
+use gemmaclip::init::{init, plan, Preset, MAX_SHARD_BYTES};
 use gemmaclip::model::clip::ClipVision;
 use gemmaclip::model::gemma3::{BaseFormat, Gemma3Text};
+use gemmaclip::safetensors_out::{header_bytes, plan_shards, shard_file_names, StDtype};
 use gemmaclip::weights::Weights;
 use std::collections::BTreeMap;
 use std::process::Command;

@@ -1,8 +1,8 @@
 //! The LLaVA-1.5 projector (`mlp2x_gelu`): Linear(vision -> text), exact-erf GELU, Linear(text -> text).
 //! Its weights are trainable f32 `Var`s, cast to the activation dtype in forward.
 
-use crate::checkpoint::rng::{name_hash, SplitMix64};
-use crate::checkpoint::safetensors_out::tmp_name;
+use crate::rng::{name_hash, SplitMix64};
+use crate::safetensors_out::tmp_name;
 use crate::weights::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};

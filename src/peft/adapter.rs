@@ -3,9 +3,9 @@
 //! We write the module paths `PeftModel.from_pretrained(Gemma3ForConditionalGeneration...)` expects
 //! under transformers 5.x and read that form, the 4.50 form and the Gemma3ForCausalLM form.
 
-use crate::checkpoint::safetensors_out::{tmp_name, write_atomic};
 use crate::model::gemma3::Gemma3Text;
 use crate::peft::lora::{Lora, LoraSpec, DEFAULT_TARGETS};
+use crate::safetensors_out::{tmp_name, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
@@ -213,7 +213,7 @@ impl Adapter {
                 b: Var::from_tensor(b)?,
                 scale,
                 dropout: self.spec.dropout,
-                stream: crate::checkpoint::rng::name_hash(&path),
+                stream: crate::rng::name_hash(&path),
                 frozen: false,
             });
             seen += 1;

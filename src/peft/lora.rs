@@ -2,9 +2,9 @@
 //! f32 `Var`s cast to the activation dtype in forward, so the optimizer keeps f32 state and their
 //! gradients arrive in f32.
 
-use crate::checkpoint::rng::{name_hash, SplitMix64};
 use crate::peft::dropout;
 use crate::peft::frozen::FrozenWeight;
+use crate::rng::{name_hash, SplitMix64};
 use candle_core::{DType, Device, Tensor, Var};
 
 /// The seven projections PEFT targets on Gemma (the original project's choice).

@@ -47,5 +47,5 @@ pub fn truncate_after(path: &Path, step: usize) -> Result<()> {
         text.push_str(&serde_json::to_string(r)?);
         text.push('\n');
     }
-    crate::checkpoint::safetensors_out::write_atomic(path, text.as_bytes())
+    crate::safetensors_out::write_atomic(path, text.as_bytes())
 }

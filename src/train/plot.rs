@@ -48,7 +48,7 @@ pub fn loss_curve(records: &[Record], path: &Path) -> Result<()> {
         root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
     let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer")?;
-    let tmp = crate::checkpoint::safetensors_out::tmp_name(path);
+    let tmp = crate::safetensors_out::tmp_name(path);
     img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }

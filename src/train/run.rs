@@ -106,7 +106,7 @@ fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
 /// The order of the rows in `epoch`: a seeded shuffle, the same for a given seed on any machine.
 fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = crate::checkpoint::rng::SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = crate::rng::SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     for i in (1..n).rev() {
         order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
     }
@@ -218,7 +218,7 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         std::fs::write(&metrics_path, b"")?;
     }
     let args_path = a.output_dir.join("args.json");
-    crate::checkpoint::safetensors_out::write_atomic(&args_path, (serde_json::to_string_pretty(a)? + "\n").as_bytes())?;
+    crate::safetensors_out::write_atomic(&args_path, (serde_json::to_string_pretty(a)? + "\n").as_bytes())?;
 
     let bar = progress_bar(total, state.global_step);
     let ga = a.gradient_accumulation_steps;

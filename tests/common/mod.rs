@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
-use gemmaclip::checkpoint::{init, Preset};
+use gemmaclip::init::{init, Preset};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -1,7 +1,7 @@
 //! The tensors of a checkpoint in the hub's names and shapes, each with how `init` draws it.
 
-use crate::checkpoint::safetensors_out::{StDtype, TensorEntry};
 use crate::config::{ClipVisionConfig, GemmaTextConfig};
+use crate::safetensors_out::{StDtype, TensorEntry};
 
 /// How a random tensor is drawn: N(mean, std^2).
 #[derive(Debug, Clone, Copy)]

@@ -3,16 +3,15 @@
 //! same loading code serves tests, GPU benchmarks and real checkpoints.
 
 pub mod plan;
-pub mod rng;
-pub mod safetensors_out;
 pub mod tokenizer_files;
 
 use crate::config::{ClipVisionConfig, LlmConfig};
+use crate::rng;
+use crate::safetensors_out::{write_atomic, write_checkpoint, StDtype};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use plan::PlannedTensor;
 use rayon::prelude::*;
-use safetensors_out::{write_atomic, write_checkpoint, StDtype};
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;

@@ -1,5 +1,6 @@
-//! A small deterministic generator for random-weight checkpoints: the same seed gives the same
-//! bytes on every machine and thread count, whatever version of `rand` is around.
+//! A small deterministic generator (random weights, LoRA/projector init, data order, sampling):
+//! the same seed gives the same numbers on every machine and thread count, whatever version of
+//! `rand` is around.
 
 /// SplitMix64 (Steele, Lea, Flood 2014).
 pub struct SplitMix64(u64);
