@@ -51,34 +51,31 @@ fn cuda_mask(
     use crate::peft::nf4::cuda::{MODULE, PTX};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::{cudarc::driver::DeviceRepr, CudaDType};
     use candle_core::{CudaStorage, Storage};
-    let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let n64 = n as u64;
+    fn launch<T: CudaDType + DeviceRepr>(
+        d: &candle_core::CudaDevice,
+        name: &str,
+        (seed, n, p, scale): (u64, usize, f32, f32),
+    ) -> candle_core::Result<CudaStorage> {
+        let cfg =
+            LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let out = unsafe { d.alloc::<T>(n)? };
+        let f = d.get_or_load_custom_func(name, MODULE, PTX)?;
+        let n64 = n as u64;
+        let mut b = f.builder();
+        b.arg(&out);
+        b.arg(&seed);
+        b.arg(&n64);
+        b.arg(&p);
+        b.arg(&scale);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, d.clone()))
+    }
+    let args = (seed, n, p, scale);
     let storage = match dtype {
-        DType::BF16 => {
-            let out = unsafe { d.alloc::<half::bf16>(n)? };
-            let f = d.get_or_load_custom_func("dropout_mask_bf16", MODULE, PTX)?;
-            let mut b = f.builder();
-            b.arg(&out);
-            b.arg(&seed);
-            b.arg(&n64);
-            b.arg(&p);
-            b.arg(&scale);
-            unsafe { b.launch(cfg) }.w()?;
-            CudaStorage::wrap_cuda_slice(out, d.clone())
-        }
-        _ => {
-            let out = unsafe { d.alloc::<f32>(n)? };
-            let f = d.get_or_load_custom_func("dropout_mask_f32", MODULE, PTX)?;
-            let mut b = f.builder();
-            b.arg(&out);
-            b.arg(&seed);
-            b.arg(&n64);
-            b.arg(&p);
-            b.arg(&scale);
-            unsafe { b.launch(cfg) }.w()?;
-            CudaStorage::wrap_cuda_slice(out, d.clone())
-        }
+        DType::BF16 => launch::<half::bf16>(d, "dropout_mask_bf16", args)?,
+        _ => launch::<f32>(d, "dropout_mask_f32", args)?,
     };
     let t = Tensor::from_storage(Storage::Cuda(storage), n, candle_core::op::BackpropOp::none(), false);
     if dtype == DType::BF16 || dtype == DType::F32 {
