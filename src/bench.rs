@@ -3,21 +3,19 @@
 //! (1024 tokens = <bos> + 576 image tokens + text, loss on the last 256), so the two print
 //! comparable JSON lines on the same GPU.
 
-use crate::config::{ClipVisionConfig, LlmConfig};
+use crate::config::LlmConfig;
 use crate::device::{self, memory, reset_peak_memory, synchronize};
-use crate::model::clip::ClipVision;
-use crate::model::gemma3::{BaseFormat, Gemma3Text};
+use crate::infer::{load_base, Base, ModelArgs};
 use crate::model::projector::Projector;
 use crate::model::vlm::{Supervised, Vlm};
 use crate::peft::adapter;
 use crate::peft::lora::{LoraSpec, DEFAULT_TARGETS};
 use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::step::{loss_and_grads, Batch, StepOptions};
-use crate::weights::Weights;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -68,17 +66,23 @@ fn batch(cfg: &LlmConfig, n_image: usize, image_size: usize, a: &TrainStepArgs, 
     })
 }
 
-pub fn train_step(a: &TrainStepArgs) -> Result<()> {
+/// The device (pool kept cached) and the frozen base, as train and infer load it.
+fn load(model: &Path, vision_model: &Path, four_bit: bool) -> Result<(Device, Base)> {
     let dev = device::best_device()?;
-    let dtype = device::default_dtype(&dev);
     device::keep_pool_memory(&dev)?;
-    let cfg = LlmConfig::from_file(&a.model.join("config.json"))?;
-    let vcfg = ClipVisionConfig::from_file(&a.vision_model.join("config.json"))?;
+    let args = ModelArgs {
+        preset_tiny: false,
+        model: model.display().to_string(),
+        vision_model: vision_model.display().to_string(),
+        four_bit,
+    };
+    let base = load_base(&args, device::default_dtype(&dev), &dev)?;
+    Ok((dev, base))
+}
 
+pub fn train_step(a: &TrainStepArgs) -> Result<()> {
     let t = Instant::now();
-    let base = if a.four_bit { BaseFormat::Nf4 } else { BaseFormat::Dense };
-    let mut llm = Gemma3Text::load(Weights::open(&a.model, dtype, &dev)?, &cfg.text, base)?;
-    let vision = ClipVision::load(Weights::open(&a.vision_model, dtype, &dev)?, &vcfg)?;
+    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, a.four_bit)?;
     let load_s = t.elapsed().as_secs_f64();
     let after_load = memory(&dev)?;
 
@@ -155,14 +159,7 @@ pub struct GenerateArgs {
 /// at batch 1, measured as ../shared/bench/hf_reference.py infer does (best of 3 and of 2 runs).
 pub fn generate(a: &GenerateArgs) -> Result<()> {
     use crate::generate::{generate, GenerateOptions};
-    let dev = device::best_device()?;
-    let dtype = device::default_dtype(&dev);
-    device::keep_pool_memory(&dev)?;
-    let cfg = LlmConfig::from_file(&a.model.join("config.json"))?;
-    let vcfg = ClipVisionConfig::from_file(&a.vision_model.join("config.json"))?;
-    let base = if a.four_bit { BaseFormat::Nf4 } else { BaseFormat::Dense };
-    let mut llm = Gemma3Text::load(Weights::open(&a.model, dtype, &dev)?, &cfg.text, base)?;
-    let vision = ClipVision::load(Weights::open(&a.vision_model, dtype, &dev)?, &vcfg)?;
+    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, a.four_bit)?;
     if a.lora_r > 0 {
         let spec = LoraSpec {
             r: a.lora_r,

@@ -125,3 +125,19 @@ pub fn device_name(dev: &Device) -> String {
         "cpu".into()
     }
 }
+
+/// A progress bar on stderr, hidden when stderr is not a terminal (callers then print summary lines).
+pub fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    let bar = indicatif::ProgressBar::new(total as u64);
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {per_sec} eta {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(start as u64);
+    bar
+}

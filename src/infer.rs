@@ -297,15 +297,7 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<crate
     if !done.is_empty() {
         eprintln!("resuming: {} of {} questions already answered", problems.len() - todo.len(), problems.len());
     }
-    let bar = indicatif::ProgressBar::new(problems.len() as u64);
-    {
-        use std::io::IsTerminal;
-        if !std::io::stderr().is_terminal() {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        }
-    }
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}").expect("template"));
-    bar.set_position((problems.len() - todo.len()) as u64);
+    let bar = device::progress_bar(problems.len(), problems.len() - todo.len());
     let mut file = std::fs::OpenOptions::new().append(true).open(&pred_path)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,

@@ -220,7 +220,7 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
     let args_path = a.output_dir.join("args.json");
     crate::safetensors_out::write_atomic(&args_path, (serde_json::to_string_pretty(a)? + "\n").as_bytes())?;
 
-    let bar = progress_bar(total, state.global_step);
+    let bar = device::progress_bar(total, state.global_step);
     let ga = a.gradient_accumulation_steps;
     let (mut window_loss, mut window_n, mut window_samples, mut window_tokens) = (0f64, 0usize, 0usize, 0usize);
     let mut window_start = Instant::now();
@@ -331,19 +331,4 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         crate::train::plot::loss_curve(&metrics::read(&metrics_path)?, &a.output_dir.join("loss_curve.png"))?;
     }
     Ok((state.global_step, total))
-}
-
-fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    let bar = indicatif::ProgressBar::new(total as u64);
-    if !std::io::stderr().is_terminal() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {per_sec} eta {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    bar.set_position(start as u64);
-    bar
 }
