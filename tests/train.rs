@@ -4,7 +4,6 @@
 mod common;
 
 use candle_core::Device;
-use gemmaclip::data::scienceqa::read_split;
 use gemmaclip::peft::adapter::Adapter;
 use gemmaclip::train::metrics;
 use gemmaclip::train::run::{train, TrainArgs};
@@ -162,26 +161,6 @@ fn resume_is_bit_identical() {
 
 fn fixture(p: &str) -> PathBuf {
     common::fixture_path(p)
-}
-
-#[test]
-fn bad_rows_are_skipped_and_counted_with_the_reason() {
-    let s = read_split(&fixture("bad_data/bad_rows/train.parquet"), "train").unwrap();
-    assert_eq!(s.problems.len(), 2);
-    let reasons: Vec<(&str, &str)> = s.skipped.iter().map(|k| (k.pid.as_str(), k.reason.as_str())).collect();
-    assert_eq!(reasons.len(), 4);
-    assert!(reasons[0].0 == "train-2" && reasons[0].1.contains("not a readable image"));
-    assert!(reasons[1].0 == "train-3" && reasons[1].1.contains("answer index 5"));
-    assert!(reasons[2].0 == "train-4" && reasons[2].1.contains("0 choice"));
-    assert!(reasons[3].0 == "train-5" && reasons[3].1.contains("1 choice"));
-    // the RGBA 7x3 image of the second good row goes through preprocessing
-    let img = gemmaclip::data::image::ImageProcessor {
-        size: 56,
-        mean: [0.48145466, 0.4578275, 0.40821073],
-        std: [0.26862954, 0.261_302_6, 0.275_777_1],
-        aspect: gemmaclip::data::image::Aspect::Pad,
-    };
-    assert_eq!(img.process_bytes(s.problems[1].image.as_ref().unwrap()).unwrap().len(), 3 * 56 * 56);
 }
 
 #[test]

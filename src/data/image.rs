@@ -1,10 +1,13 @@
 //! Image preprocessing for CLIP: decode any PNG/JPEG (RGBA, grey, palette, 16-bit: all to RGB),
 //! pad to a square with the CLIP mean colour (LLaVA-1.5's `expand2square`, the default) or resize
 //! the short side and centre-crop (CLIPImageProcessor), Pillow-exact bicubic resize, rescale 1/255, normalize.
+//! Every allocation is bounded by `MAX_IMAGE_PIXELS` before it is made: a few hundred bytes of PNG
+//! can claim any size.
 
-use crate::data::resize::resize_bicubic;
-use anyhow::{Context, Result};
-use image::{DynamicImage, GenericImageView, Rgb, RgbImage};
+use crate::data::resize::{resize_bicubic, resize_bicubic_window};
+use anyhow::{anyhow, bail, Context, Result};
+use image::{DynamicImage, GenericImageView, ImageDecoder, ImageReader, Limits, Rgb, RgbImage};
+use std::io::Cursor;
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -27,13 +30,74 @@ pub struct ImageProcessor {
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
-/// Checks that the bytes are an image we can decode (format and dimensions only).
-pub fn probe(bytes: &[u8]) -> Result<(u32, u32)> {
-    let r = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
-    if r.format().is_none() {
-        anyhow::bail!("unknown image format");
+/// Pillow's `Image.MAX_IMAGE_PIXELS` (1024^3 / 4 / 3, about 89.5M: a 3-byte-per-pixel image of 256 MiB).
+/// A bigger image is refused before it is decoded; a square canvas for padding is bounded the same way.
+pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
+
+/// The decoder's own allocation bound: 16-bit RGBA, 8 bytes a pixel, is the most a PNG or JPEG decodes to.
+const MAX_DECODE_BYTES: u64 = MAX_IMAGE_PIXELS * 8;
+
+fn check_pixels(w: u32, h: u32) -> Result<()> {
+    if w == 0 || h == 0 {
+        bail!("the image is empty ({w}x{h})");
     }
-    Ok(r.into_dimensions()?)
+    let n = w as u64 * h as u64;
+    if n > MAX_IMAGE_PIXELS {
+        bail!(
+            "the image is {w}x{h} = {n} pixels, more than the limit of {MAX_IMAGE_PIXELS} (Pillow's MAX_IMAGE_PIXELS)"
+        );
+    }
+    Ok(())
+}
+
+/// The side of the square the pad mode draws the image on, refused before it is allocated: a
+/// 100000x1 strip would need a 30 GB canvas.
+fn padded_side(w: u32, h: u32) -> Result<u32> {
+    let side = w.max(h);
+    let n = side as u64 * side as u64;
+    if n > MAX_IMAGE_PIXELS {
+        bail!("padding the {w}x{h} image to a square needs {side}x{side} = {n} pixels, more than the limit of {MAX_IMAGE_PIXELS}");
+    }
+    Ok(side)
+}
+
+/// A decoder whose image has passed the size checks, read from the header alone, so a huge image
+/// is refused before any pixel is decoded.
+fn open(bytes: &[u8]) -> Result<impl ImageDecoder + '_> {
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
+    if reader.format().is_none() {
+        bail!("unknown image format (PNG and JPEG are read)");
+    }
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| anyhow!("cannot read the image header: {e}"))?;
+    let (w, h) = decoder.dimensions();
+    check_pixels(w, h)?;
+    Ok(decoder)
+}
+
+/// The image crate's message already includes its source; a context chain would repeat it.
+fn decode_error(e: image::ImageError) -> anyhow::Error {
+    anyhow!("cannot decode the image: {e}")
+}
+
+/// Decodes PNG/JPEG bytes within the pixel limit.
+pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
+    DynamicImage::from_decoder(open(bytes)?).map_err(decode_error)
+}
+
+/// Everything `process_bytes` checks, for either aspect mode: the bytes decode completely (the
+/// header alone says nothing of truncated data) and the image fits the limits. Bytes that pass
+/// here are processed later without error, so a loader can skip a bad row instead of a training
+/// step failing on it. The loader does not know the mode, so the pad mode's canvas bound applies
+/// even where crop mode alone could take the image (a side over 9459 pixels).
+pub fn validate(bytes: &[u8]) -> Result<()> {
+    let decoder = open(bytes)?;
+    let (w, h) = decoder.dimensions();
+    padded_side(w, h)?;
+    DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+    Ok(())
 }
 
 impl ImageProcessor {
@@ -59,28 +123,27 @@ impl ImageProcessor {
         Ok(p)
     }
 
-    /// Decoded RGB -> [3, size, size] f32 values (channel-major).
-    pub fn process_image(&self, img: &DynamicImage) -> Vec<f32> {
-        let rgb = img.to_rgb8();
+    /// Decoded image -> [3, size, size] f32 values (channel-major). Refuses an empty image, one
+    /// over `MAX_IMAGE_PIXELS`, and in pad mode one whose square canvas would be.
+    pub fn process_image(&self, img: &DynamicImage) -> Result<Vec<f32>> {
+        let (w, h) = img.dimensions();
+        check_pixels(w, h)?;
         let s = self.size as u32;
         let resized = match self.aspect {
             Aspect::Pad => {
-                let (w, h) = rgb.dimensions();
-                let side = w.max(h);
+                let side = padded_side(w, h)?;
+                let rgb = img.to_rgb8();
                 let bg = Rgb(self.mean.map(|m| (m * 255.0) as u8)); // int(x * 255), as LLaVA does
                 let mut square = RgbImage::from_pixel(side, side, bg);
                 image::imageops::overlay(&mut square, &rgb, ((side - w) / 2) as i64, ((side - h) / 2) as i64);
                 resize_bicubic(&square, s, s)
             }
             Aspect::Crop => {
-                let (w, h) = rgb.dimensions();
-                let (nw, nh) = if w <= h {
-                    (s, ((s as u64 * h as u64) / w as u64).max(s as u64) as u32)
-                } else {
-                    (((s as u64 * w as u64) / h as u64).max(s as u64) as u32, s)
-                };
-                let r = resize_bicubic(&rgb, nw, nh);
-                image::imageops::crop_imm(&r, (nw - s) / 2, (nh - s) / 2, s, s).to_image()
+                // The resize's long side is unbounded (s * 100000 for a 100000x1 strip), so only
+                // the centre window is computed: the same pixels as resizing, then cropping.
+                let (w, h, s) = (w as usize, h as usize, self.size);
+                let (nw, nh) = if w <= h { (s, (s * h / w).max(s)) } else { ((s * w / h).max(s), s) };
+                resize_bicubic_window(&img.to_rgb8(), (nw, nh), ((nw - s) / 2, (nh - s) / 2, s, s))
             }
         };
         let n = (s * s) as usize;
@@ -90,16 +153,11 @@ impl ImageProcessor {
                 out[c * n + i] = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
             }
         }
-        out
+        Ok(out)
     }
 
     pub fn process_bytes(&self, bytes: &[u8]) -> Result<Vec<f32>> {
-        let img = image::load_from_memory(bytes).context("cannot decode the image")?;
-        let (w, h) = img.dimensions();
-        if w == 0 || h == 0 {
-            anyhow::bail!("the image is empty ({w}x{h})");
-        }
-        Ok(self.process_image(&img))
+        self.process_image(&decode(bytes)?)
     }
 
     pub fn process_file(&self, path: &Path) -> Result<Vec<f32>> {

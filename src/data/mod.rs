@@ -4,4 +4,5 @@ pub mod batch;
 pub mod image;
 pub mod prompt;
 pub mod resize;
+mod row_check;
 pub mod scienceqa;

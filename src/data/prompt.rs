@@ -24,10 +24,13 @@ pub fn choices_line(choices: &[String]) -> String {
     choices.iter().enumerate().map(|(i, c)| format!("{}) {c}", letter(i))).collect::<Vec<_>>().join("; ")
 }
 
+/// The placeholder the tokenizer turns into one image position; the user turn holds one per patch.
+pub const IMAGE_TOKEN: &str = "<image_soft_token>";
+
 /// The rendered user turn, ending with the opened model turn (what generation continues from).
 pub fn user_turn(question: &str, context: &str, choices: &[String], image_tokens: Option<usize>) -> String {
     let image = match image_tokens {
-        Some(n) => format!("<start_of_image>{}<end_of_image>\n", "<image_soft_token>".repeat(n)),
+        Some(n) => format!("<start_of_image>{}<end_of_image>\n", IMAGE_TOKEN.repeat(n)),
         None => String::new(),
     };
     let context = if context.trim().is_empty() { "N/A" } else { context.trim() };

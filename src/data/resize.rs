@@ -20,15 +20,16 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
-/// Per output position: (first input index, taps), with fixed-point coefficients.
-fn coefficients(in_size: usize, out_size: usize) -> (usize, Vec<(usize, Vec<i32>)>) {
+/// Per output position `first..first + count` of a resize from `in_size` to `out_size`: (first
+/// input index, taps), with fixed-point coefficients. Each position's taps depend on it alone, so
+/// a window of the output costs only its own size.
+fn coefficients(in_size: usize, out_size: usize, first: usize, count: usize) -> Vec<(usize, Vec<i32>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
     let ss = 1.0 / filterscale;
-    let mut out = Vec::with_capacity(out_size);
-    for xx in 0..out_size {
+    let mut out = Vec::with_capacity(count);
+    for xx in first..first + count {
         let center = (xx as f64 + 0.5) * scale;
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
@@ -47,7 +48,7 @@ fn coefficients(in_size: usize, out_size: usize) -> (usize, Vec<(usize, Vec<i32>
             .collect();
         out.push((xmin, fixed));
     }
-    (ksize, out)
+    out
 }
 
 #[inline]
@@ -57,18 +58,33 @@ fn clip8(v: i32) -> u8 {
 
 /// Resizes an RGB image to (w, h) as Pillow's BICUBIC does.
 pub fn resize_bicubic(src: &RgbImage, w: u32, h: u32) -> RgbImage {
-    let (sw, sh) = (src.width() as usize, src.height() as usize);
     let (w, h) = (w as usize, h as usize);
-    let (_, horiz) = coefficients(sw, w);
-    let (_, vert) = coefficients(sh, h);
-    let need_h = w != sw;
-    let need_v = h != sh;
+    resize_bicubic_window(src, (w, h), (0, 0, w, h))
+}
+
+/// The window (x0, y0, w, h) of `src` resized to `full` = (width, height): pixel for pixel the
+/// window of the whole resize, computing only the window's pixels and the rows it reads. The
+/// window lies inside `full`.
+pub fn resize_bicubic_window(
+    src: &RgbImage,
+    full: (usize, usize),
+    (x0, y0, w, h): (usize, usize, usize, usize),
+) -> RgbImage {
+    let (sw, sh) = (src.width() as usize, src.height() as usize);
+    // Pillow skips a pass whose size does not change; so do we, for identical rounding.
+    let need_h = full.0 != sw;
+    let need_v = full.1 != sh;
     let data = src.as_raw();
     let round = 1i32 << (PRECISION_BITS - 1);
-    // Horizontal pass over the rows the vertical pass will read.
-    let (y_first, y_last) = if need_v { (vert[0].0, vert.last().map_or(0, |(s, k)| s + k.len())) } else { (0, sh) };
-    let (tmp, tw, y0) = if need_h {
-        let rows = y_last - y_first;
+    let vert = if need_v { coefficients(sh, full.1, y0, h) } else { vec![] };
+    let (y_first, y_last) = match (vert.first(), vert.last()) {
+        (Some((first, _)), Some((last, k))) => (*first, last + k.len()),
+        _ => (y0, y0 + h),
+    };
+    let rows = y_last - y_first;
+    // tmp: the horizontal pass (or the window's columns) over the rows the vertical pass reads, [rows, w, 3].
+    let tmp = if need_h {
+        let horiz = coefficients(sw, full.0, x0, w);
         let mut tmp = vec![0u8; rows * w * 3];
         for y in 0..rows {
             let row = &data[(y + y_first) * sw * 3..(y + y_first + 1) * sw * 3];
@@ -82,12 +98,12 @@ pub fn resize_bicubic(src: &RgbImage, w: u32, h: u32) -> RgbImage {
                 }
             }
         }
-        (tmp, w, y_first)
+        tmp
     } else {
-        (data.clone(), sw, 0)
+        (y_first..y_last).flat_map(|y| &data[(y * sw + x0) * 3..(y * sw + x0 + w) * 3]).copied().collect()
     };
     if !need_v {
-        return RgbImage::from_raw(tw as u32, (tmp.len() / (tw * 3)) as u32, tmp).expect("sized buffer");
+        return RgbImage::from_raw(w as u32, rows as u32, tmp).expect("sized buffer");
     }
     let mut out = vec![0u8; w * h * 3];
     for (yy, (ymin, k)) in vert.iter().enumerate() {
@@ -95,7 +111,7 @@ pub fn resize_bicubic(src: &RgbImage, w: u32, h: u32) -> RgbImage {
             for c in 0..3 {
                 let mut ss = round;
                 for (y, &kv) in k.iter().enumerate() {
-                    ss += tmp[((ymin + y - y0) * tw + x) * 3 + c] as i32 * kv;
+                    ss += tmp[((ymin + y - y_first) * w + x) * 3 + c] as i32 * kv;
                 }
                 out[(yy * w + x) * 3 + c] = clip8(ss);
             }

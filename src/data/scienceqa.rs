@@ -2,13 +2,15 @@
 //! image struct{bytes, path} or null, question, choices list<string>, answer int8, hint, task,
 //! grade, subject, topic, category, skill, lecture, solution; one file per split.
 
+use crate::data::row_check::{self, ImageRef, RawRow};
 use anyhow::{bail, Context, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use parquet::record::Field;
+use parquet::record::{Field, Row};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// One question.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Problem {
     /// `<split>-<row>`: the parquet files carry no pid; rows follow pid order within a split.
     pub pid: String,
@@ -39,6 +41,9 @@ pub struct Split {
     pub name: String,
     pub problems: Vec<Problem>,
     pub skipped: Vec<Skipped>,
+    /// Rows that had an image (bytes, or a path) and were skipped because it could not be read or
+    /// used, for "N image rows lost their image"; each is also in `skipped`.
+    pub images_lost: usize,
 }
 
 /// Columns a file must have; task, topic, category and skill are read when present.
@@ -75,18 +80,26 @@ pub fn split_file(dir: &Path, split: &str) -> Result<PathBuf> {
     )
 }
 
+/// The variant of a field, for errors: its value may be a whole image.
+fn kind(f: &Field) -> String {
+    let debug = format!("{f:?}");
+    debug.split(['(', ' ', '{']).next().unwrap_or_default().to_string()
+}
+
 fn text(f: &Field, col: &str, at: &dyn Fn() -> String) -> Result<String> {
     match f {
         Field::Str(s) => Ok(s.clone()),
         Field::Null => Ok(String::new()),
         Field::Bytes(b) => Ok(String::from_utf8_lossy(b.data()).into_owned()),
-        other => bail!("{}: column `{col}` should be a string, found {other:?}", at()),
+        other => bail!("{}: column `{col}` should be a string, found {}", at(), kind(other)),
     }
 }
 
-/// Reads a split file. Rows that cannot be trained on (answer index out of range, fewer than two
-/// choices, image bytes that are not a readable image) are skipped and reported in `skipped`;
-/// a file whose columns differ from the layout is an error naming the column.
+/// Reads a split file. Rows that cannot be trained on are skipped and reported in `skipped` (see
+/// `row_check::check`: bad choices or answer, an image that is missing, undecodable or too large), so
+/// every problem returned goes through prompting and image processing without error; a file
+/// whose columns differ from the layout is an error naming the column. Images are decoded in
+/// parallel; the order of rows is the file's.
 pub fn read_split(path: &Path, split: &str) -> Result<Split> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = SerializedFileReader::new(file).with_context(|| format!("{}: not a parquet file", path.display()))?;
@@ -97,82 +110,108 @@ pub fn read_split(path: &Path, split: &str) -> Result<Split> {
             bail!("{}: column `{c}` is missing (the ScienceQA layout has {:?})", path.display(), REQUIRED);
         }
     }
-    let mut problems = vec![];
-    let mut skipped = vec![];
     let rows = reader.get_row_iter(None).with_context(|| format!("{}: cannot read rows", path.display()))?;
+    let mut raw = vec![];
     for (i, row) in rows.enumerate() {
-        let row = row.with_context(|| format!("{}: row {i} is unreadable", path.display()))?;
         let pid = format!("{split}-{i}");
-        let at = || format!("{} row {i}", path.display());
-        let mut p = Problem { pid: pid.clone(), ..Default::default() };
-        let mut answer: Option<i64> = None;
-        for (name, field) in row.get_column_iter() {
-            match name.as_str() {
-                "question" => p.question = text(field, name, &at)?,
-                "hint" => p.hint = text(field, name, &at)?,
-                "lecture" => p.lecture = text(field, name, &at)?,
-                "solution" => p.solution = text(field, name, &at)?,
-                "subject" => p.subject = text(field, name, &at)?,
-                "grade" => p.grade = text(field, name, &at)?,
-                "task" => p.task = text(field, name, &at)?,
-                "topic" => p.topic = text(field, name, &at)?,
-                "category" => p.category = text(field, name, &at)?,
-                "skill" => p.skill = text(field, name, &at)?,
-                "answer" => {
-                    answer = Some(match field {
-                        Field::Byte(v) => *v as i64,
-                        Field::Short(v) => *v as i64,
-                        Field::Int(v) => *v as i64,
-                        Field::Long(v) => *v,
-                        Field::UByte(v) => *v as i64,
-                        Field::Null => -1,
-                        other => bail!("{}: column `answer` should be an integer, found {other:?}", at()),
-                    })
-                }
-                "choices" => match field {
-                    Field::ListInternal(list) => {
-                        p.choices = list.elements().iter().map(|e| text(e, "choices", &at)).collect::<Result<_>>()?
-                    }
-                    Field::Null => p.choices = vec![],
-                    other => bail!("{}: column `choices` should be a list of strings, found {other:?}", at()),
-                },
-                "image" => match field {
-                    Field::Null => p.image = None,
-                    Field::Group(g) => {
-                        for (k, v) in g.get_column_iter() {
-                            if k == "bytes" {
-                                p.image = match v {
-                                    Field::Bytes(b) if !b.data().is_empty() => Some(b.data().to_vec()),
-                                    Field::Bytes(_) | Field::Null => None,
-                                    other => bail!("{}: column `image.bytes` should be binary, found {other:?}", at()),
-                                };
-                            }
-                        }
-                    }
-                    other => bail!("{}: column `image` should be a struct{{bytes, path}}, found {other:?}", at()),
-                },
-                _ => {}
-            }
-        }
-        let answer = answer.unwrap_or(-1);
-        let reason = if p.choices.len() < 2 {
-            Some(format!("{} choice(s); a question needs at least two", p.choices.len()))
-        } else if p.choices.len() > 26 {
-            Some(format!("{} choices; letters run out after Z", p.choices.len()))
-        } else if answer < 0 || answer as usize >= p.choices.len() {
-            Some(format!("answer index {answer} is outside the {} choices", p.choices.len()))
-        } else if let Some(Err(e)) = p.image.as_ref().map(|b| crate::data::image::probe(b)) {
-            Some(format!("image bytes are not a readable image: {e}"))
-        } else {
-            None
-        };
-        match reason {
-            Some(reason) => skipped.push(Skipped { pid, reason }),
-            None => {
-                p.answer = answer as usize;
-                problems.push(p)
+        let row = row.with_context(|| format!("{}: row {pid} is unreadable", path.display()))?;
+        raw.push(read_row(&row, pid, path)?);
+    }
+    // Relative image paths go from the parquet file's directory, not the working directory: a
+    // dataset directory is moved and cached as a whole.
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let checked: Vec<_> = raw.into_par_iter().map(|r| row_check::check(r, dir)).collect();
+    let mut split = Split { name: split.to_string(), problems: vec![], skipped: vec![], images_lost: 0 };
+    for c in checked {
+        match c {
+            Ok(p) => split.problems.push(p),
+            Err(rejected) => {
+                split.images_lost += rejected.image_lost as usize;
+                split.skipped.push(rejected.skipped);
             }
         }
     }
-    Ok(Split { name: split.to_string(), problems, skipped })
+    Ok(split)
+}
+
+/// One row's columns as the file has them; a value of the wrong type is an error (the file does
+/// not have the layout), a value that is merely unusable is left for `row_check::check`.
+fn read_row(row: &Row, pid: String, path: &Path) -> Result<RawRow> {
+    let at = || format!("{}, row {pid}", path.display());
+    let mut r = RawRow {
+        problem: Problem { pid: pid.clone(), ..Default::default() },
+        choices: vec![],
+        answer: None,
+        image: ImageRef::None,
+    };
+    let p = &mut r.problem;
+    for (name, field) in row.get_column_iter() {
+        match name.as_str() {
+            "question" => p.question = text(field, name, &at)?,
+            "hint" => p.hint = text(field, name, &at)?,
+            "lecture" => p.lecture = text(field, name, &at)?,
+            "solution" => p.solution = text(field, name, &at)?,
+            "subject" => p.subject = text(field, name, &at)?,
+            "grade" => p.grade = text(field, name, &at)?,
+            "task" => p.task = text(field, name, &at)?,
+            "topic" => p.topic = text(field, name, &at)?,
+            "category" => p.category = text(field, name, &at)?,
+            "skill" => p.skill = text(field, name, &at)?,
+            "answer" => {
+                r.answer = match field {
+                    Field::Byte(v) => Some(*v as i64),
+                    Field::Short(v) => Some(*v as i64),
+                    Field::Int(v) => Some(*v as i64),
+                    Field::Long(v) => Some(*v),
+                    Field::UByte(v) => Some(*v as i64),
+                    Field::Null => None,
+                    other => bail!("{}: column `answer` should be an integer, found {}", at(), kind(other)),
+                }
+            }
+            "choices" => match field {
+                Field::ListInternal(list) => {
+                    r.choices = list
+                        .elements()
+                        .iter()
+                        .map(|e| match e {
+                            Field::Null => Ok(None),
+                            e => text(e, "choices", &at).map(Some),
+                        })
+                        .collect::<Result<_>>()?
+                }
+                Field::Null => r.choices = vec![],
+                other => bail!("{}: column `choices` should be a list of strings, found {}", at(), kind(other)),
+            },
+            "image" => r.image = image_ref(field, &at)?,
+            _ => {}
+        }
+    }
+    Ok(r)
+}
+
+/// The image struct{bytes, path} of the datasets library: bytes when it embedded the file, else
+/// the path it was loaded from.
+fn image_ref(field: &Field, at: &dyn Fn() -> String) -> Result<ImageRef> {
+    let g = match field {
+        Field::Null => return Ok(ImageRef::None),
+        Field::Group(g) => g,
+        other => bail!("{}: column `image` should be a struct{{bytes, path}}, found {}", at(), kind(other)),
+    };
+    let (mut bytes, mut path) = (None, None);
+    for (k, v) in g.get_column_iter() {
+        match (k.as_str(), v) {
+            ("bytes", Field::Bytes(b)) if !b.data().is_empty() => bytes = Some(b.data().to_vec()),
+            ("bytes", Field::Bytes(_) | Field::Null) => {}
+            ("bytes", other) => bail!("{}: column `image.bytes` should be binary, found {}", at(), kind(other)),
+            ("path", Field::Str(s)) if !s.is_empty() => path = Some(s.clone()),
+            ("path", Field::Str(_) | Field::Null) => {}
+            ("path", other) => bail!("{}: column `image.path` should be a string, found {}", at(), kind(other)),
+            _ => {}
+        }
+    }
+    Ok(match (bytes, path) {
+        (Some(b), _) => ImageRef::Bytes(b),
+        (None, Some(p)) => ImageRef::Path(p),
+        (None, None) => ImageRef::None,
+    })
 }
