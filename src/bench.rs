@@ -5,7 +5,7 @@
 
 use crate::config::LlmConfig;
 use crate::device::{self, memory, reset_peak_memory, synchronize};
-use crate::infer::{load_base, Base, ModelArgs};
+use crate::load::{load_base, Base, ModelArgs};
 use crate::model::projector::Projector;
 use crate::model::vlm::{Supervised, Vlm};
 use crate::peft::adapter;
@@ -18,20 +18,52 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-#[derive(Debug, Clone)]
+/// `gemmaclip bench train-step`'s flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct TrainStepArgs {
+    /// Gemma-3 checkpoint directory (hub layout), e.g. OUT/llm from `init`.
+    #[arg(long)]
     pub model: PathBuf,
+    /// CLIP checkpoint directory, e.g. OUT/vision from `init`.
+    #[arg(long)]
     pub vision_model: PathBuf,
-    pub four_bit: bool,
-    pub checkpointing: Vec<bool>,
+    /// Keep the base in bf16 instead of NF4.
+    #[arg(long)]
+    pub no_4bit: bool,
+    /// Gradient checkpointing: on, off, or both (two JSON lines).
+    #[arg(long, value_parser = ["on", "off", "both"], default_value = "both")]
+    pub checkpointing: String,
+    /// Tokens of the synthetic row (image block included).
+    #[arg(long, default_value_t = 1024)]
     pub seq: usize,
+    /// Supervised tokens at the end of the row.
+    #[arg(long, default_value_t = 256)]
     pub label_tokens: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    #[arg(long, default_value_t = 64)]
     pub lora_r: usize,
+    #[arg(long, default_value_t = 128.0)]
     pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
     pub lora_dropout: f32,
+    /// Supervised rows per lm_head / log-softmax chunk.
+    #[arg(long, default_value_t = 256)]
     pub loss_chunk: usize,
+}
+
+impl TrainStepArgs {
+    fn checkpointing_modes(&self) -> Vec<bool> {
+        match self.checkpointing.as_str() {
+            "on" => vec![true],
+            "off" => vec![false],
+            _ => vec![false, true],
+        }
+    }
 }
 
 fn gib(b: Option<u64>) -> serde_json::Value {
@@ -81,8 +113,11 @@ fn load(model: &Path, vision_model: &Path, four_bit: bool) -> Result<(Device, Ba
 }
 
 pub fn train_step(a: &TrainStepArgs) -> Result<()> {
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
     let t = Instant::now();
-    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, a.four_bit)?;
+    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, !a.no_4bit)?;
     let load_s = t.elapsed().as_secs_f64();
     let after_load = memory(&dev)?;
 
@@ -101,7 +136,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
     let vlm = Vlm { vision, projector, llm, cfg: cfg.clone() };
     let batch = batch(&cfg, vcfg.num_patches(), vcfg.image_size, a, &dev)?;
 
-    for &ckpt in &a.checkpointing {
+    for ckpt in a.checkpointing_modes() {
         let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
         let opts = StepOptions { checkpointing: ckpt, dropout_seed: None, loss_chunk: a.loss_chunk };
         let mut times = vec![];
@@ -128,7 +163,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
         println!(
             "{}",
             json!({
-                "what": "gemmaclip_train_step", "four_bit": a.four_bit, "grad_ckpt": ckpt,
+                "what": "gemmaclip_train_step", "four_bit": !a.no_4bit, "grad_ckpt": ckpt,
                 "seq": a.seq, "label_tokens": a.label_tokens, "lora_r": a.lora_r,
                 "trainable_params": trainable, "step_ms_median": (med * 1e4).round() / 10.0,
                 "step_ms_min": (times[0] * 1e4).round() / 10.0, "tokens_per_s": (a.seq as f64 / med * 10.0).round() / 10.0,
@@ -144,22 +179,38 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone)]
+/// `gemmaclip bench generate`'s flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
+    /// Gemma-3 checkpoint directory (hub layout).
+    #[arg(long)]
     pub model: PathBuf,
+    /// CLIP checkpoint directory.
+    #[arg(long)]
     pub vision_model: PathBuf,
-    pub four_bit: bool,
+    /// Keep the base in bf16 instead of NF4.
+    #[arg(long)]
+    pub no_4bit: bool,
+    /// Prompt length in tokens, image block included.
+    #[arg(long, default_value_t = 800)]
     pub prompt: usize,
+    /// New tokens to generate (at least 2).
+    #[arg(long, default_value_t = 256)]
     pub new: usize,
-    /// 0: the base model alone (as hf_reference.py infer measures it).
+    /// Attach fresh LoRA adapters of this rank (0: the base model alone, as hf_reference.py infer
+    /// measures it).
+    #[arg(long, default_value_t = 0)]
     pub lora_r: usize,
 }
 
 /// Time to first token for a `prompt`-token prompt (<bos> + image block + text) and decode speed
 /// at batch 1, measured as ../shared/bench/hf_reference.py infer does (best of 3 and of 2 runs).
 pub fn generate(a: &GenerateArgs) -> Result<()> {
+    if a.new < 2 {
+        bail!("--new must be at least 2");
+    }
     use crate::generate::{generate, GenerateOptions};
-    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, a.four_bit)?;
+    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, !a.no_4bit)?;
     if a.lora_r > 0 {
         let spec = LoraSpec {
             r: a.lora_r,
@@ -203,7 +254,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     println!(
         "{}",
         json!({
-            "what": "gemmaclip_generate", "four_bit": a.four_bit, "lora_r": a.lora_r,
+            "what": "gemmaclip_generate", "four_bit": !a.no_4bit, "lora_r": a.lora_r,
             "prompt_tokens": a.prompt, "new_tokens": a.new,
             "time_to_first_token_ms": (first * 1e4).round() / 10.0,
             "decode_tokens_per_s": ((a.new - 1) as f64 / (full - first) * 10.0).round() / 10.0,

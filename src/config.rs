@@ -225,6 +225,31 @@ fn parse_text(raw: RawText, what: &str) -> Result<GemmaTextConfig> {
         pad_token_id: raw.pad_token_id.unwrap_or(0),
         bos_token_id: raw.bos_token_id.unwrap_or(2),
     };
+    for (k, v) in [
+        ("vocab_size", cfg.vocab_size),
+        ("hidden_size", cfg.hidden_size),
+        ("intermediate_size", cfg.intermediate_size),
+        ("num_hidden_layers", cfg.num_hidden_layers),
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("num_key_value_heads", cfg.num_key_value_heads),
+        ("head_dim", cfg.head_dim),
+        ("sliding_window", cfg.sliding_window),
+    ] {
+        if v == 0 {
+            bail!("{what}: {k} must be at least 1, got 0");
+        }
+    }
+    for (k, v) in [
+        ("rms_norm_eps", cfg.rms_norm_eps),
+        ("rope_theta", cfg.rope_theta),
+        ("rope_local_base_freq", cfg.rope_local_base_freq),
+        ("query_pre_attn_scalar", cfg.query_pre_attn_scalar),
+        ("rope_scaling.factor", cfg.rope_scaling_factor),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            bail!("{what}: {k} must be a positive number, got {v}");
+        }
+    }
     if !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
         bail!(
             "{what}: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -335,6 +360,21 @@ impl ClipVisionConfig {
             patch_size: raw.patch_size.unwrap_or(32),
             layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-5),
         };
+        for (k, v) in [
+            ("hidden_size", cfg.hidden_size),
+            ("intermediate_size", cfg.intermediate_size),
+            ("num_attention_heads", cfg.num_attention_heads),
+            ("num_channels", cfg.num_channels),
+            ("image_size", cfg.image_size),
+            ("patch_size", cfg.patch_size),
+        ] {
+            if v == 0 {
+                bail!("{what}: {k} must be at least 1, got 0");
+            }
+        }
+        if !(cfg.layer_norm_eps.is_finite() && cfg.layer_norm_eps > 0.0) {
+            bail!("{what}: layer_norm_eps must be a positive number, got {}", cfg.layer_norm_eps);
+        }
         if cfg.num_hidden_layers < 2 {
             bail!("{what}: the vision tower needs at least 2 layers (features come from the second-to-last)");
         }

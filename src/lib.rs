@@ -9,6 +9,7 @@ pub mod eval;
 pub mod generate;
 pub mod hub;
 pub mod infer;
+pub mod load;
 pub mod init;
 pub mod model;
 pub mod peft;

@@ -88,11 +88,53 @@ pub fn shard_file_names(n: usize) -> Vec<String> {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary name and a rename, so a reader never sees half a file.
+/// Writes `bytes` to `path` through a temporary name and a rename, so a reader never sees half a
+/// file; the data and the rename are synced to disk before it returns (a power loss then leaves
+/// the old file or the new one, never an empty one).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_name(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    let result = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))
+    })();
+    finish_atomic(&tmp, path, result)
+}
+
+/// Writes tensors as a safetensors file at `path`, durably, through a temporary name.
+pub fn save_tensors_atomic(map: &std::collections::HashMap<String, candle_core::Tensor>, path: &Path) -> Result<()> {
+    let tmp = tmp_name(path);
+    let result = candle_core::safetensors::save(map, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| sync_file(&tmp));
+    finish_atomic(&tmp, path, result)
+}
+
+/// Renames a written and synced `tmp` onto `path` and syncs the directory; on an earlier failure
+/// (`written` is Err, e.g. a full disk) removes `tmp` instead.
+pub fn finish_atomic(tmp: &Path, path: &Path, written: Result<()>) -> Result<()> {
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(tmp);
+        return Err(e);
+    }
+    if let Err(e) = std::fs::rename(tmp, path) {
+        let _ = std::fs::remove_file(tmp);
+        return Err(e).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()));
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// fsync of a file already written and closed.
+pub fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", path.display()))
+}
+
+/// fsync of a directory, so the names created or renamed in it survive a power loss.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    #[cfg(unix)]
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))?;
+    Ok(())
 }
 
 /// A sibling name unique to this process and call, so concurrent writers of the same file (two
@@ -133,13 +175,9 @@ pub fn write_checkpoint(
                 weight_map.insert(e.name.clone(), Value::String(name.clone()));
             }
             w.inner.flush().with_context(|| format!("cannot write {}", tmp.display()))?;
-            Ok(())
+            w.inner.get_ref().sync_all().with_context(|| format!("cannot sync {}", tmp.display()))
         })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {}", tmp.display()))?;
+        finish_atomic(&tmp, &path, result)?;
         written.push(path);
     }
     if shards.len() > 1 {

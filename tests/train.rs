@@ -19,43 +19,16 @@ fn cache() -> &'static Path {
     d
 }
 
+/// The tiny preset with the CLI's defaults, except what keeps the tests small.
 fn args(out: &Path) -> TrainArgs {
     cache();
-    TrainArgs {
-        output_dir: out.to_path_buf(),
-        model: String::new(),
-        vision_model: String::new(),
-        data: String::new(),
-        preset_tiny: true,
-        num_train_epochs: 1.0,
-        max_steps: None,
-        per_device_train_batch_size: 1,
-        gradient_accumulation_steps: 8,
-        learning_rate: 1e-4,
-        weight_decay: 0.0,
-        lr_scheduler_type: gemmaclip::train::schedule::Schedule::Cosine,
-        warmup_ratio: 0.03,
-        max_grad_norm: 1.0,
-        lora_r: 8,
-        lora_alpha: 16.0,
-        lora_dropout: 0.05,
-        lora_target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        four_bit: true,
-        bf16: false,
-        gradient_checkpointing: false,
-        max_train_samples: None,
-        max_seq_len: 2048,
-        target: gemmaclip::data::prompt::Target::Mcot,
-        image_aspect: gemmaclip::data::image::Aspect::Pad,
-        seed: 42,
-        save_steps: 0,
-        logging_steps: 1,
-        loss_chunk: 64,
-        stop_after: None,
-    }
+    let out = out.to_str().unwrap();
+    let flags = ["--output-dir", out, "--preset", "tiny", "--lora-r", "8", "--lora-alpha", "16"];
+    let mut a =
+        TrainArgs::from_flags(flags.iter().chain(&["--save-steps", "0", "--logging-steps", "1", "--loss-chunk", "64"]))
+            .unwrap();
+    a.gradient_accumulation_steps = 8;
+    a
 }
 
 fn no_interrupt() -> Arc<AtomicBool> {
@@ -75,7 +48,7 @@ fn loss_halves_within_60_steps_and_outputs_reload() {
     a.warmup_ratio = 0.0;
     a.lora_r = 16;
     a.lora_alpha = 32.0;
-    assert_eq!(train(&a, None, no_interrupt()).unwrap(), (60, 60));
+    assert_eq!(train(&a, no_interrupt()).unwrap(), (60, 60));
     let m = metrics::read(&out.path().join("metrics.jsonl")).unwrap();
     assert_eq!(m.len(), 60);
     let (first, last) = (m[0].loss, m.last().unwrap().loss);
@@ -131,13 +104,15 @@ fn resume_is_bit_identical() {
         a.gradient_checkpointing = true;
         a
     };
-    assert_eq!(train(&setup(straight.path()), None, no_interrupt()).unwrap(), (6, 6));
+    assert_eq!(train(&setup(straight.path()), no_interrupt()).unwrap(), (6, 6));
     let mut first_half = setup(split.path());
     first_half.stop_after = Some(3);
-    assert_eq!(train(&first_half, None, no_interrupt()).unwrap(), (3, 6));
+    assert_eq!(train(&first_half, no_interrupt()).unwrap(), (3, 6));
     assert!(split.path().join("checkpoints/step-3/trainer_state.json").is_file());
     assert!(!split.path().join("projector.safetensors").exists(), "not finished yet");
-    assert_eq!(train(&setup(split.path()), Some(None), no_interrupt()).unwrap(), (6, 6));
+    let mut second_half = setup(split.path());
+    second_half.resume = Some(None);
+    assert_eq!(train(&second_half, no_interrupt()).unwrap(), (6, 6));
 
     for f in ["lora_adapter/adapter_model.safetensors", "projector.safetensors"] {
         let (a, b) = (tensors(&straight.path().join(f)), tensors(&split.path().join(f)));

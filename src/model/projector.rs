@@ -2,9 +2,8 @@
 //! Its weights are trainable f32 `Var`s, cast to the activation dtype in forward.
 
 use crate::rng::{name_hash, SplitMix64};
-use crate::safetensors_out::tmp_name;
 use crate::weights::Weights;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
@@ -96,9 +95,7 @@ impl Projector {
             .into_iter()
             .map(|(n, v)| Ok((n, v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
-        let tmp = tmp_name(path);
-        candle_core::safetensors::save(&map, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+        crate::safetensors_out::save_tensors_atomic(&map, path)
     }
 
     /// [.., vision_dim] -> [.., text_dim]

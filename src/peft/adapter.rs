@@ -5,7 +5,7 @@
 
 use crate::model::gemma3::Gemma3Text;
 use crate::peft::lora::{Lora, LoraSpec, DEFAULT_TARGETS};
-use crate::safetensors_out::{tmp_name, write_atomic};
+use crate::safetensors_out::{save_tensors_atomic, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
@@ -63,9 +63,7 @@ pub fn save(dir: &Path, model: &mut Gemma3Text, spec: &LoraSpec, base_model: &st
         bail!("the model has no LoRA adapters to save");
     }
     let weights = dir.join(WEIGHTS_NAME);
-    let tmp = tmp_name(&weights);
-    candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &weights).with_context(|| format!("cannot write {}", weights.display()))?;
+    save_tensors_atomic(&tensors, &weights)?;
     // PEFT writes json.dumps(config, indent=2, sort_keys=True); serde_json's map is sorted too.
     let config = json!({
         "alpha_pattern": {},
@@ -122,9 +120,28 @@ fn read_config(path: &Path) -> Result<(LoraSpec, f64)> {
             bail!("{what}: a non-empty {k} is not supported");
         }
     }
-    let r = field("r").and_then(Value::as_u64).with_context(|| format!("{what}: no integer \"r\""))? as usize;
-    let alpha = field("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-    let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
+    // PEFT's defaults when a key is absent; a key that is present must hold a number
+    let number = |k: &str, default: f64| -> Result<f64> {
+        match field(k) {
+            None => Ok(default),
+            Some(x) => x.as_f64().with_context(|| format!("{what}: {k} must be a number, got {x}")),
+        }
+    };
+    let r = match field("r") {
+        Some(x) => {
+            x.as_u64().filter(|&r| r > 0).with_context(|| format!("{what}: r must be a positive integer, got {x}"))?
+        }
+        None => bail!("{what}: no \"r\" (the LoRA rank)"),
+    } as usize;
+    let alpha = number("lora_alpha", 8.0)?;
+    if !(alpha.is_finite() && alpha > 0.0) {
+        bail!("{what}: lora_alpha must be a positive number, got {alpha}");
+    }
+    let dropout = number("lora_dropout", 0.0)?;
+    if !(0.0..1.0).contains(&dropout) {
+        bail!("{what}: lora_dropout must be in [0, 1), got {dropout}");
+    }
+    let dropout = dropout as f32;
     let scale = if field("use_rslora").and_then(Value::as_bool).unwrap_or(false) {
         alpha / (r as f64).sqrt()
     } else {

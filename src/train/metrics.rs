@@ -1,6 +1,6 @@
 //! The run's metrics log (`metrics.jsonl`, one JSON object per logged step).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
@@ -9,13 +9,23 @@ use std::path::Path;
 pub struct Record {
     pub step: usize,
     pub epoch: f64,
+    // JSON has no NaN: serde_json writes a non-finite number as null, which reads back as NaN.
+    #[serde(deserialize_with = "number_or_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "number_or_null")]
     pub lr: f64,
+    #[serde(deserialize_with = "number_or_null")]
     pub grad_norm: f64,
+    #[serde(deserialize_with = "number_or_null")]
     pub samples_per_s: f64,
+    #[serde(deserialize_with = "number_or_null")]
     pub tokens_per_s: f64,
     /// Peak device memory of the logging window (GPU only).
     pub peak_memory_gib: Option<f64>,
+}
+
+fn number_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 pub fn append(path: &Path, r: &Record) -> Result<()> {
@@ -32,11 +42,17 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
         return Ok(vec![]);
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: bad record", path.display(), i + 1)))
-        .collect()
+    let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let mut out = vec![];
+    for (k, (i, l)) in lines.iter().enumerate() {
+        match serde_json::from_str(l) {
+            Ok(r) => out.push(r),
+            // the file is appended to: a crash mid-write leaves a torn last line, which is dropped
+            Err(_) if k + 1 == lines.len() && !text.ends_with('\n') => {}
+            Err(e) => bail!("{} line {}: bad record: {e}", path.display(), i + 1),
+        }
+    }
+    Ok(out)
 }
 
 /// Keeps only records up to `step` (a resumed run rewrites what came after its checkpoint).

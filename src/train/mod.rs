@@ -1,6 +1,7 @@
 //! Training: one step's loss and gradients (with or without gradient checkpointing), the
 //! optimizer, the schedule, run checkpoints, metrics and the loop that ties them together.
 
+pub mod args;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;

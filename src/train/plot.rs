@@ -26,29 +26,63 @@ pub fn loss_curve(records: &[Record], path: &Path) -> Result<()> {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
         let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
-        let (lo, hi) = records.iter().fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(r.loss), b.max(r.loss)));
+        let finite: Vec<&Record> = records.iter().filter(|r| r.loss.is_finite()).collect();
+        let (lo, hi) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(r.loss), b.max(r.loss)));
+        let (lo, hi) = if finite.is_empty() { (0.0, 1.0) } else { (lo, hi) };
         let pad = ((hi - lo) * 0.05).max(1e-3);
+        let max_lr = records.iter().map(|r| r.lr).filter(|l| l.is_finite()).fold(0f64, f64::max).max(1e-12);
+        let plot_err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
         let mut chart = ChartBuilder::on(&root)
             .caption("training loss", ("sans-serif", 22))
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
+            .right_y_label_area_size(70)
             .build_cartesian_2d(0f64..max_step, (lo - pad).max(0.0)..hi + pad)
-            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+            .map_err(|e| plot_err(&e))?
+            .set_secondary_coord(0f64..max_step, 0f64..max_lr * 1.05);
         chart
             .configure_mesh()
             .x_desc("optimizer step")
             .y_desc("cross-entropy")
             .label_style(("sans-serif", 14))
             .draw()
-            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+            .map_err(|e| plot_err(&e))?;
         chart
-            .draw_series(LineSeries::new(records.iter().map(|r| (r.step as f64, r.loss)), BLUE.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+            .configure_secondary_axes()
+            .y_desc("learning rate")
+            .y_label_formatter(&|v| format!("{v:.1e}"))
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| plot_err(&e))?;
+        chart
+            .draw_series(LineSeries::new(finite.iter().map(|r| (r.step as f64, r.loss)), BLUE.stroke_width(2)))
+            .map_err(|e| plot_err(&e))?
+            .label("loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        let orange = RGBColor(230, 120, 20);
+        chart
+            .draw_secondary_series(LineSeries::new(
+                records.iter().filter(|r| r.lr.is_finite()).map(|r| (r.step as f64, r.lr)),
+                orange.stroke_width(2),
+            ))
+            .map_err(|e| plot_err(&e))?
+            .label("learning rate")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| plot_err(&e))?;
         root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
     let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer")?;
     let tmp = crate::safetensors_out::tmp_name(path);
-    img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    let written = img
+        .save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| crate::safetensors_out::sync_file(&tmp));
+    crate::safetensors_out::finish_atomic(&tmp, path, written)
 }

@@ -2,65 +2,28 @@
 //! small functions around it.
 
 use crate::data::batch::collate;
-use crate::data::image::{Aspect, ImageProcessor};
-use crate::data::prompt::{encode, Target};
-use crate::data::scienceqa::{read_split, split_file, Problem};
+use crate::data::image::ImageProcessor;
+use crate::data::prompt::encode;
+use crate::data::scienceqa::{read_split, split_file, Problem, Skipped};
 use crate::device;
 use crate::hub;
-use crate::infer::{load_base, load_tokenizer, Base, ModelArgs};
+use crate::load::{load_base, load_tokenizer, Base, ModelArgs};
 use crate::model::projector::Projector;
 use crate::model::vlm::Vlm;
 use crate::peft::adapter;
 use crate::peft::lora::LoraSpec;
+pub use crate::train::args::TrainArgs;
 use crate::train::metrics::{self, Record};
 use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::train::schedule::{factor, warmup_steps, Schedule};
-use crate::train::state::{self, TrainerState};
+use crate::train::schedule::{factor, warmup_steps};
+use crate::train::state::{self, Snapshot, TrainerState};
 use crate::train::step::{loss_and_grads, Batch, StepOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Everything a run is given; saved as `args.json` in the output directory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainArgs {
-    pub output_dir: PathBuf,
-    pub model: String,
-    pub vision_model: String,
-    pub data: String,
-    pub preset_tiny: bool,
-    pub num_train_epochs: f64,
-    pub max_steps: Option<usize>,
-    pub per_device_train_batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    pub lr_scheduler_type: Schedule,
-    pub warmup_ratio: f64,
-    pub max_grad_norm: f64,
-    pub lora_r: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout: f32,
-    pub lora_target_modules: Vec<String>,
-    pub four_bit: bool,
-    pub bf16: bool,
-    pub gradient_checkpointing: bool,
-    pub max_train_samples: Option<usize>,
-    pub max_seq_len: usize,
-    pub target: Target,
-    pub image_aspect: Aspect,
-    pub seed: u64,
-    pub save_steps: usize,
-    pub logging_steps: usize,
-    pub loss_chunk: usize,
-    /// Stop after this many optimizer steps in this invocation (the run stays resumable); for tests
-    /// and for splitting a run over sessions.
-    pub stop_after: Option<usize>,
-}
 
 /// The model pieces a run trains.
 struct Loaded {
@@ -75,10 +38,10 @@ struct Loaded {
 
 fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
     let model = ModelArgs {
-        preset_tiny: a.preset_tiny,
+        preset_tiny: a.preset_tiny(),
         model: a.model.clone(),
         vision_model: a.vision_model.clone(),
-        four_bit: a.four_bit,
+        four_bit: a.four_bit(),
     };
     let Base { mut llm, vision, cfg, vcfg, llm_dir, vis_dir } = load_base(&model, dtype, dev)?;
     let spec =
@@ -121,6 +84,38 @@ fn micro_batch_rows(k: usize, n_rows: usize, batch: usize, seed: u64) -> Vec<usi
     order[pos * batch..((pos + 1) * batch).min(n_rows)].to_vec()
 }
 
+/// Encodes every row once, as the batches will, and keeps those a step can train on: a row whose
+/// image block or whole model turn falls past --max-seq-len would otherwise stop the run at the
+/// step that first reaches it.
+fn trainable_rows(m: &Loaded, problems: Vec<Problem>, a: &TrainArgs) -> Result<(Vec<Problem>, Vec<Skipped>)> {
+    use rayon::prelude::*;
+    let n_img = m.vlm.vision.cfg.num_patches();
+    let image_id = m.vlm.cfg.image_token_index;
+    let verdicts: Vec<Result<Option<String>>> = problems
+        .par_iter()
+        .map(|p| {
+            let e = encode(&m.tokenizer, p, p.image.as_ref().map(|_| n_img), image_id, a.target, a.max_seq_len)
+                .with_context(|| format!("row {}", p.pid))?;
+            let kept_img = e.ids.iter().filter(|&&i| i == image_id).count();
+            Ok(if p.image.is_some() && kept_img != n_img {
+                Some(format!("--max-seq-len {} cuts into its image block", a.max_seq_len))
+            } else if e.labels.iter().all(|&l| l < 0) {
+                Some(format!("--max-seq-len {} leaves no supervised token", a.max_seq_len))
+            } else {
+                None
+            })
+        })
+        .collect();
+    let (mut kept, mut skipped) = (vec![], vec![]);
+    for (p, v) in problems.into_iter().zip(verdicts) {
+        match v? {
+            Some(reason) => skipped.push(Skipped { pid: p.pid.clone(), reason }),
+            None => kept.push(p),
+        }
+    }
+    Ok((kept, skipped))
+}
+
 fn make_batch(m: &Loaded, rows: &[&Problem], a: &TrainArgs, dev: &Device) -> Result<(Batch, usize)> {
     let n_img = m.vlm.vision.cfg.num_patches();
     let mut enc = vec![];
@@ -130,13 +125,14 @@ fn make_batch(m: &Loaded, rows: &[&Problem], a: &TrainArgs, dev: &Device) -> Res
             Some(b) => Some(m.images.process_bytes(b).with_context(|| format!("row {}", p.pid))?),
             None => None,
         };
-        let e =
-            encode(&m.tokenizer, p, img.as_ref().map(|_| n_img), m.vlm.cfg.image_token_index, a.target, a.max_seq_len)?;
-        if e.truncated && img.is_some() && e.ids.iter().filter(|&&i| i == m.vlm.cfg.image_token_index).count() != n_img
-        {
-            bail!("row {}: --max-seq-len {} cuts into the image block; raise it", p.pid, a.max_seq_len);
-        }
-        enc.push(e);
+        enc.push(encode(
+            &m.tokenizer,
+            p,
+            img.as_ref().map(|_| n_img),
+            m.vlm.cfg.image_token_index,
+            a.target,
+            a.max_seq_len,
+        )?);
         imgs.push(img);
     }
     let tokens = enc.iter().map(|e| e.ids.len()).sum();
@@ -144,46 +140,177 @@ fn make_batch(m: &Loaded, rows: &[&Problem], a: &TrainArgs, dev: &Device) -> Res
 }
 
 fn write_outputs(m: &mut Loaded, a: &TrainArgs) -> Result<()> {
+    if !state::all_finite(m.vars.iter().map(|v| v.as_tensor()))? {
+        bail!("the trained weights are not finite; no adapter or projector written");
+    }
     adapter::save(&a.output_dir.join("lora_adapter"), &mut m.vlm.llm, &m.spec, &base_model_name(a))?;
     m.vlm.projector.save(&a.output_dir.join("projector.safetensors"))?;
     let tok_dir = a.output_dir.join("tokenizer");
-    std::fs::create_dir_all(&tok_dir)?;
+    std::fs::create_dir_all(&tok_dir).with_context(|| format!("cannot create {}", tok_dir.display()))?;
     for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
         let src = m.llm_dir.join(f);
         if src.is_file() {
-            std::fs::copy(&src, tok_dir.join(f)).with_context(|| format!("cannot copy {}", src.display()))?;
+            let bytes = std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+            crate::safetensors_out::write_atomic(&tok_dir.join(f), &bytes)?;
         }
     }
     Ok(())
 }
 
 fn base_model_name(a: &TrainArgs) -> String {
-    if a.preset_tiny {
+    if a.preset_tiny() {
         "gemmaclip/tiny".into()
     } else {
         a.model.clone()
     }
 }
 
-/// Runs training. Returns (optimizer steps done, steps the run has in all).
-pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<AtomicBool>) -> Result<(usize, usize)> {
+/// What a run directory holds that a fresh run would overwrite.
+const RUN_FILES: [&str; 7] = [
+    "args.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "lora_adapter",
+    "projector.safetensors",
+    "tokenizer",
+    "loss_curve.png",
+];
+
+/// A fresh run never writes over an earlier one unless told to (then that run's files go first).
+fn claim_output_dir(a: &TrainArgs) -> Result<()> {
+    let dir = &a.output_dir;
+    let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| dir.join(f).exists()).collect();
+    if present.is_empty() {
+        return Ok(());
+    }
+    if !a.overwrite_output_dir {
+        bail!(
+            "--output-dir {} holds a run ({}): continue it with --resume, or start over with --overwrite-output-dir",
+            dir.display(),
+            present.join(", ")
+        );
+    }
+    for f in present {
+        let p = dir.join(f);
+        let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        removed.with_context(|| format!("--overwrite-output-dir: cannot remove {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Restores the checkpoint `--resume` names, or else the newest one in the output directory that
+/// loads and validates (saying which were passed over and why). Returns its directory and contents.
+fn restore(
+    a: &TrainArgs,
+    which: &Option<PathBuf>,
+    m: &mut Loaded,
+    opt: &mut AdamW,
+) -> Result<(PathBuf, state::Loaded)> {
+    if let Some(dir) = which {
+        let loaded = state::load(dir, &mut m.vlm.llm, &m.vlm.projector, opt, &m.names)
+            .with_context(|| format!("--resume {}", dir.display()))?;
+        return Ok((dir.clone(), loaded));
+    }
+    let candidates = state::candidates(&a.output_dir);
+    if candidates.is_empty() {
+        bail!("--resume: no checkpoint in {}", a.output_dir.join("checkpoints").display());
+    }
+    for dir in &candidates {
+        match state::load(dir, &mut m.vlm.llm, &m.vlm.projector, opt, &m.names) {
+            Ok(loaded) => return Ok((dir.clone(), loaded)),
+            Err(e) => {
+                let why: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+                eprintln!("warning: skipping checkpoint {}: {}", dir.display(), why.join(": "));
+            }
+        }
+    }
+    bail!(
+        "--resume: none of the {} checkpoints in {} is usable (see the warnings above)",
+        candidates.len(),
+        a.output_dir.join("checkpoints").display()
+    )
+}
+
+/// The checkpoint must come from a run with the same model, data and schedule settings.
+fn check_resume_settings(
+    a: &TrainArgs,
+    dir: &Path,
+    saved_args: Option<serde_json::Value>,
+    saved: &TrainerState,
+    now: &TrainerState,
+) -> Result<()> {
+    let saved_args = match saved_args {
+        Some(v) => Some(v),
+        // checkpoints of older versions carry no arguments: the run's args.json stands in
+        None => {
+            std::fs::read_to_string(a.output_dir.join("args.json")).ok().and_then(|t| serde_json::from_str(&t).ok())
+        }
+    };
+    if let Some(v) = saved_args {
+        let saved_args: TrainArgs = serde_json::from_value(v).with_context(|| {
+            format!("{}: the saved arguments are unreadable", dir.join("trainer_state.json").display())
+        })?;
+        let diff = a.resume_conflicts(&saved_args)?;
+        if !diff.is_empty() {
+            bail!(
+                "--resume {}: the run was started with other settings ({}); resume with the same ones (only {} may change) or start a new run",
+                dir.display(),
+                diff.join(", "),
+                crate::train::args::RESUMABLE_CHANGES.iter().map(|f| format!("--{}", f.replace('_', "-"))).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    if saved.train_rows != now.train_rows {
+        bail!("--resume {}: the checkpoint was trained on {} usable rows, the data now gives {}; the data order would differ", dir.display(), saved.train_rows, now.train_rows);
+    }
+    if saved.total_steps != now.total_steps {
+        bail!(
+            "--resume {}: the run has {} steps in all, these settings give {}",
+            dir.display(),
+            saved.total_steps,
+            now.total_steps
+        );
+    }
+    let same = TrainerState { global_step: saved.global_step, ..now.clone() };
+    if *saved != same {
+        bail!("--resume {}: saved with other batch settings (batch {} x {} accumulation, seed {}); this run has {} x {}, seed {}", dir.display(),
+            saved.per_device_train_batch_size, saved.gradient_accumulation_steps, saved.seed,
+            now.per_device_train_batch_size, now.gradient_accumulation_steps, now.seed);
+    }
+    Ok(())
+}
+
+fn report_skipped(skipped: &[Skipped], what: &str) {
+    for s in skipped {
+        eprintln!("skipped {}: {}", s.pid, s.reason);
+    }
+    if !skipped.is_empty() {
+        eprintln!("skipped {} rows {what}", skipped.len());
+    }
+}
+
+/// Runs training (or continues it with `a.resume`). Returns (optimizer steps done, steps the run has in all).
+pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usize)> {
+    a.validate()?;
+    if a.resume.is_none() {
+        claim_output_dir(a)?;
+    }
     let dev = device::best_device()?;
     let dtype = if a.bf16 || dev.is_cuda() { DType::BF16 } else { DType::F32 };
     device::keep_pool_memory(&dev)?;
     std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
-    let data_dir = if a.preset_tiny { hub::sample_dataset()? } else { hub::resolve_dataset(&a.data, "--data")? };
+    let data_dir = if a.preset_tiny() { hub::sample_dataset()? } else { hub::resolve_dataset(&a.data, "--data")? };
     let split = read_split(&split_file(&data_dir, "train")?, "train")?;
-    for s in &split.skipped {
-        eprintln!("skipped {}: {}", s.pid, s.reason);
-    }
-    let mut problems = split.problems;
+    report_skipped(&split.skipped, "of the training split");
+    let mut m = load(a, &dev, dtype)?;
+    let (mut problems, too_long) = trainable_rows(&m, split.problems, a)?;
+    report_skipped(&too_long, "cut by --max-seq-len");
     if let Some(n) = a.max_train_samples {
         problems.truncate(n);
     }
     if problems.is_empty() {
-        bail!("no training rows left (of {} skipped)", split.skipped.len());
+        bail!("no training rows left (skipped {})", split.skipped.len() + too_long.len());
     }
-    let mut m = load(a, &dev, dtype)?;
     let n_batches = problems.len().div_ceil(a.per_device_train_batch_size);
     let total = a.max_steps.unwrap_or_else(|| {
         ((a.num_train_epochs * n_batches as f64) / a.gradient_accumulation_steps as f64).ceil().max(1.0) as usize
@@ -199,29 +326,26 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         train_rows: problems.len(),
     };
     let metrics_path = a.output_dir.join("metrics.jsonl");
-    if let Some(which) = resume {
-        let dir = match which {
-            Some(p) => p,
-            None => state::latest(&a.output_dir).with_context(|| {
-                format!("--resume: no checkpoint in {}", a.output_dir.join("checkpoints").display())
-            })?,
-        };
-        let saved = state::load(&dir, &mut m.vlm.llm, &m.vlm.projector, &mut opt, &m.names)?;
-        let same = TrainerState { global_step: saved.global_step, ..state.clone() };
-        if saved != same {
-            bail!("--resume {}: saved with other settings ({saved:?}); this run has {same:?}", dir.display());
+    let args_json = serde_json::to_value(a)?;
+    if let Some(which) = &a.resume {
+        let (dir, loaded) = restore(a, which, &mut m, &mut opt)?;
+        check_resume_settings(a, &dir, loaded.args, &loaded.state, &state)?;
+        state = loaded.state;
+        if state.global_step == total {
+            eprintln!("{}: the run is finished ({total} of {total} steps); writing its outputs", dir.display());
         }
-        state = saved;
         metrics::truncate_after(&metrics_path, state.global_step)?;
         eprintln!("resumed from {} at step {}", dir.display(), state.global_step);
     } else {
-        std::fs::write(&metrics_path, b"")?;
+        crate::safetensors_out::write_atomic(&metrics_path, b"")?;
     }
     let args_path = a.output_dir.join("args.json");
     crate::safetensors_out::write_atomic(&args_path, (serde_json::to_string_pretty(a)? + "\n").as_bytes())?;
 
     let bar = device::progress_bar(total, state.global_step);
     let ga = a.gradient_accumulation_steps;
+    // --max-grad-norm 0 turns clipping off, as in the Trainer
+    let max_norm = if a.max_grad_norm > 0.0 { a.max_grad_norm } else { f64::INFINITY };
     let (mut window_loss, mut window_n, mut window_samples, mut window_tokens) = (0f64, 0usize, 0usize, 0usize);
     let mut window_start = Instant::now();
     device::reset_peak_memory(&dev)?;
@@ -258,7 +382,17 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
             window_samples += picked.len();
             window_tokens += tokens;
         }
-        let grad_norm = clip_grad_norm(&mut grads, a.max_grad_norm)?;
+        let grad_norm = clip_grad_norm(&mut grads, max_norm)?;
+        if !(step_loss.is_finite() && grad_norm.is_finite()) {
+            bar.abandon();
+            let last = state::candidates(&a.output_dir)
+                .first()
+                .map_or("no checkpoint was written".to_string(), |d| format!("the last checkpoint is {}", d.display()));
+            bail!(
+                "step {}: the loss is {step_loss} and the gradient norm {grad_norm}; training diverged (try a lower --learning-rate); this step was not applied and nothing after step {step} was written; {last}",
+                step + 1
+            );
+        }
         opt.step(&grads, lr)?;
         device::synchronize(&dev)?;
         step_times.push(step_start.elapsed().as_secs_f64());
@@ -299,7 +433,8 @@ pub fn train(a: &TrainArgs, resume: Option<Option<PathBuf>>, interrupted: Arc<At
         if (a.save_steps > 0 && state.global_step.is_multiple_of(a.save_steps)) || stop || state.global_step == stop_at
         {
             let dir = state::checkpoint_dir(&a.output_dir, state.global_step);
-            state::save(&dir, &mut m.vlm.llm, &m.vlm.projector, &m.spec, &base_model_name(a), &opt, &m.names, &state)?;
+            let snap = Snapshot { opt: &opt, names: &m.names, state: &state, args: &args_json };
+            state::save(&dir, &mut m.vlm.llm, &m.vlm.projector, &m.spec, &base_model_name(a), &snap)?;
         }
         if stop {
             bar.abandon_with_message(format!("interrupted at step {}; resume with --resume", state.global_step));

@@ -1,0 +1,171 @@
+//! `gemmaclip eval`: every question of a ScienceQA split answered (batched, resumable through
+//! predictions.jsonl), then scored with the official breakdown (`score`).
+
+mod score;
+
+pub use score::{breakdown, parse_answer, table, Column, Scored};
+
+use crate::data::prompt::{letter, user_turn};
+use crate::data::scienceqa::{read_split, split_file};
+use crate::device;
+use crate::generate::{generate, GenerateOptions};
+use crate::load::Answerer;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One line of predictions.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Prediction {
+    pub pid: String,
+    /// "image" or "text".
+    pub prompt_kind: String,
+    pub text: String,
+    /// The parsed letter, None when unparseable (scored as wrong).
+    pub predicted: Option<String>,
+    pub predicted_index: i64,
+    pub answer: String,
+    pub correct: bool,
+}
+
+pub struct EvalArgs {
+    pub split: String,
+    pub limit: Option<usize>,
+    pub batch_size: usize,
+    pub max_new_tokens: usize,
+    pub output_dir: PathBuf,
+}
+
+fn read_predictions(path: &Path) -> Result<BTreeMap<String, Prediction>> {
+    let mut done = BTreeMap::new();
+    if let Ok(text) = std::fs::read_to_string(path) {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let p: Prediction = match serde_json::from_str(line) {
+                Ok(p) => p,
+                // a line cut by an interrupted write: that question is simply asked again
+                Err(_) if i + 1 == text.lines().count() => continue,
+                Err(e) => bail!("{} line {}: {e}", path.display(), i + 1),
+            };
+            done.insert(p.pid.clone(), p);
+        }
+    }
+    Ok(done)
+}
+
+/// Runs every question of the split (resuming from predictions.jsonl), then writes results.json
+/// (`{"results": {pid: index}}` as the official scorer reads it, plus the breakdown) and prints it.
+pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Column>> {
+    let split = read_split(&split_file(data_dir, &a.split)?, &a.split)?;
+    for s in &split.skipped {
+        eprintln!("skipped {}: {}", s.pid, s.reason);
+    }
+    let mut problems = split.problems;
+    if let Some(n) = a.limit {
+        problems.truncate(n);
+    }
+    std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
+    let pred_path = a.output_dir.join("predictions.jsonl");
+    let mut done = read_predictions(&pred_path)?;
+    // rewrite without a torn last line, then append
+    let mut text = String::new();
+    for p in done.values() {
+        text.push_str(&serde_json::to_string(p)?);
+        text.push('\n');
+    }
+    crate::safetensors_out::write_atomic(&pred_path, text.as_bytes())?;
+    let todo: Vec<_> = problems.iter().filter(|p| !done.contains_key(&p.pid)).collect();
+    if !done.is_empty() {
+        eprintln!("resuming: {} of {} questions already answered", problems.len() - todo.len(), problems.len());
+    }
+    let bar = device::progress_bar(problems.len(), problems.len() - todo.len());
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&pred_path)
+        .with_context(|| format!("cannot open {}", pred_path.display()))?;
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+        stop_ids: model.stop_ids(),
+    };
+    let started = Instant::now();
+    for chunk in todo.chunks(a.batch_size.max(1)) {
+        let mut prompts = vec![];
+        let mut images = vec![];
+        for p in chunk {
+            let img = match &p.image {
+                Some(b) => Some(model.images.process_bytes(b).with_context(|| format!("row {}", p.pid))?),
+                None => None,
+            };
+            prompts.push(model.encode(&user_turn(
+                &p.question,
+                &p.hint,
+                &p.choices,
+                img.as_ref().map(|_| model.image_tokens()),
+            ))?);
+            images.extend(img);
+        }
+        let pixels = model.pixels(&images)?;
+        let (gen, _) = generate(&model.vlm, &prompts, pixels.as_ref(), &opts, &mut |_, _| {})?;
+        for (p, g) in chunk.iter().zip(gen) {
+            let text = model.decode(&g.tokens)?;
+            let idx = parse_answer(&text, p.choices.len());
+            let pred = Prediction {
+                pid: p.pid.clone(),
+                prompt_kind: if p.image.is_some() { "image" } else { "text" }.into(),
+                text,
+                predicted: idx.map(|i| letter(i).to_string()),
+                predicted_index: idx.map_or(-1, |i| i as i64),
+                answer: letter(p.answer).to_string(),
+                correct: idx == Some(p.answer),
+            };
+            writeln!(file, "{}", serde_json::to_string(&pred)?)
+                .and_then(|()| file.flush())
+                .with_context(|| format!("cannot write {}", pred_path.display()))?;
+            done.insert(pred.pid.clone(), pred);
+        }
+        let correct = done.values().filter(|p| p.correct).count();
+        bar.set_position(done.len().min(problems.len()) as u64);
+        bar.set_message(format!("accuracy {:.1}%", correct as f64 / done.len().max(1) as f64 * 100.0));
+        if bar.is_hidden() {
+            eprintln!(
+                "{}/{} answered, running accuracy {:.2}%",
+                done.len(),
+                problems.len(),
+                correct as f64 / done.len().max(1) as f64 * 100.0
+            );
+        }
+    }
+    bar.finish_and_clear();
+    let scored: Vec<Scored> = problems
+        .iter()
+        .map(|p| Scored::of(p, done.get(&p.pid).and_then(|d| usize::try_from(d.predicted_index).ok())))
+        .collect();
+    let cols = breakdown(&scored);
+    let results: BTreeMap<&str, i64> =
+        problems.iter().map(|p| (p.pid.as_str(), done.get(&p.pid).map_or(-1, |d| d.predicted_index))).collect();
+    let out = serde_json::json!({
+        "split": a.split,
+        "count": problems.len(),
+        "skipped": split.skipped.iter().map(|s| serde_json::json!({"pid": s.pid, "reason": s.reason})).collect::<Vec<_>>(),
+        "results": results,
+        "breakdown": cols,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    crate::safetensors_out::write_atomic(
+        &a.output_dir.join("results.json"),
+        (serde_json::to_string_pretty(&out)? + "\n").as_bytes(),
+    )?;
+    let t = table(&cols);
+    crate::safetensors_out::write_atomic(&a.output_dir.join("breakdown.txt"), t.as_bytes())?;
+    print!("{t}");
+    Ok(cols)
+}
