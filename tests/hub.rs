@@ -1,6 +1,6 @@
 //! Model and dataset sources: directories, hub ids found in the Hugging Face cache layout that
-//! `huggingface-cli download` leaves, and the offline switch. (Downloading itself needs the
-//! network, which tests never use.)
+//! `huggingface-cli download` leaves, what counts as a complete snapshot, and the offline switch.
+//! (Downloads are tested against an emulated hub in `hub_download.rs`.)
 
 mod common;
 
@@ -43,9 +43,47 @@ fn hub_ids_resolve_through_the_cache_and_offline_mode_says_so() {
     // not cached, offline: one clear line naming the flag and the reason
     let e = resolve_model("openai/clip-vit-large-patch14-336", "--vision-model").unwrap_err().to_string();
     assert!(e.contains("--vision-model openai/clip-vit-large-patch14-336") && e.contains("HF_HUB_OFFLINE"), "{e}");
-    // a half-downloaded snapshot (no weights) is not taken for a model
-    std::fs::remove_file(snap.join("model.safetensors")).unwrap();
-    assert!(resolve_model("google/gemma-3-4b-it", "--model").is_err());
+    // HF_HUB_OFFLINE takes Python's true values, in any case
+    for on in ["1", "on", "YES", "True"] {
+        std::env::set_var("HF_HUB_OFFLINE", on);
+        let e = resolve_model("openai/clip-vit-large-patch14-336", "--vision-model").unwrap_err().to_string();
+        assert!(e.contains("HF_HUB_OFFLINE is set"), "{on}: {e}");
+    }
+
+    // interrupted downloads are not taken for a model; offline, the message names what is missing
+    let lacks = |what: &str| {
+        let e = resolve_model("google/gemma-3-4b-it", "--model").unwrap_err().to_string();
+        assert!(e.starts_with("--model google/gemma-3-4b-it: the cached snapshot") && e.contains(what), "{e}");
+        assert!(e.contains("HF_HUB_OFFLINE") && !e.contains('\n'), "{e}");
+    };
+    std::fs::remove_file(snap.join("tokenizer.json")).unwrap();
+    lacks("tokenizer.json");
+    std::fs::copy(common::tiny_dir().join("llm/tokenizer.json"), snap.join("tokenizer.json")).unwrap();
+    // hf-hub fetches in listing order: the first shard can land before the index
+    std::fs::rename(snap.join("model.safetensors"), snap.join("model-00001-of-00002.safetensors")).unwrap();
+    lacks("model.safetensors.index.json");
+    let index = serde_json::json!({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}});
+    std::fs::write(snap.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    lacks("model-00002-of-00002.safetensors");
+    std::fs::remove_file(snap.join("model.safetensors.index.json")).unwrap();
+    std::fs::remove_file(snap.join("model-00001-of-00002.safetensors")).unwrap();
+    lacks("the weights");
+
+    // a CLIP snapshot needs its preprocessor_config.json (else the image settings would silently
+    // be built-in values) and takes PyTorch weights where it has no safetensors
+    let clip = cache.path().join("models--openai--clip-vit-large-patch14-336");
+    let csnap = clip.join("snapshots/c0ffee");
+    std::fs::create_dir_all(clip.join("refs")).unwrap();
+    std::fs::write(clip.join("refs/main"), "c0ffee").unwrap();
+    std::fs::create_dir_all(&csnap).unwrap();
+    std::fs::copy(common::tiny_dir().join("vision/config.json"), csnap.join("config.json")).unwrap();
+    std::fs::copy(common::fixture_path("clip_bin/pytorch_model.bin"), csnap.join("pytorch_model.bin")).unwrap();
+    let e = resolve_model("openai/clip-vit-large-patch14-336", "--vision-model").unwrap_err().to_string();
+    assert!(e.contains("preprocessor_config.json") && !e.contains("weights"), "{e}");
+    std::fs::copy(common::tiny_dir().join("vision/preprocessor_config.json"), csnap.join("preprocessor_config.json"))
+        .unwrap();
+    assert_eq!(resolve_model("openai/clip-vit-large-patch14-336", "--vision-model").unwrap(), csnap);
+
     // a path that does not exist is not mistaken for a hub id
     let e = resolve_model("./models/gemma", "--model").unwrap_err().to_string();
     assert!(e.contains("no such directory"), "{e}");
