@@ -141,3 +141,21 @@ fn zero_sized_configs_and_string_numbers_in_adapter_configs_are_errors() {
     };
     assert!(e.contains("adapter_config.json") && e.contains("lora_alpha"), "{e}");
 }
+
+#[test]
+fn preprocessor_configs_with_wrong_values_are_errors() {
+    use gemmaclip::data::image::{Aspect, ImageProcessor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("preprocessor_config.json");
+    // absent: CLIP's values (with a warning)
+    assert_eq!(ImageProcessor::from_dir(dir.path(), 336, Aspect::Pad).unwrap().std[0], 0.268_629_54);
+    for (bad, key) in [
+        (r#"{"image_std": "0.27"}"#, "image_std"),
+        (r#"{"image_mean": [0.5, 0.5]}"#, "image_mean"),
+        (r#"{"image_std": [0.2, 0, 0.2]}"#, "image_std"),
+    ] {
+        std::fs::write(&path, bad).unwrap();
+        let e = ImageProcessor::from_dir(dir.path(), 336, Aspect::Pad).unwrap_err().to_string();
+        assert!(e.contains("preprocessor_config.json") && e.contains(key), "{bad}: {e}");
+    }
+}

@@ -106,19 +106,32 @@ impl ImageProcessor {
     pub fn from_dir(dir: &Path, image_size: usize, aspect: Aspect) -> Result<Self> {
         let mut p = Self { size: image_size, mean: CLIP_MEAN, std: CLIP_STD, aspect };
         let path = dir.join("preprocessor_config.json");
-        if path.is_file() {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-                .with_context(|| format!("{}: not valid JSON", path.display()))?;
-            let triple = |k: &str| -> Option<[f32; 3]> {
-                let a = v.get(k)?.as_array()?;
-                Some([a.first()?.as_f64()? as f32, a.get(1)?.as_f64()? as f32, a.get(2)?.as_f64()? as f32])
-            };
-            if let Some(m) = triple("image_mean") {
-                p.mean = m;
+        if !path.is_file() {
+            // a hub download is only complete with this file; a hand-made directory may lack it
+            eprintln!("warning: {} is missing; using CLIP's image mean and std", path.display());
+            return Ok(p);
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let triple = |k: &str| -> Result<Option<[f32; 3]>> {
+            let Some(x) = v.get(k).filter(|x| !x.is_null()) else { return Ok(None) };
+            let a: Option<Vec<f64>> = x.as_array().map(|a| a.iter().filter_map(|e| e.as_f64()).collect());
+            match a {
+                Some(a) if a.len() == 3 && x.as_array().is_some_and(|x| x.len() == 3) => {
+                    Ok(Some([a[0] as f32, a[1] as f32, a[2] as f32]))
+                }
+                _ => anyhow::bail!("{}: {k} must be a list of three numbers, got {x}", path.display()),
             }
-            if let Some(s) = triple("image_std") {
-                p.std = s;
+        };
+        if let Some(m) = triple("image_mean")? {
+            p.mean = m;
+        }
+        if let Some(s) = triple("image_std")? {
+            if !s.iter().all(|x| x.is_finite() && *x > 0.0) {
+                anyhow::bail!("{}: image_std must be positive, got {s:?}", path.display());
             }
+            p.std = s;
         }
         Ok(p)
     }

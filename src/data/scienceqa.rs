@@ -46,6 +46,30 @@ pub struct Split {
     pub images_lost: usize,
 }
 
+impl Split {
+    /// Lists the skipped rows with their reasons on stderr, then how many there were and how many
+    /// of them were image rows that lost their image.
+    pub fn report_skipped(&self) {
+        report_skipped(&self.skipped, &format!("of the {} split", self.name));
+        if self.images_lost > 0 {
+            eprintln!(
+                "{} image rows of the {} split lost their image (see the reasons above)",
+                self.images_lost, self.name
+            );
+        }
+    }
+}
+
+/// Lists skipped rows (one line each) and their count, `what` saying where they were skipped.
+pub fn report_skipped(skipped: &[Skipped], what: &str) {
+    for s in skipped {
+        eprintln!("skipped {}: {}", s.pid, s.reason);
+    }
+    if !skipped.is_empty() {
+        eprintln!("skipped {} rows {what}", skipped.len());
+    }
+}
+
 /// Columns a file must have; task, topic, category and skill are read when present.
 const REQUIRED: [&str; 9] =
     ["image", "question", "choices", "answer", "hint", "lecture", "solution", "subject", "grade"];

@@ -62,9 +62,7 @@ fn read_predictions(path: &Path) -> Result<BTreeMap<String, Prediction>> {
 /// (`{"results": {pid: index}}` as the official scorer reads it, plus the breakdown) and prints it.
 pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Column>> {
     let split = read_split(&split_file(data_dir, &a.split)?, &a.split)?;
-    for s in &split.skipped {
-        eprintln!("skipped {}: {}", s.pid, s.reason);
-    }
+    split.report_skipped();
     let mut problems = split.problems;
     if let Some(n) = a.limit {
         problems.truncate(n);
@@ -155,6 +153,7 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Colum
     let out = serde_json::json!({
         "split": a.split,
         "count": problems.len(),
+        "images_lost": split.images_lost,
         "skipped": split.skipped.iter().map(|s| serde_json::json!({"pid": s.pid, "reason": s.reason})).collect::<Vec<_>>(),
         "results": results,
         "breakdown": cols,

@@ -4,7 +4,7 @@
 use crate::data::batch::collate;
 use crate::data::image::ImageProcessor;
 use crate::data::prompt::encode;
-use crate::data::scienceqa::{read_split, split_file, Problem, Skipped};
+use crate::data::scienceqa::{read_split, report_skipped, split_file, Problem, Skipped};
 use crate::device;
 use crate::hub;
 use crate::load::{load_base, load_tokenizer, Base, ModelArgs};
@@ -280,15 +280,6 @@ fn check_resume_settings(
     Ok(())
 }
 
-fn report_skipped(skipped: &[Skipped], what: &str) {
-    for s in skipped {
-        eprintln!("skipped {}: {}", s.pid, s.reason);
-    }
-    if !skipped.is_empty() {
-        eprintln!("skipped {} rows {what}", skipped.len());
-    }
-}
-
 /// Runs training (or continues it with `a.resume`). Returns (optimizer steps done, steps the run has in all).
 pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usize)> {
     a.validate()?;
@@ -301,7 +292,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
     let data_dir = if a.preset_tiny() { hub::sample_dataset()? } else { hub::resolve_dataset(&a.data, "--data")? };
     let split = read_split(&split_file(&data_dir, "train")?, "train")?;
-    report_skipped(&split.skipped, "of the training split");
+    split.report_skipped();
     let mut m = load(a, &dev, dtype)?;
     let (mut problems, too_long) = trainable_rows(&m, split.problems, a)?;
     report_skipped(&too_long, "cut by --max-seq-len");
