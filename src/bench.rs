@@ -45,12 +45,8 @@ pub struct TrainStepArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    #[arg(long, default_value_t = 64)]
-    pub lora_r: usize,
-    #[arg(long, default_value_t = 128.0)]
-    pub lora_alpha: f64,
-    #[arg(long, default_value_t = 0.05)]
-    pub lora_dropout: f32,
+    #[command(flatten)]
+    pub lora: crate::train::args::LoraArgs,
     /// Supervised rows per lm_head / log-softmax chunk.
     #[arg(long, default_value_t = 256)]
     pub loss_chunk: usize,
@@ -121,12 +117,8 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
     let load_s = t.elapsed().as_secs_f64();
     let after_load = memory(&dev)?;
 
-    let spec = LoraSpec {
-        r: a.lora_r,
-        alpha: a.lora_alpha,
-        dropout: a.lora_dropout,
-        targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
-    };
+    a.lora.validate()?;
+    let spec = a.lora.spec(&DEFAULT_TARGETS.map(String::from));
     adapter::attach_new(&mut llm, &spec, 0)?;
     let projector = Projector::init(vcfg.hidden_size, cfg.text.hidden_size, 0, &dev)?;
     let mut vars: Vec<Var> = adapter::lora_vars(&mut llm).into_iter().map(|(_, v)| v).collect();
@@ -164,7 +156,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
             "{}",
             json!({
                 "what": "gemmaclip_train_step", "four_bit": !a.no_4bit, "grad_ckpt": ckpt,
-                "seq": a.seq, "label_tokens": a.label_tokens, "lora_r": a.lora_r,
+                "seq": a.seq, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
                 "trainable_params": trainable, "step_ms_median": (med * 1e4).round() / 10.0,
                 "step_ms_min": (times[0] * 1e4).round() / 10.0, "tokens_per_s": (a.seq as f64 / med * 10.0).round() / 10.0,
                 "loss": loss, "gpu": device::device_name(&dev), "load_s": (load_s * 10.0).round() / 10.0,

@@ -46,8 +46,8 @@ fn loss_halves_within_60_steps_and_outputs_reload() {
     a.learning_rate = 1e-2;
     a.lr_scheduler_type = gemmaclip::train::schedule::Schedule::Constant;
     a.warmup_ratio = 0.0;
-    a.lora_r = 16;
-    a.lora_alpha = 32.0;
+    a.lora.lora_r = 16;
+    a.lora.lora_alpha = 32.0;
     assert_eq!(train(&a, no_interrupt()).unwrap(), (60, 60));
     let m = metrics::read(&out.path().join("metrics.jsonl")).unwrap();
     assert_eq!(m.len(), 60);
@@ -100,7 +100,7 @@ fn resume_is_bit_identical() {
         a.gradient_accumulation_steps = 2;
         a.max_train_samples = Some(6);
         a.learning_rate = 1e-3;
-        a.lora_dropout = 0.1;
+        a.lora.lora_dropout = 0.1;
         a.gradient_checkpointing = true;
         a
     };

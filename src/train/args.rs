@@ -3,7 +3,7 @@
 
 use crate::data::image::Aspect;
 use crate::data::prompt::Target;
-use crate::peft::lora::DEFAULT_TARGETS;
+use crate::peft::lora::{LoraSpec, DEFAULT_TARGETS};
 use crate::train::schedule::Schedule;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -64,15 +64,9 @@ pub struct TrainArgs {
     /// Recompute each layer in the backward pass instead of keeping its activations (less memory).
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 64)]
-    pub lora_r: usize,
-    /// LoRA alpha; the update is scaled by alpha / r.
-    #[arg(long, default_value_t = 128.0)]
-    pub lora_alpha: f64,
-    /// Dropout on the LoRA input, in [0, 1).
-    #[arg(long, default_value_t = 0.05)]
-    pub lora_dropout: f32,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraArgs,
     /// Linears that get adapters (comma-separated; of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
     pub lora_target_modules: Vec<String>,
@@ -118,6 +112,39 @@ pub struct TrainArgs {
     pub stop_after: Option<usize>,
 }
 
+/// The adapter's shape, shared by `train` and `bench train-step`.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+pub struct LoraArgs {
+    /// LoRA rank.
+    #[arg(long, default_value_t = 64)]
+    pub lora_r: usize,
+    /// LoRA alpha; the update is scaled by alpha / r.
+    #[arg(long, default_value_t = 128.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA input, in [0, 1).
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f32,
+}
+
+impl LoraArgs {
+    pub fn spec(&self, targets: &[String]) -> LoraSpec {
+        LoraSpec { r: self.lora_r, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: targets.to_vec() }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.lora_r == 0 {
+            bail!("--lora-r must be at least 1");
+        }
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            bail!("--lora-alpha must be a positive number, got {}", self.lora_alpha);
+        }
+        if !(self.lora_dropout.is_finite() && (0.0..1.0).contains(&self.lora_dropout)) {
+            bail!("--lora-dropout must be in [0, 1), got {}", self.lora_dropout);
+        }
+        Ok(())
+    }
+}
+
 /// Settings a resumed run may change: they alter neither the model nor the schedule nor the data.
 pub const RESUMABLE_CHANGES: [&str; 7] =
     ["output_dir", "save_steps", "logging_steps", "loss_chunk", "use_flash_attention_2", "model", "vision_model"];
@@ -146,7 +173,6 @@ impl TrainArgs {
         for (flag, v) in [
             ("--per-device-train-batch-size", self.per_device_train_batch_size),
             ("--gradient-accumulation-steps", self.gradient_accumulation_steps),
-            ("--lora-r", self.lora_r),
             ("--logging-steps", self.logging_steps),
             ("--max-seq-len", self.max_seq_len),
             ("--loss-chunk", self.loss_chunk),
@@ -173,7 +199,6 @@ impl TrainArgs {
             Ok(())
         };
         positive("--learning-rate", self.learning_rate)?;
-        positive("--lora-alpha", self.lora_alpha)?;
         non_negative("--weight-decay", self.weight_decay)?;
         non_negative("--max-grad-norm", self.max_grad_norm)?;
         if self.max_steps.is_none() {
@@ -182,9 +207,7 @@ impl TrainArgs {
         if !(self.warmup_ratio.is_finite() && (0.0..=1.0).contains(&self.warmup_ratio)) {
             bail!("--warmup-ratio must be in [0, 1], got {}", self.warmup_ratio);
         }
-        if !(self.lora_dropout.is_finite() && (0.0..1.0).contains(&self.lora_dropout)) {
-            bail!("--lora-dropout must be in [0, 1), got {}", self.lora_dropout);
-        }
+        self.lora.validate()?;
         let unknown: Vec<&str> =
             self.lora_target_modules.iter().map(|s| s.trim()).filter(|s| !DEFAULT_TARGETS.contains(s)).collect();
         if !unknown.is_empty() {

@@ -44,8 +44,7 @@ fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
         four_bit: a.four_bit(),
     };
     let Base { mut llm, vision, cfg, vcfg, llm_dir, vis_dir } = load_base(&model, dtype, dev)?;
-    let spec =
-        LoraSpec { r: a.lora_r, alpha: a.lora_alpha, dropout: a.lora_dropout, targets: a.lora_target_modules.clone() };
+    let spec = a.lora.spec(&a.lora_target_modules);
     adapter::attach_new(&mut llm, &spec, a.seed)?;
     let projector = Projector::init(vcfg.hidden_size, cfg.text.hidden_size, a.seed, dev)?;
     let mut named = adapter::lora_vars(&mut llm);

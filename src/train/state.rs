@@ -44,7 +44,7 @@ pub fn candidates(output_dir: &Path) -> Vec<PathBuf> {
             e.path().is_dir().then_some((step, e.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     found.into_iter().map(|(_, p)| p).collect()
 }
 
@@ -92,7 +92,20 @@ pub fn save(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
     }
-    let written = write_into(&tmp, llm, projector, spec, base_model, snap);
+    let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        adapter::save(&tmp, llm, spec, base_model)?;
+        projector.save(&tmp.join("projector.safetensors"))?;
+        let mut moments = HashMap::new();
+        for (i, n) in snap.names.iter().enumerate() {
+            moments.insert(format!("exp_avg.{n}"), to_cpu(&snap.opt.m[i])?);
+            moments.insert(format!("exp_avg_sq.{n}"), to_cpu(&snap.opt.v[i])?);
+        }
+        save_tensors_atomic(&moments, &tmp.join("optimizer.safetensors"))?;
+        let json = serde_json::json!({"trainer": snap.state, "optimizer_step": snap.opt.step, "args": snap.args});
+        write_atomic(&tmp.join("trainer_state.json"), (serde_json::to_string_pretty(&json)? + "\n").as_bytes())?;
+        sync_dir(&tmp)
+    })();
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -102,28 +115,6 @@ pub fn save(
     }
     std::fs::rename(&tmp, dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
     sync_dir(dir.parent().unwrap_or(Path::new(".")))
-}
-
-fn write_into(
-    tmp: &Path,
-    llm: &mut Gemma3Text,
-    projector: &Projector,
-    spec: &LoraSpec,
-    base_model: &str,
-    snap: &Snapshot,
-) -> Result<()> {
-    std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    adapter::save(tmp, llm, spec, base_model)?;
-    projector.save(&tmp.join("projector.safetensors"))?;
-    let mut moments = HashMap::new();
-    for (i, n) in snap.names.iter().enumerate() {
-        moments.insert(format!("exp_avg.{n}"), to_cpu(&snap.opt.m[i])?);
-        moments.insert(format!("exp_avg_sq.{n}"), to_cpu(&snap.opt.v[i])?);
-    }
-    save_tensors_atomic(&moments, &tmp.join("optimizer.safetensors"))?;
-    let json = serde_json::json!({"trainer": snap.state, "optimizer_step": snap.opt.step, "args": snap.args});
-    write_atomic(&tmp.join("trainer_state.json"), (serde_json::to_string_pretty(&json)? + "\n").as_bytes())?;
-    sync_dir(tmp)
 }
 
 fn set_from(path: &Path, vars: &[(String, Var)], key: impl Fn(&str) -> String) -> Result<()> {
