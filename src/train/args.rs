@@ -92,6 +92,9 @@ pub struct TrainArgs {
     /// Save a resumable checkpoint every N optimizer steps (0: only at the end or on Ctrl-C).
     #[arg(long, default_value_t = 500)]
     pub save_steps: usize,
+    /// Keep at most N checkpoints (the newest; older ones are deleted as new ones are written).
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
     /// Write a metrics.jsonl record every N optimizer steps.
     #[arg(long, default_value_t = 10)]
     pub logging_steps: usize,
@@ -99,7 +102,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 256)]
     pub loss_chunk: usize,
     /// Continue from the latest valid checkpoint in --output-dir, or from the checkpoint directory given.
-    #[arg(long, num_args = 0..=1, value_name = "CHECKPOINT")]
+    #[arg(long, visible_alias = "resume-from-checkpoint", num_args = 0..=1, value_name = "CHECKPOINT")]
     #[serde(skip)]
     pub resume: Option<Option<PathBuf>>,
     /// Start a fresh run in an --output-dir that holds an earlier run, deleting that run's files.
@@ -146,8 +149,16 @@ impl LoraArgs {
 }
 
 /// Settings a resumed run may change: they alter neither the model nor the schedule nor the data.
-pub const RESUMABLE_CHANGES: [&str; 7] =
-    ["output_dir", "save_steps", "logging_steps", "loss_chunk", "use_flash_attention_2", "model", "vision_model"];
+pub const RESUMABLE_CHANGES: [&str; 8] = [
+    "output_dir",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "loss_chunk",
+    "use_flash_attention_2",
+    "model",
+    "vision_model",
+];
 
 impl TrainArgs {
     /// Parses train flags as the command line does (the defaults are the CLI's), e.g. for tests.
@@ -181,7 +192,11 @@ impl TrainArgs {
                 bail!("{flag} must be at least 1");
             }
         }
-        for (flag, v) in [("--max-steps", self.max_steps), ("--max-train-samples", self.max_train_samples)] {
+        for (flag, v) in [
+            ("--max-steps", self.max_steps),
+            ("--max-train-samples", self.max_train_samples),
+            ("--save-total-limit", self.save_total_limit),
+        ] {
             if v == Some(0) {
                 bail!("{flag} must be at least 1");
             }
