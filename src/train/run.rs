@@ -238,17 +238,22 @@ fn check_resume_settings(
     saved: &TrainerState,
     now: &TrainerState,
 ) -> Result<()> {
-    let saved_args = match saved_args {
-        Some(v) => Some(v),
-        // checkpoints of older versions carry no arguments: the run's args.json stands in
+    let saved_args: Option<TrainArgs> = match saved_args {
+        Some(v) => Some(serde_json::from_value(v).with_context(|| {
+            format!("{}: the saved arguments are unreadable", dir.join("trainer_state.json").display())
+        })?),
+        // Checkpoints of older versions carry no arguments; the run's args.json stands in when
+        // it is of this version's shape (the trainer state below is checked either way).
         None => {
-            std::fs::read_to_string(a.output_dir.join("args.json")).ok().and_then(|t| serde_json::from_str(&t).ok())
+            let path = a.output_dir.join("args.json");
+            let parsed = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
+            if parsed.is_none() {
+                eprintln!("warning: {} carries no arguments to compare with this run's", dir.display());
+            }
+            parsed
         }
     };
-    if let Some(v) = saved_args {
-        let saved_args: TrainArgs = serde_json::from_value(v).with_context(|| {
-            format!("{}: the saved arguments are unreadable", dir.join("trainer_state.json").display())
-        })?;
+    if let Some(saved_args) = saved_args {
         let diff = a.resume_conflicts(&saved_args)?;
         if !diff.is_empty() {
             bail!(
