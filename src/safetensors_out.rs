@@ -106,8 +106,32 @@ pub fn save_tensors_atomic(map: &std::collections::HashMap<String, candle_core::
     let tmp = tmp_name(path);
     let result = candle_core::safetensors::save(map, &tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| default_permissions(&tmp))
         .and_then(|()| sync_file(&tmp));
     finish_atomic(&tmp, path, result)
+}
+
+/// Gives `file` the permissions a newly created file gets (0666 less the umask). The safetensors
+/// writer goes through a private temporary file (0600), which would leave weights unreadable to
+/// the group where every other file of a run is readable.
+pub fn default_permissions(file: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        static MODE: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+        let mode = *MODE.get_or_init(|| {
+            // the umask can only be read by creating something
+            let probe = tmp_name(file);
+            let mode = std::fs::File::create(&probe).and_then(|f| f.metadata()).map(|m| m.permissions().mode() & 0o777);
+            let _ = std::fs::remove_file(&probe);
+            mode.ok()
+        });
+        if let Some(mode) = mode {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot set the permissions of {}", file.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Renames a written and synced `tmp` onto `path` and syncs the directory; on an earlier failure

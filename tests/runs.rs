@@ -250,3 +250,73 @@ fn the_loss_curve_draws_the_learning_rate_on_a_second_axis() {
         is([230, 120, 20])
     );
 }
+
+#[test]
+fn a_run_says_what_it_does_and_writes_what_a_user_expects() {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path();
+    let exe = env!("CARGO_BIN_EXE_gemmaclip");
+    let train = |extra: &[&str]| {
+        let r = std::process::Command::new(exe)
+            .env("GEMMACLIP_CACHE", cache())
+            .args(["train", "--preset", "tiny", "--lora-r", "4", "--lora-dropout", "0.05", "--max-steps", "4"])
+            .args(["--gradient-accumulation-steps", "1", "--save-steps", "1", "--save-total-limit", "2"])
+            .arg("--output-dir")
+            .arg(o)
+            .args(extra)
+            .output()
+            .unwrap();
+        (r.status.code(), String::from_utf8_lossy(&r.stderr).to_string())
+    };
+    let (code, err) = train(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    // a summary first, where everything went at the end
+    assert!(
+        err.contains("training on ") && err.contains("trainable parameters") && err.contains("gradient checkpointing"),
+        "{err}"
+    );
+    assert!(err.contains("adapter (PEFT): ") && err.contains("loss curve:"), "{err}");
+    // the loss curve gets every step although metrics.jsonl keeps the logging windows (10 steps)
+    assert_eq!(metrics::read(&o.join("metrics.jsonl")).unwrap().len(), 1);
+    assert_eq!(metrics::read(&o.join("steps.jsonl")).unwrap().iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    // --save-total-limit 2 keeps the two newest checkpoints
+    let mut ckpts: Vec<String> = std::fs::read_dir(o.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    ckpts.sort();
+    assert_eq!(ckpts, ["step-3", "step-4"]);
+    // the dropout as the user wrote it, the tiny preset's real paths, and one mode for every file
+    let config = std::fs::read_to_string(o.join("lora_adapter/adapter_config.json")).unwrap();
+    assert!(config.contains("\"lora_dropout\": 0.05,"), "{config}");
+    let args: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(o.join("args.json")).unwrap()).unwrap();
+    assert!(Path::new(args["model"].as_str().unwrap()).join("config.json").is_file(), "{args}");
+    assert!(Path::new(args["data"].as_str().unwrap()).join("train.parquet").is_file(), "{args}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fn modes(d: &Path, out: &mut std::collections::BTreeMap<u32, String>) {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    modes(&p, out);
+                } else {
+                    out.insert(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, p.display().to_string());
+                }
+            }
+        }
+        let mut m = std::collections::BTreeMap::new();
+        modes(o, &mut m);
+        assert_eq!(m.len(), 1, "files with different permissions: {m:?}");
+    }
+    // a finished run says so; a longer one says in words why it cannot be
+    let (code, err) = train(&["--resume"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("the run is finished (4 of 4 steps)"), "{err}");
+    let (code, err) = train(&["--resume", "--max-steps", "8"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("planned for 4 steps and these settings give 8") && err.contains("cannot be lengthened"),
+        "{err}"
+    );
+}

@@ -77,7 +77,8 @@ pub fn save(dir: &Path, model: &mut Gemma3Text, spec: &LoraSpec, base_model: &st
         "layers_to_transform": null,
         // PEFT's lora_alpha is an int; keep it one when it is whole.
         "lora_alpha": if spec.alpha.fract() == 0.0 { json!(spec.alpha as i64) } else { json!(spec.alpha) },
-        "lora_dropout": spec.dropout,
+        // the f32's shortest decimal (0.05, as the user wrote it), not its f64 widening 0.05000000074505806
+        "lora_dropout": spec.dropout.to_string().parse::<f64>().map_or(json!(spec.dropout), |d| json!(d)),
         "modules_to_save": null,
         "peft_type": "LORA",
         "r": spec.r,

@@ -1,4 +1,5 @@
-//! The loss curve as a PNG (`loss_curve.png`): loss per logged step, learning rate on a second axis.
+//! The loss curve as a PNG (`loss_curve.png`): the loss of every step, the learning rate on a
+//! second axis.
 
 use crate::train::metrics::Record;
 use anyhow::{Context, Result};
@@ -25,7 +26,8 @@ pub fn loss_curve(records: &[Record], path: &Path) -> Result<()> {
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-        let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
+        // integer steps on the x axis: a short run's ticks read 1, 2, 3, not 0.5, 1.0, 1.5
+        let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1) as i64;
         let finite: Vec<&Record> = records.iter().filter(|r| r.loss.is_finite()).collect();
         let (lo, hi) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(r.loss), b.max(r.loss)));
         let (lo, hi) = if finite.is_empty() { (0.0, 1.0) } else { (lo, hi) };
@@ -38,12 +40,13 @@ pub fn loss_curve(records: &[Record], path: &Path) -> Result<()> {
             .x_label_area_size(40)
             .y_label_area_size(60)
             .right_y_label_area_size(70)
-            .build_cartesian_2d(0f64..max_step, (lo - pad).max(0.0)..hi + pad)
+            .build_cartesian_2d(0i64..max_step + 1, (lo - pad).max(0.0)..hi + pad)
             .map_err(|e| plot_err(&e))?
-            .set_secondary_coord(0f64..max_step, 0f64..max_lr * 1.05);
+            .set_secondary_coord(0i64..max_step + 1, 0f64..max_lr * 1.05);
         chart
             .configure_mesh()
             .x_desc("optimizer step")
+            .x_labels((max_step as usize + 2).min(12))
             .y_desc("cross-entropy")
             .label_style(("sans-serif", 14))
             .draw()
@@ -56,14 +59,14 @@ pub fn loss_curve(records: &[Record], path: &Path) -> Result<()> {
             .draw()
             .map_err(|e| plot_err(&e))?;
         chart
-            .draw_series(LineSeries::new(finite.iter().map(|r| (r.step as f64, r.loss)), BLUE.stroke_width(2)))
+            .draw_series(LineSeries::new(finite.iter().map(|r| (r.step as i64, r.loss)), BLUE.stroke_width(2)))
             .map_err(|e| plot_err(&e))?
             .label("loss")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
         let orange = RGBColor(230, 120, 20);
         chart
             .draw_secondary_series(LineSeries::new(
-                records.iter().filter(|r| r.lr.is_finite()).map(|r| (r.step as f64, r.lr)),
+                records.iter().filter(|r| r.lr.is_finite()).map(|r| (r.step as i64, r.lr)),
                 orange.stroke_width(2),
             ))
             .map_err(|e| plot_err(&e))?

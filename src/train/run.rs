@@ -34,6 +34,7 @@ struct Loaded {
     tokenizer: tokenizers::Tokenizer,
     images: ImageProcessor,
     llm_dir: PathBuf,
+    vis_dir: PathBuf,
 }
 
 fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
@@ -62,6 +63,7 @@ fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
         tokenizer,
         images,
         llm_dir,
+        vis_dir,
     })
 }
 
@@ -165,9 +167,10 @@ fn base_model_name(a: &TrainArgs) -> String {
 }
 
 /// What a run directory holds that a fresh run would overwrite.
-const RUN_FILES: [&str; 7] = [
+const RUN_FILES: [&str; 8] = [
     "args.json",
     "metrics.jsonl",
+    "steps.jsonl",
     "checkpoints",
     "lora_adapter",
     "projector.safetensors",
@@ -254,7 +257,12 @@ fn check_resume_settings(
         }
     };
     if let Some(saved_args) = saved_args {
-        let diff = a.resume_conflicts(&saved_args)?;
+        // the length of the run is judged by the steps it comes to, below
+        let diff: Vec<String> = a
+            .resume_conflicts(&saved_args)?
+            .into_iter()
+            .filter(|d| !d.starts_with("--num-train-epochs ") && !d.starts_with("--max-steps "))
+            .collect();
         if !diff.is_empty() {
             bail!(
                 "--resume {}: the run was started with other settings ({}); resume with the same ones (only {} may change) or start a new run",
@@ -269,10 +277,12 @@ fn check_resume_settings(
     }
     if saved.total_steps != now.total_steps {
         bail!(
-            "--resume {}: the run has {} steps in all, these settings give {}",
+            "--resume {}: the run was planned for {} steps and these settings give {}; a run cannot be lengthened or shortened, because its learning-rate schedule ({}, warmup ratio {}) is laid out over the planned steps and would change under the steps already taken; resume with the original --num-train-epochs/--max-steps, or start a new run",
             dir.display(),
             saved.total_steps,
-            now.total_steps
+            now.total_steps,
+            format!("{:?}", a.lr_scheduler_type).to_lowercase(),
+            a.warmup_ratio
         );
     }
     let same = TrainerState { global_step: saved.global_step, ..now.clone() };
@@ -321,21 +331,28 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         train_rows: problems.len(),
     };
     let metrics_path = a.output_dir.join("metrics.jsonl");
-    let args_json = serde_json::to_value(a)?;
+    let steps_path = a.output_dir.join("steps.jsonl");
+    let recorded = recorded_args(a, &m, &data_dir);
+    let args_json = serde_json::to_value(&recorded)?;
     if let Some(which) = &a.resume {
         let (dir, loaded) = restore(a, which, &mut m, &mut opt)?;
-        check_resume_settings(a, &dir, loaded.args, &loaded.state, &state)?;
+        check_resume_settings(&recorded, &dir, loaded.args, &loaded.state, &state)?;
         state = loaded.state;
         if state.global_step == total {
-            eprintln!("{}: the run is finished ({total} of {total} steps); writing its outputs", dir.display());
+            eprintln!("{}: the run is finished ({total} of {total} steps); writing its outputs again", dir.display());
+        } else {
+            eprintln!("resumed from {} at step {}", dir.display(), state.global_step);
         }
         metrics::truncate_after(&metrics_path, state.global_step)?;
-        eprintln!("resumed from {} at step {}", dir.display(), state.global_step);
+        metrics::truncate_after(&steps_path, state.global_step)?;
     } else {
         crate::safetensors_out::write_atomic(&metrics_path, b"")?;
+        crate::safetensors_out::write_atomic(&steps_path, b"")?;
     }
     let args_path = a.output_dir.join("args.json");
-    crate::safetensors_out::write_atomic(&args_path, (serde_json::to_string_pretty(a)? + "\n").as_bytes())?;
+    crate::safetensors_out::write_atomic(&args_path, (serde_json::to_string_pretty(&recorded)? + "\n").as_bytes())?;
+    let skipped = split.skipped.len() + too_long.len();
+    print_summary(a, &m, &dev, dtype, (problems.len(), skipped), (total, n_batches));
 
     let bar = device::progress_bar(total, state.global_step);
     let ga = a.gradient_accumulation_steps;
@@ -395,8 +412,27 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         state.global_step += 1;
         window_loss += step_loss;
         window_n += 1;
+        let secs = step_times.last().copied().unwrap_or(0.0).max(1e-9);
+        let step_tokens_per_s = *step_tokens.last().unwrap_or(&0) as f64 / secs;
+        let epoch = (state.global_step * ga) as f64 / n_batches as f64;
+        // every step goes to steps.jsonl (the loss curve); metrics.jsonl keeps the logging windows
+        metrics::append(
+            &steps_path,
+            &Record {
+                step: state.global_step,
+                epoch,
+                loss: step_loss,
+                lr,
+                grad_norm,
+                samples_per_s: (ga * a.per_device_train_batch_size) as f64 / secs,
+                tokens_per_s: step_tokens_per_s,
+                peak_memory_gib: None,
+            },
+        )?;
         bar.set_position(state.global_step as u64);
-        bar.set_message(format!("loss {step_loss:.4} lr {lr:.2e}"));
+        bar.set_message(format!(
+            "loss {step_loss:.4} lr {lr:.2e} grad-norm {grad_norm:.3} {step_tokens_per_s:.0} tokens/s {secs:.2} s/step"
+        ));
 
         let last = state.global_step == total;
         if state.global_step.is_multiple_of(a.logging_steps) || last {
@@ -405,7 +441,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
             peak_bytes = peak_bytes.max(mem.peak.unwrap_or(0));
             let rec = Record {
                 step: state.global_step,
-                epoch: (state.global_step * ga) as f64 / n_batches as f64,
+                epoch,
                 loss: window_loss / window_n as f64,
                 lr,
                 grad_norm,
@@ -430,6 +466,9 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
             let dir = state::checkpoint_dir(&a.output_dir, state.global_step);
             let snap = Snapshot { opt: &opt, names: &m.names, state: &state, args: &args_json };
             state::save(&dir, &mut m.vlm.llm, &m.vlm.projector, &m.spec, &base_model_name(a), &snap)?;
+            if let Some(keep) = a.save_total_limit {
+                state::prune(&a.output_dir, keep)?;
+            }
         }
         if stop {
             bar.abandon_with_message(format!("interrupted at step {}; resume with --resume", state.global_step));
@@ -458,7 +497,53 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     }
     if state.global_step == total {
         write_outputs(&mut m, a)?;
-        crate::train::plot::loss_curve(&metrics::read(&metrics_path)?, &a.output_dir.join("loss_curve.png"))?;
+        let curve = a.output_dir.join("loss_curve.png");
+        crate::train::plot::loss_curve(&metrics::read(&steps_path)?, &curve)?;
+        let o = |f: &str| a.output_dir.join(f).display().to_string();
+        eprintln!("adapter (PEFT): {}", o("lora_adapter"));
+        eprintln!("projector:      {}", o("projector.safetensors"));
+        eprintln!("tokenizer:      {}", o("tokenizer"));
+        eprintln!("metrics:        {} (every step: {})", o("metrics.jsonl"), o("steps.jsonl"));
+        eprintln!("loss curve:     {}", curve.display());
+        if let Some(c) = state::candidates(&a.output_dir).first() {
+            eprintln!("checkpoint:     {}", c.display());
+        }
     }
     Ok((state.global_step, total))
+}
+
+/// The arguments as the run really used them: the tiny preset's model and data directories in
+/// place of the flags it ignores.
+fn recorded_args(a: &TrainArgs, m: &Loaded, data_dir: &Path) -> TrainArgs {
+    let mut r = a.clone();
+    if a.preset_tiny() {
+        r.model = m.llm_dir.display().to_string();
+        r.vision_model = m.vis_dir.display().to_string();
+        r.data = data_dir.display().to_string();
+    }
+    r
+}
+
+/// One paragraph before the first step: what is trained on what, and how.
+fn print_summary(a: &TrainArgs, m: &Loaded, dev: &Device, dtype: DType, rows: (usize, usize), steps: (usize, usize)) {
+    let ((used, skipped), (total, n_batches)) = (rows, steps);
+    let trainable: usize = m.vars.iter().map(|v| v.elem_count()).sum();
+    let per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps;
+    eprintln!(
+        "training on {used} rows ({skipped} skipped): {total} steps of {per_step} rows ({} x {} accumulation), {:.2} epochs",
+        a.per_device_train_batch_size,
+        a.gradient_accumulation_steps,
+        (total * a.gradient_accumulation_steps) as f64 / n_batches as f64
+    );
+    eprintln!(
+        "{:.2}M trainable parameters (LoRA r={} alpha={} on {}; projector); device {}, {} compute, {} base, gradient checkpointing {}",
+        trainable as f64 / 1e6,
+        a.lora.lora_r,
+        a.lora.lora_alpha,
+        a.lora_target_modules.join(","),
+        device::device_name(dev),
+        if dtype == DType::BF16 { "bf16" } else { "f32" },
+        if a.four_bit() { "NF4" } else { "bf16" },
+        if a.gradient_checkpointing { "on" } else { "off" }
+    );
 }

@@ -48,6 +48,15 @@ pub fn candidates(output_dir: &Path) -> Vec<PathBuf> {
     found.into_iter().map(|(_, p)| p).collect()
 }
 
+/// Deletes all but the newest `keep` checkpoints (the Trainer's `save_total_limit`).
+pub fn prune(output_dir: &Path, keep: usize) -> Result<()> {
+    for old in candidates(output_dir).into_iter().skip(keep) {
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("--save-total-limit: cannot remove {}", old.display()))?;
+    }
+    Ok(())
+}
+
 fn to_cpu(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
 }
