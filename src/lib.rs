@@ -10,6 +10,7 @@ pub mod generate;
 pub mod hub;
 pub mod infer;
 pub mod load;
+pub mod merge;
 pub mod init;
 pub mod model;
 pub mod peft;

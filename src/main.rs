@@ -41,6 +41,9 @@ enum Command {
     /// ScienceQA accuracy with the official breakdown (NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg).
     #[command(allow_negative_numbers = true, args_override_self = true)]
     Eval(Box<EvalCli>),
+    /// Merge a LoRA adapter into the base Gemma-3's original dense weights (PEFT's
+    /// merge_and_unload) and write a bf16/f32 checkpoint in the hub layout, projector beside it.
+    Merge(Box<gemmaclip::merge::MergeArgs>),
     /// Measure speed and memory on synthetic inputs of real shapes (compare with
     /// ../shared/bench/hf_reference.py on the same GPU).
     Bench {
@@ -214,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             Ok(())
         }
+        Command::Merge(m) => gemmaclip::merge::run(&m).map(|_| ()),
         Command::Bench { what } => match what {
             BenchCommand::Generate(a) => bench::generate(&a),
             BenchCommand::TrainStep(a) => bench::train_step(&a),
