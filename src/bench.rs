@@ -130,7 +130,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
 
     for ckpt in a.checkpointing_modes() {
         let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
-        let opts = StepOptions { checkpointing: ckpt, dropout_seed: None, loss_chunk: a.loss_chunk };
+        let opts = StepOptions { checkpointing: ckpt, loss_chunk: a.loss_chunk, ..Default::default() };
         let mut times = vec![];
         let mut loss = 0f32;
         let mut peak = 0u64;

@@ -83,7 +83,7 @@ fn qlora_gradients_on_cuda_match_peft_and_checkpointing() {
         println!("{prefix} base on CUDA: max relative gradient error vs PEFT {worst:.3e}, loss |diff| {loss_err:.3e}");
         assert!(worst <= 1e-4 && loss_err <= 1e-4);
 
-        let opts = |c| StepOptions { checkpointing: c, dropout_seed: Some(3), loss_chunk: 5 };
+        let opts = |c| StepOptions { checkpointing: c, dropout_seed: Some(3), loss_chunk: 5, ..Default::default() };
         let (l0, g0) = common::qlora::grads(&gpu, base, Some(0.1), &opts(false));
         let (l1, g1) = common::qlora::grads(&gpu, base, Some(0.1), &opts(true));
         let (lc, gc) = common::qlora::grads(&Device::Cpu, base, Some(0.1), &opts(true));

@@ -72,7 +72,8 @@ fn lora_and_projector_gradients_match_peft_nf4_base() {
 #[test]
 fn checkpointing_gives_identical_gradients_with_dropout_replayed() {
     for base in [BaseFormat::Dense, BaseFormat::Nf4] {
-        let opts = |ckpt| StepOptions { checkpointing: ckpt, dropout_seed: Some(42), loss_chunk: 7 };
+        let opts =
+            |ckpt| StepOptions { checkpointing: ckpt, dropout_seed: Some(42), loss_chunk: 7, ..Default::default() };
         let (l0, g0) = qlora::grads(&Device::Cpu, base, Some(0.1), &opts(false));
         let (l1, g1) = qlora::grads(&Device::Cpu, base, Some(0.1), &opts(true));
         assert_eq!(l0, l1, "{base:?}: loss");

@@ -320,3 +320,28 @@ fn a_run_says_what_it_does_and_writes_what_a_user_expects() {
         "{err}"
     );
 }
+
+#[test]
+fn accumulation_equals_one_batch_of_the_same_rows() {
+    // Two rows of different target lengths: one step of batch 2 and one step of 2 x 1 accumulated
+    // must see the same loss and gradient (the mean over all supervised tokens of the step, not the
+    // mean of the two micro-batch means). No dropout, no clipping, so only summation order differs.
+    let run_with = |batch: &str, ga: &str| {
+        let out = tempfile::tempdir().unwrap();
+        let mut a = args(out.path(), &["--per-device-train-batch-size", batch, "--gradient-accumulation-steps", ga]);
+        a.lora.lora_dropout = 0.0;
+        a.max_grad_norm = 0.0;
+        a.max_steps = Some(1);
+        a.max_train_samples = Some(2);
+        assert_eq!(run(&a).unwrap(), (1, 1));
+        let r = metrics::read(&out.path().join("metrics.jsonl")).unwrap();
+        (r[0].loss, r[0].grad_norm)
+    };
+    let (one_batch, accumulated) = (run_with("2", "1"), run_with("1", "2"));
+    println!(
+        "batch 2: loss {:.8} grad norm {:.8}; 2 x 1: {:.8} {:.8}",
+        one_batch.0, one_batch.1, accumulated.0, accumulated.1
+    );
+    assert!((one_batch.0 - accumulated.0).abs() <= 1e-5 * one_batch.0.abs(), "{one_batch:?} {accumulated:?}");
+    assert!((one_batch.1 - accumulated.1).abs() <= 1e-4 * one_batch.1.abs(), "{one_batch:?} {accumulated:?}");
+}

@@ -370,29 +370,36 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         let lr = a.learning_rate * factor(a.lr_scheduler_type, step, warmup, total);
         let mut grads: Vec<Option<Tensor>> = vec![None; m.vars.len()];
         let mut step_loss = 0f64;
+        // The step's loss is the mean over the supervised tokens of all its micro-batches, so the
+        // batches are built first to count them.
+        let mut micro_batches = vec![];
         for micro in 0..ga {
             let k = step * ga + micro;
             let rows = micro_batch_rows(k, problems.len(), a.per_device_train_batch_size, a.seed);
             let picked: Vec<&Problem> = rows.iter().map(|&i| &problems[i]).collect();
             let (batch, tokens) = make_batch(&m, &picked, a, &dev)?;
+            window_samples += picked.len();
+            window_tokens += tokens;
+            micro_batches.push((k, batch));
+        }
+        let supervised: usize = micro_batches.iter().map(|(_, b)| b.supervised.rows.len()).sum();
+        for (k, batch) in micro_batches {
             let opts = StepOptions {
                 checkpointing: a.gradient_checkpointing,
                 dropout_seed: Some(a.seed ^ (k as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407)),
                 loss_chunk: a.loss_chunk,
+                loss_denominator: Some(supervised),
             };
             let g = loss_and_grads(&m.vlm, &batch, &m.vars, &opts)?;
             for (acc, g) in grads.iter_mut().zip(g.grads) {
                 if let Some(g) = g {
-                    let g = (g / ga as f64)?;
                     *acc = Some(match acc.take() {
                         Some(a) => (a + g)?,
                         None => g,
                     });
                 }
             }
-            step_loss += g.loss as f64 / ga as f64;
-            window_samples += picked.len();
-            window_tokens += tokens;
+            step_loss += g.loss as f64;
         }
         let grad_norm = clip_grad_norm(&mut grads, max_norm)?;
         if !(step_loss.is_finite() && grad_norm.is_finite()) {

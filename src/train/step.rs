@@ -27,15 +27,20 @@ pub struct StepOptions {
     pub dropout_seed: Option<u64>,
     /// Supervised rows per lm_head/log-softmax chunk.
     pub loss_chunk: usize,
+    /// What the summed cross-entropy is divided by: the supervised tokens of the whole optimizer
+    /// step (every micro-batch), so accumulation equals one big batch and a short row weighs
+    /// less than a long one (transformers' `num_items_in_batch`). None: this batch's own count.
+    pub loss_denominator: Option<usize>,
 }
 
 impl Default for StepOptions {
     fn default() -> Self {
-        Self { checkpointing: false, dropout_seed: None, loss_chunk: 256 }
+        Self { checkpointing: false, dropout_seed: None, loss_chunk: 256, loss_denominator: None }
     }
 }
 
-/// Mean cross-entropy over the batch's supervised tokens, and d(loss)/d(var) for each trainable
+/// Cross-entropy summed over the batch's supervised tokens and divided by
+/// `StepOptions::loss_denominator` (by default their count: the mean), and d(loss)/d(var) for each trainable
 /// var (None where the batch does not reach it, e.g. the projector on a text-only batch).
 pub struct Gradients {
     pub loss: f32,
@@ -53,8 +58,15 @@ fn ce_sum(logits: &Tensor, targets: &Tensor, denom: f64) -> candle_core::Result<
 }
 
 /// Loss over the supervised rows `h` [S, H] (no graph) and d(loss)/dh, chunk by chunk.
-fn loss_and_grad_on_rows(vlm: &Vlm, h: &Tensor, targets: &[u32], chunk: usize) -> Result<(f32, Tensor)> {
+fn loss_and_grad_on_rows(
+    vlm: &Vlm,
+    h: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+    denom: Option<usize>,
+) -> Result<(f32, Tensor)> {
     let s = h.dim(0)?;
+    let denom = denom.unwrap_or(s) as f64;
     let hv = Var::from_tensor(h)?;
     let targets = Tensor::from_vec(targets.to_vec(), s, h.device())?;
     let mut loss = 0f32;
@@ -62,7 +74,7 @@ fn loss_and_grad_on_rows(vlm: &Vlm, h: &Tensor, targets: &[u32], chunk: usize) -
     for start in (0..s).step_by(chunk.max(1)) {
         let n = chunk.min(s - start);
         let logits = vlm.llm.logits(&hv.as_tensor().narrow(0, start, n)?)?;
-        let l = ce_sum(&logits, &targets.narrow(0, start, n)?, s as f64)?;
+        let l = ce_sum(&logits, &targets.narrow(0, start, n)?, denom)?;
         loss += l.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let g = l.backward()?.remove(hv.as_tensor()).expect("the rows reach the loss");
         grad = Some(match grad {
@@ -146,7 +158,7 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
         }
         phases.mark("forward")?;
         let h = supervised_rows(&x, &batch.supervised)?;
-        let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk)?;
+        let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk, opts.loss_denominator)?;
         phases.mark("loss")?;
         let store = (h * g)?.sum_all()?.backward()?;
         phases.mark("backward")?;
@@ -164,7 +176,7 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
     phases.mark("forward (no graph)")?;
     let last = Var::from_tensor(&acts.pop().expect("non-empty"))?;
     let h = supervised_rows(last.as_tensor(), &batch.supervised)?;
-    let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk)?;
+    let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk, opts.loss_denominator)?;
     let mut g = (h * g)?.sum_all()?.backward()?.remove(last.as_tensor()).expect("grad of the last layer");
     drop(last);
     phases.mark("loss")?;
