@@ -2,6 +2,7 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library; tests use it directly.
 
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;

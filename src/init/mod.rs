@@ -1,4 +1,4 @@
-//! `gemmaclip init`: random-weight model directories in the exact layout of the hub repositories
+//! `gemmaclip init --output-dir DIR`: random-weight model directories in the exact layout of the hub repositories
 //! (`llm/` like google/gemma-3-4b-it, `vision/` like openai/clip-vit-large-patch14-336), so the
 //! same loading code serves tests, GPU benchmarks and real checkpoints.
 
@@ -107,7 +107,7 @@ pub fn init(preset: Preset, out: &Path, seed: u64) -> Result<()> {
     let llm_cfg = preset.llm_config()?;
     let vis_cfg = preset.vision_config()?;
     if out.exists() && !out.is_dir() {
-        bail!("--out {}: exists and is not a directory", out.display());
+        bail!("--output-dir {}: exists and is not a directory", out.display());
     }
     let (llm_dir, vis_dir) = (out.join("llm"), out.join("vision"));
     for d in [&llm_dir, &vis_dir] {
