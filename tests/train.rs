@@ -24,9 +24,17 @@ fn args(out: &Path) -> TrainArgs {
     cache();
     let out = out.to_str().unwrap();
     let flags = ["--output-dir", out, "--preset", "tiny", "--lora-r", "8", "--lora-alpha", "16"];
-    let mut a =
-        TrainArgs::from_flags(flags.iter().chain(&["--save-steps", "0", "--logging-steps", "1", "--loss-chunk", "64"]))
-            .unwrap();
+    let mut a = TrainArgs::from_flags(flags.iter().chain(&[
+        "--save-steps",
+        "0",
+        "--logging-steps",
+        "1",
+        "--loss-chunk",
+        "64",
+        "--gradient-checkpointing",
+        "false",
+    ]))
+    .unwrap();
     a.gradient_accumulation_steps = 8;
     a
 }

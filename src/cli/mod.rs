@@ -209,9 +209,25 @@ pub struct EvalCli {
     /// Most tokens to generate per answer.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// predictions.jsonl (resumed if present), results.json and breakdown.txt go here.
+    /// predictions.jsonl (resumed when it holds answers of the same model, settings and split),
+    /// eval.json, results.json, breakdown.txt and accuracy.png go here.
     #[arg(long)]
     pub output_dir: PathBuf,
+    /// Delete the answers already in --output-dir and start over.
+    #[arg(long)]
+    pub overwrite_output_dir: bool,
+    /// Sampling temperature; 0 = greedy (the default, as the official evaluations run).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Keep only the k most likely tokens when sampling; 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -267,16 +283,21 @@ pub fn run(cmd: Command) -> Result<()> {
     }
 }
 
+fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {top_p}");
+    }
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        bail!("--temperature must be a number of at least 0, got {temperature}");
+    }
+    Ok(())
+}
+
 fn infer(i: InferCli) -> Result<()> {
     if i.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    if !(i.top_p > 0.0 && i.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", i.top_p);
-    }
-    if !(i.temperature.is_finite() && i.temperature >= 0.0) {
-        bail!("--temperature must be a number of at least 0, got {}", i.temperature);
-    }
+    check_sampling(i.temperature, i.top_p)?;
     let m = crate::load::load_answerer(&i.model.resolve()?.answerer)?;
     let options = crate::generate::GenerateOptions {
         max_new_tokens: i.max_new_tokens,
@@ -313,6 +334,17 @@ fn eval(e: EvalCli) -> Result<()> {
         let data = e.data.or(resolved.run_data).unwrap_or_else(|| DEFAULT_DATA.into());
         crate::hub::resolve_dataset(&data, "--data")?
     };
+    check_sampling(e.temperature, e.top_p)?;
+    let r = &resolved.answerer;
+    let sources = crate::eval::fingerprint::Sources {
+        model: if r.model.preset_tiny { "tiny" } else { &r.model.model },
+        vision_model: if r.model.preset_tiny { "tiny" } else { &r.model.vision_model },
+        four_bit: r.model.four_bit,
+        image_aspect: format!("{:?}", r.image_aspect).to_lowercase(),
+        adapter_dir: r.adapter_dir.as_ref().map(|n| n.path.as_path()),
+        projector_path: r.projector_path.as_ref().map(|n| n.path.as_path()),
+    }
+    .to_json()?;
     let m = crate::load::load_answerer(&resolved.answerer)?;
     crate::eval::eval(
         &m,
@@ -323,6 +355,14 @@ fn eval(e: EvalCli) -> Result<()> {
             batch_size: e.batch_size,
             max_new_tokens: e.max_new_tokens,
             output_dir: e.output_dir,
+        },
+        &crate::eval::Generation {
+            temperature: e.temperature,
+            top_p: e.top_p,
+            top_k: e.top_k,
+            seed: e.seed,
+            sources,
+            start_over: e.overwrite_output_dir,
         },
     )?;
     Ok(())

@@ -1,6 +1,8 @@
 //! `gemmaclip eval`: every question of a ScienceQA split answered (batched, resumable through
 //! predictions.jsonl), then scored with the official breakdown (`score`).
 
+mod chart;
+pub mod fingerprint;
 mod score;
 
 pub use score::{breakdown, parse_answer, table, Column, Scored};
@@ -29,6 +31,9 @@ pub struct Prediction {
     pub predicted_index: i64,
     pub answer: String,
     pub correct: bool,
+    /// `fingerprint::short_id` of what produced the answer (the directory's eval.json).
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 pub struct EvalArgs {
@@ -37,6 +42,33 @@ pub struct EvalArgs {
     pub batch_size: usize,
     pub max_new_tokens: usize,
     pub output_dir: PathBuf,
+}
+
+/// How the answers are generated and what they come from.
+pub struct Generation {
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub seed: u64,
+    /// `fingerprint::Sources::to_json` of the answering model.
+    pub sources: serde_json::Value,
+    /// Delete the directory's earlier answers instead of resuming from them.
+    pub start_over: bool,
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, sources: serde_json::Value::Null, start_over: false }
+    }
+}
+
+/// `<split>-<row>` ordered by split, then row number (test-2 before test-10).
+fn pid_order(pid: &str) -> (String, u64) {
+    match pid.rsplit_once('-') {
+        Some((split, row)) => (split.to_string(), row.parse().unwrap_or(u64::MAX)),
+        None => (pid.to_string(), u64::MAX),
+    }
 }
 
 fn read_predictions(path: &Path) -> Result<BTreeMap<String, Prediction>> {
@@ -58,9 +90,10 @@ fn read_predictions(path: &Path) -> Result<BTreeMap<String, Prediction>> {
     Ok(done)
 }
 
-/// Runs every question of the split (resuming from predictions.jsonl), then writes results.json
-/// (`{"results": {pid: index}}` as the official scorer reads it, plus the breakdown) and prints it.
-pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Column>> {
+/// Runs every question of the split (resuming from predictions.jsonl when it holds answers of the
+/// same model, settings and split), then writes results.json (`{"results": {pid: index}}` as the
+/// official scorer reads it, plus the breakdown) and prints it.
+pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs, g: &Generation) -> Result<Vec<Column>> {
     let split = read_split(&split_file(data_dir, &a.split)?, &a.split)?;
     split.report_skipped();
     let mut problems = split.problems;
@@ -68,16 +101,41 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Colum
         problems.truncate(n);
     }
     std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
+    let fp = serde_json::json!({
+        "split": a.split,
+        "sources": g.sources,
+        "generation": {
+            "max_new_tokens": a.max_new_tokens,
+            "temperature": g.temperature,
+            "top_p": g.top_p,
+            "top_k": g.top_k,
+            "seed": g.seed,
+        },
+    });
+    let fp_id = fingerprint::short_id(&fp);
+    let earlier_seconds = fingerprint::claim(&a.output_dir, &fp, g.start_over)?;
+    let mut manifest = fingerprint::Manifest { fingerprint: fp, seconds: earlier_seconds };
+    fingerprint::save(&a.output_dir, &manifest)?;
     let pred_path = a.output_dir.join("predictions.jsonl");
     let mut done = read_predictions(&pred_path)?;
-    // rewrite without a torn last line, then append
+    if let Some(stale) = done.values().find(|p| p.fingerprint != fp_id) {
+        bail!(
+            "{}: the answer to {} was produced by another model or other settings than eval.json records; start over with --overwrite-output-dir",
+            pred_path.display(),
+            stale.pid
+        );
+    }
+    // rewrite in pid order without a torn last line, then append
+    let mut ordered: Vec<&Prediction> = done.values().collect();
+    ordered.sort_by_key(|p| pid_order(&p.pid));
     let mut text = String::new();
-    for p in done.values() {
+    for p in ordered {
         text.push_str(&serde_json::to_string(p)?);
         text.push('\n');
     }
     crate::safetensors_out::write_atomic(&pred_path, text.as_bytes())?;
-    let todo: Vec<_> = problems.iter().filter(|p| !done.contains_key(&p.pid)).collect();
+    let mut todo: Vec<_> = problems.iter().filter(|p| !done.contains_key(&p.pid)).collect();
+    todo.sort_by_key(|p| pid_order(&p.pid));
     if !done.is_empty() {
         eprintln!("resuming: {} of {} questions already answered", problems.len() - todo.len(), problems.len());
     }
@@ -88,13 +146,14 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Colum
         .with_context(|| format!("cannot open {}", pred_path.display()))?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        seed: 0,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        top_k: g.top_k,
+        seed: g.seed,
         stop_ids: model.stop_ids(),
     };
     let started = Instant::now();
+    let mut new_tokens = 0usize;
     for chunk in todo.chunks(a.batch_size.max(1)) {
         let mut prompts = vec![];
         let mut images = vec![];
@@ -113,6 +172,7 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Colum
         }
         let pixels = model.pixels(&images)?;
         let (gen, _) = generate(&model.vlm, &prompts, pixels.as_ref(), &opts, &mut |_, _| {})?;
+        new_tokens += gen.iter().map(|g| g.tokens.len()).sum::<usize>();
         for (p, g) in chunk.iter().zip(gen) {
             let text = model.decode(&g.tokens)?;
             let idx = parse_answer(&text, p.choices.len());
@@ -124,12 +184,15 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Colum
                 predicted_index: idx.map_or(-1, |i| i as i64),
                 answer: letter(p.answer).to_string(),
                 correct: idx == Some(p.answer),
+                fingerprint: fp_id.clone(),
             };
             writeln!(file, "{}", serde_json::to_string(&pred)?)
                 .and_then(|()| file.flush())
                 .with_context(|| format!("cannot write {}", pred_path.display()))?;
             done.insert(pred.pid.clone(), pred);
         }
+        manifest.seconds = earlier_seconds + started.elapsed().as_secs_f64();
+        fingerprint::save(&a.output_dir, &manifest)?;
         let correct = done.values().filter(|p| p.correct).count();
         bar.set_position(done.len().min(problems.len()) as u64);
         bar.set_message(format!("accuracy {:.1}%", correct as f64 / done.len().max(1) as f64 * 100.0));
@@ -157,7 +220,7 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Colum
         "skipped": split.skipped.iter().map(|s| serde_json::json!({"pid": s.pid, "reason": s.reason})).collect::<Vec<_>>(),
         "results": results,
         "breakdown": cols,
-        "seconds": started.elapsed().as_secs_f64(),
+        "seconds": manifest.seconds,
     });
     crate::safetensors_out::write_atomic(
         &a.output_dir.join("results.json"),
@@ -165,6 +228,19 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs) -> Result<Vec<Colum
     )?;
     let t = table(&cols);
     crate::safetensors_out::write_atomic(&a.output_dir.join("breakdown.txt"), t.as_bytes())?;
+    let chart = a.output_dir.join("accuracy.png");
+    chart::accuracy_by_category(&cols, &a.split, &chart)?;
     print!("{t}");
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "answered {} questions in {secs:.1} s ({:.0} new tokens/s; {:.1} s in all over every run)",
+        todo.len(),
+        new_tokens as f64 / secs.max(1e-9),
+        manifest.seconds
+    );
+    let o = |f: &str| a.output_dir.join(f).display().to_string();
+    eprintln!("predictions: {}", o("predictions.jsonl"));
+    eprintln!("results:     {} (the official scorer's input)", o("results.json"));
+    eprintln!("breakdown:   {} and {}", o("breakdown.txt"), chart.display());
     Ok(cols)
 }

@@ -301,7 +301,8 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         claim_output_dir(a)?;
     }
     let dev = device::best_device()?;
-    let dtype = if a.bf16 || dev.is_cuda() { DType::BF16 } else { DType::F32 };
+    // candle's CPU matmul has no bf16: --bf16 (the Trainer's flag) is what a GPU does anyway
+    let dtype = device::default_dtype(&dev);
     device::keep_pool_memory(&dev)?;
     std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
     let data_dir = if a.preset_tiny() { hub::sample_dataset()? } else { hub::resolve_dataset(&a.data, "--data")? };
