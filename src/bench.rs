@@ -1,5 +1,5 @@
 //! `gemmaclip bench train-step`: one QLoRA training step (forward, backward, gradient clipping,
-//! AdamW) on a synthetic 1-sample batch with the shapes of ../shared/bench/hf_reference.py train
+//! AdamW) on a synthetic 1-sample batch with the shapes of tools/bench/hf_stack.py train-step
 //! (1024 tokens = <bos> + 576 image tokens + text, loss on the last 256), so the two print
 //! comparable JSON lines on the same GPU.
 
@@ -196,7 +196,7 @@ pub struct GenerateArgs {
 }
 
 /// Time to first token for a `prompt`-token prompt (<bos> + image block + text) and decode speed
-/// at batch 1, measured as ../shared/bench/hf_reference.py infer does (best of 3 and of 2 runs).
+/// at batch 1, measured as tools/bench/hf_stack.py generate does (best of 3 and of 2 runs).
 pub fn generate(a: &GenerateArgs) -> Result<()> {
     if a.new < 2 {
         bail!("--new must be at least 2");

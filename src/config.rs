@@ -1,5 +1,5 @@
 //! Model configurations parsed from the real hub files, with transformers' defaults for every key
-//! the published files leave out (model-facts §1.1-1.3, §2.1).
+//! the published files leave out (transformers' configuration_gemma3.py and configuration_clip.py).
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;

@@ -9,7 +9,7 @@ pub fn best_device() -> Result<Device> {
     if candle_core::utils::cuda_is_available() {
         let dev = Device::new_cuda(0)?;
         // Everything runs on the device's one stream, so the two CUDA events candle records per
-        // allocation for cross-stream safety are pure overhead (candle-notes §7, knob 2).
+        // allocation for cross-stream safety are pure overhead (candle's CudaDevice::disable_event_tracking).
         // SAFETY: no tensor of this device is ever used from another stream.
         unsafe { dev.as_cuda_device()?.disable_event_tracking() };
         return Ok(dev);
@@ -32,7 +32,7 @@ pub fn synchronize(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-/// GPU memory as the CUDA stream-ordered pool that candle allocates from sees it (candle-notes §7).
+/// GPU memory as the CUDA stream-ordered pool that candle allocates from sees it (cuMemPoolGetAttribute).
 /// On the CPU every figure is None.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MemoryReading {

@@ -58,7 +58,7 @@ pub enum Command {
     /// merge_and_unload) and write a bf16/f32 checkpoint in the hub layout, projector beside it.
     Merge(Box<crate::merge::MergeArgs>),
     /// Measure speed and memory on synthetic inputs of real shapes (compare with
-    /// ../shared/bench/hf_reference.py on the same GPU).
+    /// tools/bench/hf_stack.py on the same GPU).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,

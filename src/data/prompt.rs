@@ -1,4 +1,4 @@
-//! The prompt and target of DESIGN.md "Prompt": one Gemma chat turn for the user (image block,
+//! The prompt and target (docs/ARCHITECTURE.md, "The data path"): one Gemma chat turn for the user (image block,
 //! question, context, lettered choices), one for the model (chain-of-thought reasoning and the
 //! final answer, or the final answer alone). Training and inference build the user turn here.
 

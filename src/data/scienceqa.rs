@@ -1,4 +1,4 @@
-//! ScienceQA in the Hugging Face parquet layout of `derek-thomas/ScienceQA` (model-facts §4):
+//! ScienceQA in the Hugging Face parquet layout of `derek-thomas/ScienceQA` (docs/ARCHITECTURE.md, the data path):
 //! image struct{bytes, path} or null, question, choices list<string>, answer int8, hint, task,
 //! grade, subject, topic, category, skill, lecture, solution; one file per split.
 

@@ -1,5 +1,5 @@
 //! ScienceQA scoring: answer parsing (our "Final Answer:" block first, then LLaVA's rules) and the
-//! official accuracy breakdown (lupantech/ScienceQA tools/evaluate_acc.py, model-facts §3.2).
+//! official accuracy breakdown (lupantech/ScienceQA tools/evaluate_acc.py).
 
 use crate::data::scienceqa::Problem;
 use serde::Serialize;

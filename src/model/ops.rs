@@ -1,4 +1,4 @@
-//! Differentiable building blocks, composed from candle ops that have a backward (candle-notes §1):
+//! Differentiable building blocks, composed from candle ops that have a backward (candle-core's backprop.rs; docs/ARCHITECTURE.md):
 //! norms and softmax run in f32 and cast back, as transformers does.
 
 use candle_core::{DType, Result, Tensor, D};

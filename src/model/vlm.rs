@@ -42,7 +42,7 @@ impl Supervised {
 
 /// Replaces the rows of `text` [B, L, H] whose id is `image_token` by the rows of `image` [M, H],
 /// in order, with one index_select over cat(text, image) (its backward is an index_add; candle's
-/// scatter backward is wrong, candle-notes §0.4).
+/// scatter backward is wrong, see candle-core's backprop.rs).
 pub fn splice_image_features(text: &Tensor, ids: &[Vec<u32>], image_token: u32, image: &Tensor) -> Result<Tensor> {
     let (b, l, h) = text.dims3()?;
     let m = image.dim(0)?;

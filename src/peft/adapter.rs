@@ -1,4 +1,4 @@
-//! PEFT's on-disk LoRA format (model-facts §5): `adapter_config.json` + `adapter_model.safetensors`
+//! PEFT's on-disk LoRA format (PEFT's save_pretrained / PeftModel.from_pretrained): `adapter_config.json` + `adapter_model.safetensors`
 //! with keys `base_model.model.<module path>.lora_{A,B}.weight`, A [r, in], B [out, r].
 //! We write the module paths `PeftModel.from_pretrained(Gemma3ForConditionalGeneration...)` expects
 //! under transformers 5.x and read that form, the 4.50 form and the Gemma3ForCausalLM form.

@@ -1,5 +1,5 @@
 //! Frozen matrices on the gradient path: `y = x W^T` whose backward returns dX = g W only.
-//! candle's matmul backward always computes dW as well (candle-notes §0.3), which for frozen
+//! candle's matmul backward always computes dW as well (candle-core's backprop.rs), which for frozen
 //! weights is wasted work and, for the tied 262208 x 2560 lm_head, a 1.3 GB tensor left in the
 //! GradStore. Here W is not an input of the op at all, so nothing can compute a gradient for it.
 

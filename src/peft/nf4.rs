@@ -1,4 +1,4 @@
-//! NF4 in bitsandbytes' layout (model-facts §6): blocks of 64 values, one f32 absmax per block,
+//! NF4 in bitsandbytes' layout (bitsandbytes' functional.py quantize_4bit): blocks of 64 values, one f32 absmax per block,
 //! each value the index of the nearest of 16 code values, element 2i in the high nibble of byte i.
 //! Quantization follows bitsandbytes' reference (`backends/default/ops.py`) operation by
 //! operation, so the packed bytes and absmax are identical; CPU (rayon) and CUDA kernels agree.

@@ -2,7 +2,7 @@
 //! final norm and the (no-dW) lm_head, in chunks, so the 262k-vocabulary logits never exist for
 //! more than `loss_chunk` rows at once. With checkpointing, the first pass keeps only each layer's
 //! input; backward recomputes one layer at a time with its graph and back-propagates the
-//! surrogate sum(out * grad_out) (candle has no built-in checkpointing, candle-notes §5.4).
+//! surrogate sum(out * grad_out) (candle has no built-in checkpointing; docs/ARCHITECTURE.md).
 
 use crate::model::vlm::{Supervised, Vlm};
 use anyhow::{bail, Result};

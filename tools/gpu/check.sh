@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the QLoRA core, in one device call (the GPU machine has no Rust: build and pack
 # here first). From the repository root, on this machine:
-#   GPU_TESTS=gpu ../shared/gpu/build.sh && ../shared/gpu/bnb.sh && cp ../shared/bench/hf_reference.py .gpu/
+#   GPU_TESTS=gpu <build script for the GPU machines> && pack bitsandbytes into .gpu/py && cp tools/bench/hf_stack.py .gpu/
 # then run with the device tool, carry [".gpu"]:
 #   source .gpu/env.sh && bash tools/gpu/check.sh
 # Logs land in $OUT (test-gpu.log, bench.jsonl).
@@ -28,11 +28,11 @@ for c in on off; do
 done
 
 echo "== gemmaclip train, 20 steps, batch 1, grad-accum 1, on init's gemma-3-4b-it + the bundled ScienceQA sample"
-for ckpt in "--gradient-checkpointing" ""; do
+for ckpt in "--gradient-checkpointing=true" "--gradient-checkpointing=false"; do
   gemmaclip train --model /tmp/g4b/llm --vision-model /tmp/g4b/vision --data assets/scienceqa-sample \
-    --output-dir "/tmp/run4b$ckpt" --max-steps 20 --per-device-train-batch-size 1 --gradient-accumulation-steps 1 \
+    --output-dir "/tmp/run4b${ckpt#*=}" --max-steps 20 --per-device-train-batch-size 1 --gradient-accumulation-steps 1 \
     --logging-steps 5 --save-steps 0 $ckpt 2>&1 | tail -6 | tee -a "$OUT/train.log"
-  cp "/tmp/run4b$ckpt/metrics.jsonl" "$OUT/train-metrics${ckpt:+-ckpt}.jsonl" 2>/dev/null
+  cp "/tmp/run4b${ckpt#*=}/metrics.jsonl" "$OUT/train-metrics-ckpt-${ckpt#*=}.jsonl" 2>/dev/null
 done
 
 echo "== gemmaclip bench generate (800-token prompt with the image block, 256 new tokens, batch 1)"
@@ -40,9 +40,9 @@ gemmaclip bench generate --model /tmp/g4b/llm --vision-model /tmp/g4b/vision 2>&
 GEMMACLIP_NO_NF4_GEMV=1 gemmaclip bench generate --model /tmp/g4b/llm --vision-model /tmp/g4b/vision 2>&1 | sed 's/gemmaclip_generate/gemmaclip_generate_without_nf4_gemv/' | tee -a "$OUT/bench.jsonl"
 gemmaclip bench generate --model /tmp/g4b/llm --vision-model /tmp/g4b/vision --lora-r 64 2>&1 | tee -a "$OUT/bench.jsonl"
 
-if [ -f .gpu/hf_reference.py ]; then
+if [ -f .gpu/hf_stack.py ]; then
   echo "== transformers + PEFT + bitsandbytes, same shapes, same GPU"
-  python3 .gpu/hf_reference.py train --steps "$STEPS" --warmup "$WARMUP" --attn sdpa 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
-  python3 .gpu/hf_reference.py train --steps "$STEPS" --warmup "$WARMUP" --attn sdpa --no-ckpt 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
-  python3 .gpu/hf_reference.py infer --attn sdpa 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
+  python3 .gpu/hf_stack.py train-step --checkpointing both --steps "$STEPS" --warmup "$WARMUP" --attn sdpa 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
+  python3 .gpu/hf_stack.py generate --attn sdpa 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
+  python3 .gpu/hf_stack.py generate --attn sdpa --lora-r 64 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl"
 fi
