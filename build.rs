@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles src/{peft,model}/kernels/*.cu to PTX with nvcc (which candle's own
+//! With the `cuda` feature, compiles src/{peft,model,train}/kernels/*.cu to PTX with nvcc (which candle's own
 //! CUDA build already requires). The PTX targets `compute_<CUDA_COMPUTE_CAP>` (default 80), so the
 //! driver JIT-compiles it for any GPU of that generation or newer.
 
@@ -6,6 +6,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/peft/kernels");
     println!("cargo:rerun-if-changed=src/model/kernels");
+    println!("cargo:rerun-if-changed=src/train/kernels");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
@@ -17,7 +18,11 @@ fn main() {
         .filter(|c| c.is_ascii_digit())
         .collect();
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    for (src, name) in [("src/peft/kernels/nf4.cu", "nf4.ptx"), ("src/model/kernels/rmsnorm.cu", "rmsnorm.ptx")] {
+    for (src, name) in [
+        ("src/peft/kernels/nf4.cu", "nf4.ptx"),
+        ("src/model/kernels/rmsnorm.cu", "rmsnorm.ptx"),
+        ("src/train/kernels/optimizer.cu", "optimizer.ptx"),
+    ] {
         let status = std::process::Command::new(&nvcc)
             .args(["--ptx", "-O3", "--fmad=false", &format!("-arch=compute_{cap}"), "-o"])
             .arg(out.join(name))

@@ -10,7 +10,7 @@ use crate::model::projector::Projector;
 use crate::model::vlm::{Supervised, Vlm};
 use crate::peft::adapter;
 use crate::peft::lora::{LoraSpec, DEFAULT_TARGETS};
-use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::step::{loss_and_grads, Batch, StepOptions};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
@@ -140,8 +140,8 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
             let t = Instant::now();
             let opts = StepOptions { dropout_seed: Some(step as u64), ..opts.clone() };
             let mut g = loss_and_grads(&vlm, &batch, &vars, &opts)?;
-            clip_grad_norm(&mut g.grads, 1.0)?;
-            opt.step(&g.grads, 1e-4)?;
+            let clip = opt.grad_norm(&mut g.grads, 1.0)?;
+            opt.step_clipped(&mut g.grads, clip, 1e-4)?;
             synchronize(&dev)?;
             if step >= a.warmup {
                 times.push(t.elapsed().as_secs_f64());
@@ -155,7 +155,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
         println!(
             "{}",
             json!({
-                "what": "gemmaclip_train_step", "four_bit": !a.no_4bit, "grad_ckpt": ckpt,
+                "what": "gemmaclip_train_step", "four_bit": !a.no_4bit, "grad_ckpt": ckpt, "fused_optimizer": opt.fused,
                 "seq": a.seq, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
                 "trainable_params": trainable, "step_ms_median": (med * 1e4).round() / 10.0,
                 "step_ms_min": (times[0] * 1e4).round() / 10.0, "tokens_per_s": (a.seq as f64 / med * 10.0).round() / 10.0,

@@ -2,6 +2,8 @@
 //! optimizer, the schedule, run checkpoints, metrics and the loop that ties them together.
 
 pub mod args;
+#[cfg(feature = "cuda")]
+pub mod fused;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;

@@ -14,7 +14,7 @@ use crate::peft::adapter;
 use crate::peft::lora::LoraSpec;
 pub use crate::train::args::TrainArgs;
 use crate::train::metrics::{self, Record};
-use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::schedule::{factor, warmup_steps};
 use crate::train::state::{self, Snapshot, TrainerState};
 use crate::train::step::{loss_and_grads, Batch, StepOptions};
@@ -402,7 +402,8 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
             }
             step_loss += g.loss as f64;
         }
-        let grad_norm = clip_grad_norm(&mut grads, max_norm)?;
+        let clip = opt.grad_norm(&mut grads, max_norm)?;
+        let grad_norm = clip.norm;
         if !(step_loss.is_finite() && grad_norm.is_finite()) {
             bar.abandon();
             let last = state::candidates(&a.output_dir)
@@ -413,7 +414,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
                 step + 1
             );
         }
-        opt.step(&grads, lr)?;
+        opt.step_clipped(&mut grads, clip, lr)?;
         device::synchronize(&dev)?;
         step_times.push(step_start.elapsed().as_secs_f64());
         step_tokens.push(window_tokens - tokens_before);

@@ -1,0 +1,132 @@
+//! The optimizer step on the GPU in four launches (kernels/optimizer.cu): the squared gradient
+//! norm over every tensor, its square root and the clipping factor, and AdamW over every tensor,
+//! in place. The composed path in `optimizer.rs` (what the CPU runs) is the reference it is
+//! tested against (tests/gpu.rs).
+
+use anyhow::{bail, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, DType, Storage, Tensor};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optimizer.ptx"));
+const MODULE: &str = "gemmaclip_optimizer";
+const THREADS: u32 = 256;
+/// Blocks of the grid-stride kernels: enough to fill an H100/H200 several times over; fixed, so the
+/// order of the norm's partial sums never changes.
+const BLOCKS: u32 = 1024;
+
+/// The pointer table of a set of f32 tensors on one device, uploaded as one u64 tensor:
+/// [params][grads][exp_avg][exp_avg_sq][offsets (n + 1)]. Each tensor must be contiguous and stay
+/// alive (and unmoved) while the table is used.
+pub struct Table {
+    table: CudaSlice<u64>,
+    n: u32,
+}
+
+fn ptr(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    if t.dtype() != DType::F32 {
+        bail!("the fused optimizer takes f32 tensors, got {:?}", t.dtype());
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, _)) = layout.contiguous_offsets() else { bail!("the fused optimizer takes contiguous tensors") };
+    let Storage::Cuda(s) = &*storage else { bail!("the fused optimizer runs on CUDA tensors") };
+    let slice = s.as_cuda_slice::<f32>()?;
+    let stream = dev.cuda_stream();
+    let base = slice.device_ptr(&stream).0;
+    Ok(base + (start * 4) as u64)
+}
+
+impl Table {
+    /// `rows[i] = (param, grad, exp_avg, exp_avg_sq)`, all of one shape.
+    pub fn new(rows: &[(&Tensor, &Tensor, &Tensor, &Tensor)], dev: &CudaDevice) -> Result<Self> {
+        let n = rows.len();
+        let mut t = vec![0u64; 5 * n + 1];
+        let mut offset = 0u64;
+        for (i, (p, g, m, v)) in rows.iter().enumerate() {
+            if g.dims() != p.dims() || m.dims() != p.dims() || v.dims() != p.dims() {
+                bail!("the fused optimizer's tensors disagree in shape: {:?}", p.dims());
+            }
+            for (col, x) in [p, g, m, v].into_iter().enumerate() {
+                t[col * n + i] = ptr(x, dev)?;
+            }
+            t[4 * n + i] = offset;
+            offset += p.elem_count() as u64;
+        }
+        t[5 * n] = offset;
+        let table = dev.clone_htod(&t)?;
+        Ok(Self { table, n: n as u32 })
+    }
+}
+
+fn grid() -> LaunchConfig {
+    LaunchConfig { grid_dim: (BLOCKS, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The global L2 norm of the table's gradients and the clipping factor for `max_norm`, as a
+/// 2-element f32 tensor on the device: [norm, min(1, max_norm / (norm + 1e-6))].
+pub fn norm_and_clip(table: &Table, max_norm: f64, dev: &CudaDevice) -> Result<Tensor> {
+    let slice = &table.table;
+    let partials = dev.alloc_zeros::<f32>(BLOCKS as usize)?;
+    let out = dev.alloc_zeros::<f32>(2)?;
+    let f = dev.get_or_load_custom_func("multi_sumsq_f32", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(slice);
+    b.arg(&table.n);
+    b.arg(&partials);
+    unsafe { b.launch(grid()) }.w()?;
+    let f = dev.get_or_load_custom_func("multi_norm_finish_f32", MODULE, PTX)?;
+    let mut b = f.builder();
+    let (blocks, max_norm) = (BLOCKS, max_norm.min(f32::MAX as f64) as f32);
+    b.arg(&partials);
+    b.arg(&blocks);
+    b.arg(&max_norm);
+    b.arg(&out);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    unsafe { b.launch(one) }.w()?;
+    let storage = candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone());
+    Ok(Tensor::from_storage(Storage::Cuda(storage), 2, candle_core::op::BackpropOp::none(), false))
+}
+
+/// The scalars of one AdamW update.
+pub struct AdamWScalars {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Updates done, this one included.
+    pub step: u64,
+}
+
+/// AdamW over every tensor of the table, in place, with the clipping factor of `norm_and_clip`.
+pub fn adamw(table: &Table, norm_and_clip: &Tensor, s: &AdamWScalars, dev: &CudaDevice) -> Result<()> {
+    let slice = &table.table;
+    let (storage, _) = norm_and_clip.storage_and_layout();
+    let Storage::Cuda(nc) = &*storage else { bail!("the clipping factor lives on the GPU") };
+    let nc = nc.as_cuda_slice::<f32>()?;
+    let bc1 = 1.0 - s.beta1.powi(s.step as i32);
+    let bc2 = 1.0 - s.beta2.powi(s.step as i32);
+    // each scalar rounded to f32 from its f64 value, as candle's scalar ops round theirs
+    let args: [f32; 10] = [
+        s.lr as f32,
+        s.beta1 as f32,
+        (1.0 - s.beta1) as f32,
+        s.beta2 as f32,
+        (1.0 - s.beta2) as f32,
+        s.eps as f32,
+        (1.0 - s.lr * s.weight_decay) as f32,
+        (1.0 / bc1) as f32,
+        (1.0 / bc2) as f32,
+        0.0,
+    ];
+    let f = dev.get_or_load_custom_func("multi_adamw_f32", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(slice);
+    b.arg(&table.n);
+    b.arg(nc);
+    for a in &args[..9] {
+        b.arg(a);
+    }
+    unsafe { b.launch(grid()) }.w()?;
+    Ok(())
+}
