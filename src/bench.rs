@@ -13,7 +13,7 @@ use crate::peft::lora::{LoraSpec, DEFAULT_TARGETS};
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::step::{loss_and_grads, Batch, StepOptions};
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -123,6 +123,11 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
     let projector = Projector::init(vcfg.hidden_size, cfg.text.hidden_size, 0, &dev)?;
     let mut vars: Vec<Var> = adapter::lora_vars(&mut llm).into_iter().map(|(_, v)| v).collect();
     vars.extend(projector.vars().into_iter().map(|(_, v)| v));
+    // as `train` does: bf16 working copies of A and B unless GEMMACLIP_CAST_LORA=1 (casts per call)
+    let compute = device::default_dtype(&dev);
+    let cast_per_call = std::env::var_os("GEMMACLIP_CAST_LORA").is_some();
+    let mut work = adapter::working_copies(&mut llm, if cast_per_call { DType::F32 } else { compute })?;
+    work.resize(vars.len(), None);
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
     let frozen_gib = llm.frozen_bytes() as f64 / (1u64 << 30) as f64;
     let vlm = Vlm { vision, projector, llm, cfg: cfg.clone() };
@@ -130,6 +135,9 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
 
     for ckpt in a.checkpointing_modes() {
         let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+        opt.work = work.clone();
+        opt.refresh_work()?;
+        let graph_vars = opt.graph_vars();
         let opts = StepOptions { checkpointing: ckpt, loss_chunk: a.loss_chunk, ..Default::default() };
         let mut times = vec![];
         let mut loss = 0f32;
@@ -139,7 +147,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
             synchronize(&dev)?;
             let t = Instant::now();
             let opts = StepOptions { dropout_seed: Some(step as u64), ..opts.clone() };
-            let mut g = loss_and_grads(&vlm, &batch, &vars, &opts)?;
+            let mut g = loss_and_grads(&vlm, &batch, &graph_vars, &opts)?;
             let clip = opt.grad_norm(&mut g.grads, 1.0)?;
             opt.step_clipped(&mut g.grads, clip, 1e-4)?;
             synchronize(&dev)?;
@@ -155,7 +163,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
         println!(
             "{}",
             json!({
-                "what": "gemmaclip_train_step", "four_bit": !a.no_4bit, "grad_ckpt": ckpt, "fused_optimizer": opt.fused,
+                "what": "gemmaclip_train_step", "four_bit": !a.no_4bit, "grad_ckpt": ckpt, "fused_optimizer": opt.fused, "lora_working_copies": !cast_per_call,
                 "seq": a.seq, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
                 "trainable_params": trainable, "step_ms_median": (med * 1e4).round() / 10.0,
                 "step_ms_min": (times[0] * 1e4).round() / 10.0, "tokens_per_s": (a.seq as f64 / med * 10.0).round() / 10.0,

@@ -167,3 +167,96 @@ fn fused_optimizer_matches_the_composed_one() {
     }
     println!("fused AdamW + clipping == composed within 1e-5 relative over 3 steps");
 }
+
+#[test]
+fn bf16_working_copies_give_the_gradients_of_the_per_call_cast() {
+    use candle_core::{DType, Var};
+    use gemmaclip::config::ClipVisionConfig;
+    use gemmaclip::model::clip::ClipVision;
+    use gemmaclip::model::gemma3::{BaseFormat, Gemma3Text};
+    use gemmaclip::model::projector::Projector;
+    use gemmaclip::model::vlm::Vlm;
+    use gemmaclip::peft::adapter::{self, Adapter};
+    use gemmaclip::train::step::{loss_and_grads, StepOptions};
+    use gemmaclip::weights::Weights;
+    let Some(gpu) = cuda() else { return };
+    let f = Fixture::load("parity.safetensors");
+    let dir = common::tiny_dir();
+    let build = |working_copies: bool| {
+        let cfg = common::forward::llm_cfg();
+        let w = Weights::open(&dir.join("llm"), DType::BF16, &gpu).unwrap();
+        let mut llm = Gemma3Text::load(w, &cfg.text, BaseFormat::Nf4).unwrap();
+        let (ad, scale) = Adapter::load(&common::fixture_path("lora_init"), &gpu).unwrap();
+        ad.attach(&mut llm, scale).unwrap();
+        let masters: Vec<Var> = adapter::lora_vars(&mut llm).into_iter().map(|(_, v)| v).collect();
+        let work = adapter::working_copies(&mut llm, if working_copies { DType::BF16 } else { DType::F32 }).unwrap();
+        let graph: Vec<Var> = masters.iter().zip(&work).map(|(m, w)| w.clone().unwrap_or_else(|| m.clone())).collect();
+        let vcfg = ClipVisionConfig::from_file(&dir.join("vision/config.json")).unwrap();
+        let vision = ClipVision::load(Weights::open(&dir.join("vision"), DType::BF16, &gpu).unwrap(), &vcfg).unwrap();
+        let pw =
+            Weights::open_file(&common::fixture_path("lora_init/projector.safetensors"), DType::F32, &gpu).unwrap();
+        let projector = Projector::load(&pw, vcfg.hidden_size, cfg.text.hidden_size).unwrap();
+        (Vlm { vision, projector, llm, cfg }, graph)
+    };
+    let (plain, plain_vars) = build(false);
+    let (copies, copy_vars) = build(true);
+    let batch = common::qlora::batch(&f, &gpu);
+    for checkpointing in [false, true] {
+        let opts = StepOptions { checkpointing, dropout_seed: Some(3), loss_chunk: 5, ..Default::default() };
+        let a = loss_and_grads(&plain, &batch, &plain_vars, &opts).unwrap();
+        let b = loss_and_grads(&copies, &batch, &copy_vars, &opts).unwrap();
+        assert_eq!(a.loss, b.loss, "checkpointing {checkpointing}");
+        for (i, (ga, gb)) in a.grads.iter().zip(&b.grads).enumerate() {
+            let (ga, gb) = (ga.as_ref().unwrap(), gb.as_ref().unwrap());
+            assert_eq!((ga.dtype(), gb.dtype()), (DType::F32, DType::BF16));
+            let gb = gb.to_dtype(DType::F32).unwrap();
+            assert_eq!(max_abs_diff(ga, &gb), 0.0, "adapter tensor {i}, checkpointing {checkpointing}");
+        }
+        println!(
+            "bf16, checkpointing {checkpointing}: loss {} and all {} LoRA gradients identical with working copies",
+            a.loss,
+            a.grads.len()
+        );
+    }
+}
+
+#[test]
+fn fused_optimizer_takes_bf16_gradients_and_refreshes_working_copies() {
+    use candle_core::{DType, Tensor, Var};
+    use gemmaclip::train::optimizer::{AdamW, AdamWConfig};
+    let Some(gpu) = cuda() else { return };
+    let shapes: [&[usize]; 3] = [&[64, 2560], &[2560, 64], &[33]];
+    let init: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(0f32, 0.5, *s, &gpu).unwrap()).collect();
+    let make = |fused: bool| {
+        let vars: Vec<Var> = init.iter().map(|t| Var::from_tensor(&t.copy().unwrap()).unwrap()).collect();
+        let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+        opt.fused = fused;
+        opt.work = opt
+            .vars
+            .iter()
+            .map(|v| Some(Var::from_tensor(&v.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap()))
+            .collect();
+        opt
+    };
+    let (mut a, mut b) = (make(true), make(false));
+    for step in 0..3 {
+        let grads: Vec<Option<Tensor>> = shapes
+            .iter()
+            .map(|s| Some(Tensor::randn(0f32, 1.0, *s, &gpu).unwrap().to_dtype(DType::BF16).unwrap()))
+            .collect();
+        let (mut ga, mut gb) = (grads.clone(), grads);
+        let (ca, cb) = (a.grad_norm(&mut ga, 1.0).unwrap(), b.grad_norm(&mut gb, 1.0).unwrap());
+        assert!((ca.norm - cb.norm).abs() / cb.norm < 1e-5);
+        a.step_clipped(&mut ga, ca, 1e-2).unwrap();
+        b.step_clipped(&mut gb, cb, 1e-2).unwrap();
+        for i in 0..shapes.len() {
+            let (pa, pb) = (a.vars[i].as_tensor(), b.vars[i].as_tensor());
+            let scale = pb.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(max_abs_diff(pa, pb) / scale < 1e-5, "step {step} tensor {i}");
+            // the working copy is the master rounded to bf16, as candle's cast rounds it
+            let wa = a.work[i].as_ref().unwrap().as_tensor();
+            assert_eq!(max_abs_diff(wa, &pa.to_dtype(DType::BF16).unwrap()), 0.0, "step {step} tensor {i}");
+        }
+    }
+    println!("fused AdamW on bf16 gradients == composed; working copies == bf16(master) exactly");
+}

@@ -52,6 +52,26 @@ pub fn lora_vars(model: &mut Gemma3Text) -> Vec<(String, Var)> {
     v
 }
 
+/// Gives every adapter working copies of A and B in `dtype` (None when `dtype` is f32: the
+/// masters serve as they are); returned in `lora_vars`' order, for the optimizer to refresh.
+pub fn working_copies(model: &mut Gemma3Text, dtype: DType) -> Result<Vec<Option<Var>>> {
+    let mut out = vec![];
+    for (_, lin) in model.linears_mut() {
+        if let Some(l) = &mut lin.lora {
+            if dtype == DType::F32 {
+                l.work = None;
+                out.extend([None, None]);
+            } else {
+                let wa = Var::from_tensor(&l.a.as_tensor().to_dtype(dtype)?)?;
+                let wb = Var::from_tensor(&l.b.as_tensor().to_dtype(dtype)?)?;
+                out.extend([Some(wa.clone()), Some(wb.clone())]);
+                l.work = Some((wa, wb));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (f32), each atomically.
 pub fn save(dir: &Path, model: &mut Gemma3Text, spec: &LoraSpec, base_model: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -233,6 +253,7 @@ impl Adapter {
                 dropout: self.spec.dropout,
                 stream: crate::rng::name_hash(&path),
                 frozen: false,
+                work: None,
             });
             seen += 1;
         }

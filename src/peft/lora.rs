@@ -1,6 +1,8 @@
 //! LoRA on frozen linears: y = W x + (alpha / r) B A dropout(x), as PEFT computes it. A and B are
-//! f32 `Var`s cast to the activation dtype in forward, so the optimizer keeps f32 state and their
-//! gradients arrive in f32.
+//! f32 `Var`s (the masters the optimizer updates). In a bf16 training run they also have working
+//! copies in bf16 that the forward uses as they are, refreshed by the optimizer once per step, so
+//! no cast runs per call; their gradients are the bf16 gradients the cast's backward would have
+//! widened to f32, so nothing changes numerically.
 
 use crate::peft::dropout;
 use crate::peft::frozen::FrozenWeight;
@@ -37,6 +39,8 @@ pub struct Lora {
     /// Answering only: A and B enter the computation untracked, so no graph is built and the
     /// frozen base can take its inference fast path.
     pub frozen: bool,
+    /// Training in a narrower dtype than f32: (A, B) in that dtype, the tensors the graph sees.
+    pub work: Option<(Var, Var)>,
 }
 
 impl Lora {
@@ -59,6 +63,7 @@ impl Lora {
             dropout: spec.dropout,
             stream: name_hash(name),
             frozen: false,
+            work: None,
         })
     }
 }
@@ -86,10 +91,10 @@ impl LoraLinear {
         let (r, in_f) = l.a.dims2()?;
         let lead = &x.dims()[..x.rank() - 1];
         let rows: usize = lead.iter().product();
-        let (a, b) = if l.frozen {
-            (l.a.as_tensor().detach(), l.b.as_tensor().detach())
-        } else {
-            (l.a.as_tensor().clone(), l.b.as_tensor().clone())
+        let (a, b) = match &l.work {
+            Some((wa, wb)) if !l.frozen && wa.dtype() == dtype => (wa.as_tensor().clone(), wb.as_tensor().clone()),
+            _ if l.frozen => (l.a.as_tensor().detach(), l.b.as_tensor().detach()),
+            _ => (l.a.as_tensor().clone(), l.b.as_tensor().clone()),
         };
         let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
         let h = xin.reshape((rows, in_f))?.matmul(&a.t()?)?; // [rows, r]

@@ -15,44 +15,64 @@ const THREADS: u32 = 256;
 /// order of the norm's partial sums never changes.
 const BLOCKS: u32 = 1024;
 
-/// The pointer table of a set of f32 tensors on one device, uploaded as one u64 tensor:
-/// [params][grads][exp_avg][exp_avg_sq][offsets (n + 1)]. Each tensor must be contiguous and stay
-/// alive (and unmoved) while the table is used.
+/// The pointer table of the optimizer's tensors on one device, uploaded once per step:
+/// [params][grads][exp_avg][exp_avg_sq][work or 0][grad is bf16][offsets (n + 1)]. Each tensor
+/// must be contiguous and stay alive (and unmoved) while the table is used.
 pub struct Table {
     table: CudaSlice<u64>,
     n: u32,
 }
 
+/// The device address of a contiguous f32 or bf16 tensor's first element.
 fn ptr(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
-    if t.dtype() != DType::F32 {
-        bail!("the fused optimizer takes f32 tensors, got {:?}", t.dtype());
-    }
     let (storage, layout) = t.storage_and_layout();
     let Some((start, _)) = layout.contiguous_offsets() else { bail!("the fused optimizer takes contiguous tensors") };
     let Storage::Cuda(s) = &*storage else { bail!("the fused optimizer runs on CUDA tensors") };
-    let slice = s.as_cuda_slice::<f32>()?;
     let stream = dev.cuda_stream();
-    let base = slice.device_ptr(&stream).0;
-    Ok(base + (start * 4) as u64)
+    let base = match t.dtype() {
+        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        other => bail!("the fused optimizer takes f32 or bf16 tensors, got {other:?}"),
+    };
+    Ok(base + (start * t.dtype().size_in_bytes()) as u64)
+}
+
+/// One trainable tensor: the f32 parameter, its gradient (f32 or bf16), the moments, and the
+/// bf16 working copy the forward reads, if any.
+pub struct Row<'a> {
+    pub param: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub work: Option<&'a Tensor>,
 }
 
 impl Table {
-    /// `rows[i] = (param, grad, exp_avg, exp_avg_sq)`, all of one shape.
-    pub fn new(rows: &[(&Tensor, &Tensor, &Tensor, &Tensor)], dev: &CudaDevice) -> Result<Self> {
+    pub fn new(rows: &[Row], dev: &CudaDevice) -> Result<Self> {
         let n = rows.len();
-        let mut t = vec![0u64; 5 * n + 1];
+        let mut t = vec![0u64; 7 * n + 1];
         let mut offset = 0u64;
-        for (i, (p, g, m, v)) in rows.iter().enumerate() {
-            if g.dims() != p.dims() || m.dims() != p.dims() || v.dims() != p.dims() {
+        for (i, r) in rows.iter().enumerate() {
+            let p = r.param;
+            let same = |x: &Tensor| x.dims() == p.dims();
+            if !(same(r.grad) && same(r.m) && same(r.v) && r.work.is_none_or(same)) {
                 bail!("the fused optimizer's tensors disagree in shape: {:?}", p.dims());
             }
-            for (col, x) in [p, g, m, v].into_iter().enumerate() {
+            if p.dtype() != DType::F32 || r.m.dtype() != DType::F32 || r.v.dtype() != DType::F32 {
+                bail!("the fused optimizer keeps f32 parameters and moments");
+            }
+            if r.work.is_some_and(|w| w.dtype() != DType::BF16) {
+                bail!("the fused optimizer's working copies are bf16");
+            }
+            for (col, x) in [p, r.grad, r.m, r.v].into_iter().enumerate() {
                 t[col * n + i] = ptr(x, dev)?;
             }
-            t[4 * n + i] = offset;
+            t[4 * n + i] = r.work.map(|w| ptr(w, dev)).transpose()?.unwrap_or(0);
+            t[5 * n + i] = (r.grad.dtype() == DType::BF16) as u64;
+            t[6 * n + i] = offset;
             offset += p.elem_count() as u64;
         }
-        t[5 * n] = offset;
+        t[7 * n] = offset;
         let table = dev.clone_htod(&t)?;
         Ok(Self { table, n: n as u32 })
     }

@@ -57,11 +57,19 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
 
 /// Keeps only records up to `step` (a resumed run rewrites what came after its checkpoint).
 pub fn truncate_after(path: &Path, step: usize) -> Result<()> {
-    let kept: Vec<Record> = read(path)?.into_iter().filter(|r| r.step <= step).collect();
-    let mut text = String::new();
-    for r in &kept {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
+    read(path)?; // the same checks as reading (a torn last line is dropped below)
+    let text = if path.exists() {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    } else {
+        String::new()
+    };
+    // the kept lines as they were written: parsing and printing again could move a float by an ulp
+    let mut kept = String::new();
+    for line in text.lines() {
+        if serde_json::from_str::<Record>(line).is_ok_and(|r| r.step <= step) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
     }
-    crate::safetensors_out::write_atomic(path, text.as_bytes())
+    crate::safetensors_out::write_atomic(path, kept.as_bytes())
 }

@@ -28,6 +28,10 @@ pub struct AdamW {
     /// Clip and update all tensors in a few fused launches (`fused.rs`; on by default on a GPU,
     /// `GEMMACLIP_COMPOSED_OPTIMIZER=1` turns it off) instead of ~18 candle ops per tensor.
     pub fused: bool,
+    /// `work[i]`: the working copy of `vars[i]` in the compute dtype that the forward reads (LoRA
+    /// A and B in a bf16 run), rewritten from the master after every update; None: the master
+    /// itself is what the forward sees.
+    pub work: Vec<Option<Var>>,
 }
 
 /// A step's gradient norm before clipping, and the factor the gradients are scaled by.
@@ -53,7 +57,24 @@ impl AdamW {
         let v = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         let on_gpu = vars.first().is_some_and(|v| v.device().is_cuda());
         let fused = cfg!(feature = "cuda") && on_gpu && std::env::var_os("GEMMACLIP_COMPOSED_OPTIMIZER").is_none();
-        Ok(Self { cfg, vars, m, v, step: 0, fused })
+        let work = vec![None; vars.len()];
+        Ok(Self { cfg, vars, m, v, step: 0, fused, work })
+    }
+
+    /// The tensors the forward reads, whose gradients the step computes: each working copy, or
+    /// the master where there is none.
+    pub fn graph_vars(&self) -> Vec<Var> {
+        self.vars.iter().zip(&self.work).map(|(v, w)| w.as_ref().unwrap_or(v).clone()).collect()
+    }
+
+    /// Rewrites every working copy from its master (after loading a checkpoint).
+    pub fn refresh_work(&self) -> Result<()> {
+        for (v, w) in self.vars.iter().zip(&self.work) {
+            if let Some(w) = w {
+                w.set(&v.as_tensor().to_dtype(w.dtype())?)?;
+            }
+        }
+        Ok(())
     }
 
     /// The global L2 norm of `grads` and the factor that clips it to `max_norm` (torch's
@@ -73,10 +94,11 @@ impl AdamW {
             ClipScale::Host(coef) => {
                 if coef < 1.0 {
                     for g in grads.iter_mut().flatten() {
-                        *g = (&*g * coef)?;
+                        *g = (g.to_dtype(DType::F32)? * coef)?;
                     }
                 }
-                self.step(grads, lr)
+                self.step(grads, lr)?;
+                self.refresh_work()
             }
             #[cfg(feature = "cuda")]
             ClipScale::Device(norm_and_clip, table) => {
@@ -101,7 +123,10 @@ impl AdamW {
         let Some(first) = self.vars.first() else { return Ok(Clip { norm: 0.0, scale: ClipScale::Host(1.0) }) };
         let dev = first.device().as_cuda_device()?.clone();
         for g in grads.iter_mut().flatten() {
-            *g = g.to_dtype(DType::F32)?.contiguous()?;
+            if !matches!(g.dtype(), DType::F32 | DType::BF16) {
+                *g = g.to_dtype(DType::F32)?;
+            }
+            *g = g.contiguous()?;
         }
         for (m, v) in self.m.iter().zip(&self.v) {
             if !m.is_contiguous() || !v.is_contiguous() {
@@ -111,7 +136,15 @@ impl AdamW {
         let rows: Vec<_> = grads
             .iter()
             .enumerate()
-            .filter_map(|(i, g)| g.as_ref().map(|g| (self.vars[i].as_tensor(), g, &self.m[i], &self.v[i])))
+            .filter_map(|(i, g)| {
+                g.as_ref().map(|grad| crate::train::fused::Row {
+                    param: self.vars[i].as_tensor(),
+                    grad,
+                    m: &self.m[i],
+                    v: &self.v[i],
+                    work: self.work[i].as_ref().map(|w| w.as_tensor()),
+                })
+            })
             .collect();
         if rows.is_empty() {
             return Ok(Clip { norm: 0.0, scale: ClipScale::Host(1.0) });

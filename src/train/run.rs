@@ -31,6 +31,8 @@ struct Loaded {
     spec: LoraSpec,
     names: Vec<String>,
     vars: Vec<Var>,
+    /// `vars[i]`'s working copy in the compute dtype, if it has one (see `AdamW::work`).
+    work: Vec<Option<Var>>,
     tokenizer: tokenizers::Tokenizer,
     images: ImageProcessor,
     llm_dir: PathBuf,
@@ -52,7 +54,9 @@ fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
     if named.is_empty() {
         bail!("--lora-target-modules {:?} matches no linear of the model", a.lora_target_modules);
     }
+    let mut work = adapter::working_copies(&mut llm, dtype)?;
     named.extend(projector.vars().into_iter().map(|(n, v)| (format!("projector.{n}"), v)));
+    work.resize(named.len(), None);
     let tokenizer = load_tokenizer(&llm_dir)?;
     let images = ImageProcessor::from_dir(&vis_dir, vcfg.image_size, a.image_aspect)?;
     Ok(Loaded {
@@ -60,6 +64,7 @@ fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
         spec,
         names: named.iter().map(|(n, _)| n.clone()).collect(),
         vars: named.into_iter().map(|(_, v)| v).collect(),
+        work,
         tokenizer,
         images,
         llm_dir,
@@ -323,6 +328,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     });
     let warmup = warmup_steps(a.warmup_ratio, total);
     let mut opt = AdamW::new(m.vars.clone(), AdamWConfig { weight_decay: a.weight_decay, ..Default::default() })?;
+    opt.work = m.work.clone();
     let mut state = TrainerState {
         global_step: 0,
         total_steps: total,
@@ -337,6 +343,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     let args_json = serde_json::to_value(&recorded)?;
     if let Some(which) = &a.resume {
         let (dir, loaded) = restore(a, which, &mut m, &mut opt)?;
+        opt.refresh_work()?;
         check_resume_settings(&recorded, &dir, loaded.args, &loaded.state, &state)?;
         state = loaded.state;
         if state.global_step == total {
@@ -355,6 +362,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     let skipped = split.skipped.len() + too_long.len();
     print_summary(a, &m, &dev, dtype, (problems.len(), skipped), (total, n_batches));
 
+    let graph_vars = opt.graph_vars();
     let bar = device::progress_bar(total, state.global_step);
     let ga = a.gradient_accumulation_steps;
     // --max-grad-norm 0 turns clipping off, as in the Trainer
@@ -391,9 +399,11 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
                 loss_chunk: a.loss_chunk,
                 loss_denominator: Some(supervised),
             };
-            let g = loss_and_grads(&m.vlm, &batch, &m.vars, &opts)?;
+            let g = loss_and_grads(&m.vlm, &batch, &graph_vars, &opts)?;
             for (acc, g) in grads.iter_mut().zip(g.grads) {
                 if let Some(g) = g {
+                    // a bf16 working copy's gradient is widened (exactly) before it is summed
+                    let g = if ga > 1 { g.to_dtype(DType::F32)? } else { g };
                     *acc = Some(match acc.take() {
                         Some(a) => (a + g)?,
                         None => g,

@@ -2,12 +2,29 @@
 // multi_tensor_apply): the tensors stay where they are and the kernels get a table of their
 // pointers, so one launch covers all of them instead of ~15 small ops per tensor.
 //
-// table layout (u64): [params n][grads n][exp_avg n][exp_avg_sq n][offsets n+1]
-// offsets are the prefix sums of the tensors' element counts (offsets[n] = total).
-// All f32. Sums are taken in a fixed order (block partials, then one block), so the gradient norm
+// table layout (u64): [params n][grads n][exp_avg n][exp_avg_sq n][work n][grad_is_bf16 n][offsets n+1]
+// offsets are the prefix sums of the tensors' element counts (offsets[n] = total). Params and
+// moments are f32; a gradient is f32 or bf16 (widened exactly); work, where not 0, is the bf16
+// working copy of the parameter that the forward reads, rewritten from the updated f32 value. Sums are taken in a fixed order (block partials, then one block), so the gradient norm
 // and every update are the same from run to run: a resumed run stays bit for bit.
 
 #define THREADS 256
+#define OFFSETS(table, n) ((table) + 6 * (n))
+
+__device__ __forceinline__ float grad_at(const unsigned long long* table, unsigned int n, unsigned int t,
+                                         unsigned long long j) {
+    const unsigned long long g = table[n + t];
+    if (table[5 * n + t]) return __uint_as_float(((unsigned int)((const unsigned short*)g)[j]) << 16);
+    return ((const float*)g)[j];
+}
+
+// f32 -> bf16, round to nearest even, NaN kept a NaN (as candle's to_dtype does it).
+__device__ __forceinline__ unsigned short to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
 
 __device__ __forceinline__ unsigned int tensor_of(const unsigned long long* offsets, unsigned int n,
                                                   unsigned long long i) {
@@ -35,14 +52,13 @@ __device__ float block_sum(float v) {
 
 // partials[blockIdx.x] = sum of g^2 over this block's grid-stride share of all gradients.
 extern "C" __global__ void multi_sumsq_f32(const unsigned long long* table, unsigned int n, float* partials) {
-    const unsigned long long* grads = table + n;
-    const unsigned long long* offsets = table + 4 * n;
+    const unsigned long long* offsets = OFFSETS(table, n);
     unsigned long long total = offsets[n];
     float acc = 0.0f;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned int t = tensor_of(offsets, n, i);
-        float g = ((const float*)grads[t])[i - offsets[t]];
+        float g = grad_at(table, n, t, i - offsets[t]);
         acc += g * g;
     }
     float s = block_sum(acc);
@@ -72,17 +88,17 @@ extern "C" __global__ void multi_adamw_f32(const unsigned long long* table, unsi
                                            float one_minus_beta2, float eps, float decay, float inv_bc1,
                                            float inv_bc2) {
     const unsigned long long* params = table;
-    const unsigned long long* grads = table + n;
     const unsigned long long* ms = table + 2 * n;
     const unsigned long long* vs = table + 3 * n;
-    const unsigned long long* offsets = table + 4 * n;
+    const unsigned long long* works = table + 4 * n;
+    const unsigned long long* offsets = OFFSETS(table, n);
     unsigned long long total = offsets[n];
     float clip = norm_and_clip[1];
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned int t = tensor_of(offsets, n, i);
         unsigned long long j = i - offsets[t];
-        float g = ((const float*)grads[t])[j];
+        float g = grad_at(table, n, t, j);
         if (clip < 1.0f) g = g * clip;
         float* m = (float*)ms[t];
         float* v = (float*)vs[t];
@@ -94,6 +110,8 @@ extern "C" __global__ void multi_adamw_f32(const unsigned long long* table, unsi
         float update = (mj * inv_bc1) / (sqrtf(vj * inv_bc2) + eps);
         float theta = p[j];
         if (decay != 1.0f) theta = theta * decay;
-        p[j] = theta - update * lr;
+        float updated = theta - update * lr;
+        p[j] = updated;
+        if (works[t]) ((unsigned short*)works[t])[j] = to_bf16(updated);
     }
 }
