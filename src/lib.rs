@@ -17,5 +17,6 @@ pub mod model;
 pub mod peft;
 pub mod rng;
 pub mod safetensors_out;
+pub mod sha;
 pub mod train;
 pub mod weights;

@@ -213,6 +213,11 @@ impl RunDir {
     pub fn arg(&self, key: &str) -> Option<String> {
         self.args.get(key).and_then(|v| v.as_str()).map(String::from)
     }
+
+    /// A boolean setting of the run (false when absent).
+    pub fn flag(&self, key: &str) -> bool {
+        self.args.get(key).and_then(|v| v.as_bool()).unwrap_or(false)
+    }
 }
 
 impl Answerer {

@@ -98,3 +98,66 @@ fn answers_of_unknown_origin_are_not_reused() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("unknown origin") && err.contains("--overwrite-output-dir"), "{err}");
 }
+
+#[test]
+fn another_dataset_under_the_same_split_is_not_resumed() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/scienceqa-sample");
+    for f in ["train", "validation", "test"] {
+        std::fs::copy(sample.join(format!("{f}.parquet")), data.path().join(format!("{f}.parquet"))).unwrap();
+    }
+    let tiny = common::tiny_dir();
+    let run = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_gemmaclip"))
+            .env("GEMMACLIP_CACHE", cache.path())
+            .args(["eval", "--split", "validation", "--limit", "2", "--max-new-tokens", "2"])
+            .arg("--model")
+            .arg(tiny.join("llm"))
+            .arg("--vision-model")
+            .arg(tiny.join("vision"))
+            .arg("--projector-path")
+            .arg(common::fixture_path("lora_init/projector.safetensors"))
+            .arg("--data")
+            .arg(data.path())
+            .arg("--output-dir")
+            .arg(out.path())
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (code, err) = run();
+    assert_eq!(code, Some(0), "{err}");
+    // the same directory, other rows under the same pids
+    std::fs::copy(sample.join("test.parquet"), data.path().join("validation.parquet")).unwrap();
+    let (code, err) = run();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("data_sha256"), "{err}");
+}
+
+#[test]
+fn a_run_trained_on_the_bf16_base_is_evaluated_on_it() {
+    let cache = tempfile::tempdir().unwrap();
+    let run_dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_gemmaclip");
+    let train = Command::new(exe)
+        .env("GEMMACLIP_CACHE", cache.path())
+        .args(["train", "--preset", "tiny", "--no-4bit", "--max-steps", "1", "--gradient-accumulation-steps", "1"])
+        .args(["--lora-r", "4", "--gradient-checkpointing", "false", "--output-dir"])
+        .arg(run_dir.path())
+        .output()
+        .unwrap();
+    assert!(train.status.success(), "{}", String::from_utf8_lossy(&train.stderr));
+    let o = Command::new(exe)
+        .env("GEMMACLIP_CACHE", cache.path())
+        .args(["eval", "--split", "validation", "--limit", "1", "--max-new-tokens", "2", "--run-dir"])
+        .arg(run_dir.path())
+        .arg("--output-dir")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&out.path().join("eval.json"))["fingerprint"]["sources"]["four_bit"], false);
+}

@@ -65,7 +65,12 @@ fn a_fresh_run_does_not_overwrite_an_earlier_one() {
     std::fs::write(out.path().join("metrics.jsonl"), "{\"step\":1}\n").unwrap();
     std::fs::write(out.path().join("args.json"), "{}").unwrap();
     let e = run(&args(out.path(), &[])).unwrap_err();
-    assert!(e.contains("holds a run") && e.contains("--overwrite-output-dir") && e.contains("--resume"), "{e}");
+    // no checkpoint: nothing to resume, so the advice is to start over
+    assert!(e.contains("saved no checkpoint") && e.contains("--overwrite-output-dir"), "{e}");
+    // a flag that fails at load costs the earlier run nothing, even with --overwrite-output-dir
+    let mut bad = args(out.path(), &["--overwrite-output-dir", "--model", "/nonexistent/gemma"]);
+    bad.preset = None;
+    assert!(run(&bad).is_err());
     // the earlier run's records are untouched
     assert_eq!(std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap(), "{\"step\":1}\n");
     assert_eq!(std::fs::read_to_string(out.path().join("args.json")).unwrap(), "{}");
@@ -353,4 +358,63 @@ fn accumulation_equals_one_batch_of_the_same_rows() {
     );
     assert!((one_batch.0 - accumulated.0).abs() <= 1e-5 * one_batch.0.abs(), "{one_batch:?} {accumulated:?}");
     assert!((one_batch.1 - accumulated.1).abs() <= 1e-4 * one_batch.1.abs(), "{one_batch:?} {accumulated:?}");
+}
+
+#[test]
+fn a_resume_past_a_damaged_checkpoint_never_prunes_its_own_progress() {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path();
+    let mut a = args(o, &["--max-steps", "6"]);
+    a.stop_after = Some(4);
+    assert_eq!(run(&a).unwrap(), (4, 6));
+    // step-4 damaged, step-3 gone: the resume starts from step-2
+    let opt = o.join("checkpoints/step-4/optimizer.safetensors");
+    std::fs::write(&opt, b"not safetensors").unwrap();
+    std::fs::remove_dir_all(o.join("checkpoints/step-3")).unwrap();
+    let mut b = args(o, &["--max-steps", "6", "--save-total-limit", "1"]);
+    b.resume = Some(None);
+    b.stop_after = Some(1);
+    assert_eq!(run(&b).unwrap(), (3, 6));
+    // the damaged one is set aside, the new step-3 kept (pruning counted only steps up to 3)
+    let mut names: Vec<String> = std::fs::read_dir(o.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["step-3", "step-4.unusable"]);
+    let mut c = args(o, &["--max-steps", "6"]);
+    c.resume = Some(None);
+    assert_eq!(run(&c).unwrap(), (6, 6));
+}
+
+#[test]
+fn a_resume_on_another_base_model_is_refused_and_a_moved_one_is_not() {
+    let out = tempfile::tempdir().unwrap();
+    let models = tempfile::tempdir().unwrap();
+    let (same, other) = (models.path().join("same"), models.path().join("other"));
+    gemmaclip::init::init(gemmaclip::init::Preset::Tiny, &same, 0).unwrap();
+    gemmaclip::init::init(gemmaclip::init::Preset::Tiny, &other, 1).unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/scienceqa-sample");
+    let with = |dir: &Path| {
+        let mut a = args(out.path(), &["--data", sample.to_str().unwrap()]);
+        a.preset = None;
+        a.model = dir.join("llm").display().to_string();
+        a.vision_model = dir.join("vision").display().to_string();
+        a
+    };
+    let mut a = with(&same);
+    a.stop_after = Some(1);
+    assert_eq!(run(&a).unwrap(), (1, 3));
+    // the same weights elsewhere: fine
+    let moved = models.path().join("moved");
+    std::fs::rename(&same, &moved).unwrap();
+    let mut b = with(&moved);
+    b.resume = Some(None);
+    b.stop_after = Some(1);
+    assert_eq!(run(&b).unwrap(), (2, 3));
+    // other weights of the same shapes: refused, naming what differs
+    let mut c = with(&other);
+    c.resume = Some(None);
+    let e = run(&c).unwrap_err();
+    assert!(e.contains("--sources") && e.contains("model_sha256"), "{e}");
 }

@@ -100,7 +100,7 @@ pub struct AnswerModelCli {
     /// Tokenizer directory (a train run's `tokenizer/`); defaults to the run's, else the model's.
     #[arg(long, value_name = "DIR")]
     pub tokenizer_dir: Option<PathBuf>,
-    /// Keep the base in bf16 instead of NF4.
+    /// Keep the base in bf16 instead of NF4 (also taken from --run-dir when that run trained so).
     #[arg(long)]
     pub no_4bit: bool,
     /// Pad images to a square (LLaVA-1.5) or resize and centre-crop [default: the --run-dir's, else pad].
@@ -139,7 +139,8 @@ impl AnswerModelCli {
                     .clone()
                     .or_else(|| run_arg("vision_model"))
                     .unwrap_or_else(|| DEFAULT_VISION_MODEL.into()),
-                four_bit: !self.no_4bit,
+                // an adapter trained on the bf16 base answers on it too
+                four_bit: !(self.no_4bit || run.as_ref().is_some_and(|r| r.flag("no_4bit"))),
             },
             adapter_dir: explicit(&self.adapter_dir, "--adapter-dir")
                 .or_else(|| from_run(run.as_ref().map(|r| r.adapter_dir.clone()))),

@@ -5,23 +5,9 @@
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::Path;
 
-/// Hex SHA-256 of a file, read in blocks (an adapter may be hundreds of MB).
-pub fn file_sha256(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
+pub use crate::sha::file_sha256;
 
 /// The sources of an answering model, as eval records them.
 pub struct Sources<'a> {

@@ -101,8 +101,10 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs, g: &Generation) -> 
         problems.truncate(n);
     }
     std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
+    let split_path = split_file(data_dir, &a.split)?;
     let fp = serde_json::json!({
         "split": a.split,
+        "data_sha256": crate::sha::file_sha256(&split_path)?,
         "sources": g.sources,
         "generation": {
             "max_new_tokens": a.max_new_tokens,

@@ -112,6 +112,12 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub overwrite_output_dir: bool,
+    /// What the run trains on, set by the run (not a flag): SHA-256 identities of the base model,
+    /// the vision tower and the training split, so a resume compares those rather than paths,
+    /// which may move.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<serde_json::Value>,
     /// Stop (with a checkpoint) after this many optimizer steps of this invocation.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -152,8 +158,9 @@ impl LoraArgs {
 }
 
 /// Settings a resumed run may change: they alter neither the model nor the schedule nor the data
-/// (gradient checkpointing trades memory for time and computes the same gradients).
-pub const RESUMABLE_CHANGES: [&str; 9] = [
+/// (gradient checkpointing trades memory for time and computes the same gradients; `--model`,
+/// `--vision-model` and `--data` are where things are, and `sources` says what they are).
+pub const RESUMABLE_CHANGES: [&str; 10] = [
     "output_dir",
     "save_steps",
     "save_total_limit",
@@ -163,6 +170,7 @@ pub const RESUMABLE_CHANGES: [&str; 9] = [
     "gradient_checkpointing",
     "model",
     "vision_model",
+    "data",
 ];
 
 impl TrainArgs {
@@ -251,6 +259,10 @@ impl TrainArgs {
                 continue;
             }
             let old = was.get(k).unwrap_or(&serde_json::Value::Null);
+            // checkpoints of older versions recorded no sources: nothing to compare
+            if k == "sources" && old.is_null() {
+                continue;
+            }
             if old != v {
                 out.push(format!("--{} {old} -> {v}", k.replace('_', "-")));
             }

@@ -183,22 +183,40 @@ const RUN_FILES: [&str; 8] = [
     "loss_curve.png",
 ];
 
-/// A fresh run never writes over an earlier one unless told to (then that run's files go first).
-fn claim_output_dir(a: &TrainArgs) -> Result<()> {
+/// A fresh run never writes over an earlier one unless told to: the files `claim_output_dir`
+/// would delete, checked before anything is loaded.
+fn check_output_dir(a: &TrainArgs) -> Result<()> {
     let dir = &a.output_dir;
     let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| dir.join(f).exists()).collect();
-    if present.is_empty() {
+    if present.is_empty() || a.overwrite_output_dir {
         return Ok(());
     }
-    if !a.overwrite_output_dir {
+    let resumable = !state::candidates(dir).is_empty();
+    if resumable {
         bail!(
             "--output-dir {} holds a run ({}): continue it with --resume, or start over with --overwrite-output-dir",
             dir.display(),
             present.join(", ")
         );
     }
-    for f in present {
-        let p = dir.join(f);
+    bail!(
+        "--output-dir {} holds an earlier run that saved no checkpoint ({}), so there is nothing to resume: start over with --overwrite-output-dir, or use another directory",
+        dir.display(),
+        present.join(", ")
+    )
+}
+
+/// With --overwrite-output-dir, deletes the earlier run's files; called once the new run has
+/// loaded, so a typo in a flag never costs the old run.
+fn claim_output_dir(a: &TrainArgs) -> Result<()> {
+    if !a.overwrite_output_dir {
+        return Ok(());
+    }
+    for f in RUN_FILES {
+        let p = a.output_dir.join(f);
+        if !p.exists() {
+            continue;
+        }
         let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
         removed.with_context(|| format!("--overwrite-output-dir: cannot remove {}", p.display()))?;
     }
@@ -222,12 +240,21 @@ fn restore(
     if candidates.is_empty() {
         bail!("--resume: no checkpoint in {}", a.output_dir.join("checkpoints").display());
     }
+    let mut unusable = vec![];
     for dir in &candidates {
         match state::load(dir, &mut m.vlm.llm, &m.vlm.projector, opt, &m.names) {
-            Ok(loaded) => return Ok((dir.clone(), loaded)),
+            Ok(loaded) => {
+                // set aside what was passed over, so neither pruning nor a later resume counts it
+                for bad in unusable {
+                    let to = state::set_aside(bad)?;
+                    eprintln!("warning: set aside as {}", to.display());
+                }
+                return Ok((dir.clone(), loaded));
+            }
             Err(e) => {
                 let why: Vec<String> = e.chain().map(|c| c.to_string()).collect();
                 eprintln!("warning: skipping checkpoint {}: {}", dir.display(), why.join(": "));
+                unusable.push(dir);
             }
         }
     }
@@ -303,7 +330,7 @@ fn check_resume_settings(
 pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usize)> {
     a.validate()?;
     if a.resume.is_none() {
-        claim_output_dir(a)?;
+        check_output_dir(a)?;
     }
     let dev = device::best_device()?;
     // candle's CPU matmul has no bf16: --bf16 (the Trainer's flag) is what a GPU does anyway
@@ -339,7 +366,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     };
     let metrics_path = a.output_dir.join("metrics.jsonl");
     let steps_path = a.output_dir.join("steps.jsonl");
-    let recorded = recorded_args(a, &m, &data_dir);
+    let recorded = recorded_args(a, &m, &data_dir)?;
     let args_json = serde_json::to_value(&recorded)?;
     if let Some(which) = &a.resume {
         let (dir, loaded) = restore(a, which, &mut m, &mut opt)?;
@@ -354,6 +381,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         metrics::truncate_after(&metrics_path, state.global_step)?;
         metrics::truncate_after(&steps_path, state.global_step)?;
     } else {
+        claim_output_dir(a)?;
         crate::safetensors_out::write_atomic(&metrics_path, b"")?;
         crate::safetensors_out::write_atomic(&steps_path, b"")?;
     }
@@ -416,8 +444,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         let grad_norm = clip.norm;
         if !(step_loss.is_finite() && grad_norm.is_finite()) {
             bar.abandon();
-            let last = state::candidates(&a.output_dir)
-                .first()
+            let last = state::latest_up_to(&a.output_dir, step)
                 .map_or("no checkpoint was written".to_string(), |d| format!("the last checkpoint is {}", d.display()));
             bail!(
                 "step {}: the loss is {step_loss} and the gradient norm {grad_norm}; training diverged (try a lower --learning-rate); this step was not applied and nothing after step {step} was written; {last}",
@@ -486,7 +513,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
             let snap = Snapshot { opt: &opt, names: &m.names, state: &state, args: &args_json };
             state::save(&dir, &mut m.vlm.llm, &m.vlm.projector, &m.spec, &base_model_name(a), &snap)?;
             if let Some(keep) = a.save_total_limit {
-                state::prune(&a.output_dir, keep)?;
+                state::prune(&a.output_dir, keep, state.global_step)?;
             }
         }
         if stop {
@@ -524,7 +551,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         eprintln!("tokenizer:      {}", o("tokenizer"));
         eprintln!("metrics:        {} (every step: {})", o("metrics.jsonl"), o("steps.jsonl"));
         eprintln!("loss curve:     {}", curve.display());
-        if let Some(c) = state::candidates(&a.output_dir).first() {
+        if let Some(c) = state::latest_up_to(&a.output_dir, state.global_step) {
             eprintln!("checkpoint:     {}", c.display());
         }
     }
@@ -532,15 +559,20 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
 }
 
 /// The arguments as the run really used them: the tiny preset's model and data directories in
-/// place of the flags it ignores.
-fn recorded_args(a: &TrainArgs, m: &Loaded, data_dir: &Path) -> TrainArgs {
+/// place of the flags it ignores, and the identities of the model, vision tower and training split.
+fn recorded_args(a: &TrainArgs, m: &Loaded, data_dir: &Path) -> Result<TrainArgs> {
     let mut r = a.clone();
     if a.preset_tiny() {
         r.model = m.llm_dir.display().to_string();
         r.vision_model = m.vis_dir.display().to_string();
         r.data = data_dir.display().to_string();
     }
-    r
+    r.sources = Some(serde_json::json!({
+        "model_sha256": crate::sha::model_dir_sha256(&m.llm_dir)?,
+        "vision_model_sha256": crate::sha::model_dir_sha256(&m.vis_dir)?,
+        "train_split_sha256": crate::sha::file_sha256(&split_file(data_dir, "train")?)?,
+    }));
+    Ok(r)
 }
 
 /// One paragraph before the first step: what is trained on what, and how.

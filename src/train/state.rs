@@ -31,9 +31,9 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join("checkpoints").join(format!("step-{step}"))
 }
 
-/// The checkpoints in `output_dir/checkpoints`, newest (highest step) first. Half-written
-/// `step-N.tmp/` directories are not checkpoints.
-pub fn candidates(output_dir: &Path) -> Vec<PathBuf> {
+/// The checkpoints in `output_dir/checkpoints` with their steps, newest (highest step) first.
+/// Half-written `step-N.tmp/` and set-aside `step-N.unusable/` directories are not checkpoints.
+pub fn candidates_with_steps(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let dir = output_dir.join("checkpoints");
     let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
     let mut found: Vec<(usize, PathBuf)> = entries
@@ -45,16 +45,41 @@ pub fn candidates(output_dir: &Path) -> Vec<PathBuf> {
         })
         .collect();
     found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
-    found.into_iter().map(|(_, p)| p).collect()
+    found
 }
 
-/// Deletes all but the newest `keep` checkpoints (the Trainer's `save_total_limit`).
-pub fn prune(output_dir: &Path, keep: usize) -> Result<()> {
-    for old in candidates(output_dir).into_iter().skip(keep) {
+/// The checkpoints, newest first.
+pub fn candidates(output_dir: &Path) -> Vec<PathBuf> {
+    candidates_with_steps(output_dir).into_iter().map(|(_, p)| p).collect()
+}
+
+/// The newest checkpoint at or before `step` (the run's own latest, when a resume started from
+/// an older one).
+pub fn latest_up_to(output_dir: &Path, step: usize) -> Option<PathBuf> {
+    candidates_with_steps(output_dir).into_iter().find(|(s, _)| *s <= step).map(|(_, p)| p)
+}
+
+/// Deletes all but the newest `keep` checkpoints at or before `step` (the Trainer's
+/// `save_total_limit`). Newer ones, left by a resume from an older checkpoint, are not counted:
+/// the run rewrites them as it gets there.
+pub fn prune(output_dir: &Path, keep: usize, step: usize) -> Result<()> {
+    let older = candidates_with_steps(output_dir).into_iter().filter(|(s, _)| *s <= step);
+    for (_, old) in older.skip(keep) {
         std::fs::remove_dir_all(&old)
             .with_context(|| format!("--save-total-limit: cannot remove {}", old.display()))?;
     }
     Ok(())
+}
+
+/// Renames a checkpoint that failed to load to `step-N.unusable`, so no later resume or pruning
+/// takes it for one (it stays on disk for a look).
+pub fn set_aside(dir: &Path) -> Result<PathBuf> {
+    let to = dir.with_extension("unusable");
+    if to.exists() {
+        std::fs::remove_dir_all(&to).with_context(|| format!("cannot clear {}", to.display()))?;
+    }
+    std::fs::rename(dir, &to).with_context(|| format!("cannot rename {} to {}", dir.display(), to.display()))?;
+    Ok(to)
 }
 
 fn to_cpu(t: &Tensor) -> Result<Tensor> {
