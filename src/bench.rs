@@ -219,7 +219,10 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
             targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
         };
         adapter::attach_new(&mut llm, &spec, 0)?;
-        llm.freeze_adapters();
+        // GEMMACLIP_CAST_LORA=1: cast A and B per call, as before the resident copies
+        let cast_per_call = std::env::var_os("GEMMACLIP_CAST_LORA").is_some();
+        let dtype = llm.dtype();
+        llm.freeze_adapters(if cast_per_call { DType::F32 } else { dtype })?;
     }
     let projector = Projector::init(vcfg.hidden_size, cfg.text.hidden_size, 0, &dev)?;
     let vlm = Vlm { vision, projector, llm, cfg: cfg.clone() };

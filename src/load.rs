@@ -123,7 +123,7 @@ pub fn load_answerer(a: &AnswererArgs) -> Result<Answerer> {
     if let Some(n) = &a.adapter_dir {
         let (adapter, scale) = Adapter::load(&n.path, &dev).with_context(|| n.label())?;
         adapter.attach(&mut base.llm, scale).with_context(|| n.label())?;
-        base.llm.freeze_adapters();
+        base.llm.freeze_adapters(dtype)?;
     }
     let (projector, has_projector) = match &a.projector_path {
         Some(n) => {

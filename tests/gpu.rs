@@ -260,3 +260,35 @@ fn fused_optimizer_takes_bf16_gradients_and_refreshes_working_copies() {
     }
     println!("fused AdamW on bf16 gradients == composed; working copies == bf16(master) exactly");
 }
+
+#[test]
+fn resident_bf16_adapters_answer_as_the_per_call_cast_did() {
+    use candle_core::DType;
+    use gemmaclip::generate::{generate, GenerateOptions};
+    use gemmaclip::model::gemma3::{BaseFormat, Gemma3Text};
+    use gemmaclip::model::projector::Projector;
+    use gemmaclip::model::vlm::Vlm;
+    use gemmaclip::peft::adapter::Adapter;
+    use gemmaclip::weights::Weights;
+    let Some(gpu) = cuda() else { return };
+    let dir = common::tiny_dir();
+    let answer = |resident: bool| {
+        let cfg = common::forward::llm_cfg();
+        let w = Weights::open(&dir.join("llm"), DType::BF16, &gpu).unwrap();
+        let mut llm = Gemma3Text::load(w, &cfg.text, BaseFormat::Nf4).unwrap();
+        let (ad, scale) = Adapter::load(&common::fixture_path("peft_saved"), &gpu).unwrap();
+        ad.attach(&mut llm, scale).unwrap();
+        llm.freeze_adapters(if resident { DType::BF16 } else { DType::F32 }).unwrap();
+        let vision = common::forward::clip(&gpu);
+        let projector = Projector::init(vision.cfg.hidden_size, cfg.text.hidden_size, 0, &gpu).unwrap();
+        let vlm = Vlm { vision, projector, llm, cfg };
+        let prompts: Vec<Vec<u32>> = vec![(2..40).collect(), (5..20).collect()];
+        let o =
+            GenerateOptions { max_new_tokens: 12, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids: vec![] };
+        let (gen, _) = generate(&vlm, &prompts, None, &o, &mut |_, _| {}).unwrap();
+        gen.into_iter().map(|g| g.tokens).collect::<Vec<_>>()
+    };
+    let (cast, resident) = (answer(false), answer(true));
+    assert_eq!(cast, resident);
+    println!("bf16 greedy answers with resident adapters == per-call cast: {resident:?}");
+}

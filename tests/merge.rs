@@ -72,7 +72,7 @@ fn model(dir: &Path, base: BaseFormat, with_adapter: bool) -> Gemma3Text {
     if with_adapter {
         let (ad, scale) = Adapter::load(&adapter_dir(), &Device::Cpu).unwrap();
         ad.attach(&mut llm, scale).unwrap();
-        llm.freeze_adapters();
+        llm.freeze_adapters(DType::F32).unwrap();
     }
     llm
 }

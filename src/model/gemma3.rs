@@ -310,12 +310,22 @@ impl Gemma3Text {
     }
 
     /// Marks every adapter as frozen (answering, not training): no autograd graph is built.
-    pub fn freeze_adapters(&mut self) {
+    /// Answering: adapters enter untracked, in the compute dtype `dtype` once and for all (a cast
+    /// per call doubled the launches of a decode step).
+    pub fn freeze_adapters(&mut self, dtype: candle_core::DType) -> candle_core::Result<()> {
         for (_, lin) in self.linears_mut() {
             if let Some(l) = lin.lora.as_mut() {
                 l.frozen = true;
+                l.work = if dtype == candle_core::DType::F32 {
+                    None
+                } else {
+                    let a = candle_core::Var::from_tensor(&l.a.as_tensor().to_dtype(dtype)?)?;
+                    let b = candle_core::Var::from_tensor(&l.b.as_tensor().to_dtype(dtype)?)?;
+                    Some((a, b))
+                };
             }
         }
+        Ok(())
     }
 
     /// Every adaptable linear with its module path under the text model (`layers.N.self_attn.q_proj`).

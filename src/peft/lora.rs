@@ -92,7 +92,8 @@ impl LoraLinear {
         let lead = &x.dims()[..x.rank() - 1];
         let rows: usize = lead.iter().product();
         let (a, b) = match &l.work {
-            Some((wa, wb)) if !l.frozen && wa.dtype() == dtype => (wa.as_tensor().clone(), wb.as_tensor().clone()),
+            Some((wa, wb)) if l.frozen && wa.dtype() == dtype => (wa.as_tensor().detach(), wb.as_tensor().detach()),
+            Some((wa, wb)) if wa.dtype() == dtype => (wa.as_tensor().clone(), wb.as_tensor().clone()),
             _ if l.frozen => (l.a.as_tensor().detach(), l.b.as_tensor().detach()),
             _ => (l.a.as_tensor().clone(), l.b.as_tensor().clone()),
         };
