@@ -3,6 +3,7 @@
 use crate::eval::Column;
 use anyhow::{Context, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 
 pub fn accuracy_by_category(cols: &[Column], split: &str, path: &Path) -> Result<()> {
@@ -48,7 +49,8 @@ pub fn accuracy_by_category(cols: &[Column], split: &str, path: &Path) -> Result
         chart
             .draw_series(cols.iter().enumerate().map(|(i, c)| {
                 let label = c.accuracy.map_or("-".into(), |a| format!("{a:.1} ({}/{})", c.correct, c.count));
-                Text::new(label, (SegmentValue::Exact(i), c.accuracy.unwrap_or(0.0) + 3.0), ("sans-serif", 12))
+                let style = TextStyle::from(("sans-serif", 12).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+                Text::new(label, (SegmentValue::CenterOf(i), c.accuracy.unwrap_or(0.0) + 1.0), style)
             }))
             .map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
