@@ -71,7 +71,7 @@ fn boolean_flags_take_an_optional_true_false_value_as_hf_argument_parser_does() 
     assert!(infer_cli(&["--json"]).json);
     assert!(!infer_cli(&[]).json);
     let i = infer_cli(&["--json", "--no-4bit", "--seed", "3"]);
-    assert!(i.json && i.model.no_4bit && i.seed == 3);
+    assert!(i.json && i.model.no_4bit && i.sampling.seed == 3);
     assert!(!infer_cli(&["--json", "false", "--no_4bit", "no"]).json);
     // eval and both bench commands
     for args in [
@@ -168,7 +168,7 @@ fn every_long_flag_also_takes_its_snake_case_spelling() {
     assert_eq!(a.lora_target_modules, ["q_proj", "v_proj"]);
     // infer and eval, through the whole command line
     let i = infer_cli(&["--max_new_tokens", "4", "--run_dir", "r", "--top_p", "0.5", "--image_path", "x.png"]);
-    assert_eq!((i.max_new_tokens, i.top_p), (4, 0.5));
+    assert_eq!((i.max_new_tokens, i.sampling.top_p), (4, 0.5));
     assert_eq!(i.model.run_dir.as_deref(), Some(Path::new("r")));
     match cli::try_parse_from(["gemmaclip", "eval", "--output_dir", "o", "--per_device_eval_batch_size", "4"])
         .unwrap()

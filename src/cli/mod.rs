@@ -173,18 +173,8 @@ pub struct InferCli {
     /// Most tokens to generate (the model turn stops earlier at <end_of_turn>).
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Nucleus sampling: sample from the smallest set of tokens whose probability reaches this, in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    /// Sample from the K most likely tokens only; 0 = no limit.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Seed of the sampling (the same seed gives the same answer).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingCli,
     /// Print one JSON object (reasoning, answer, text, token counts, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
@@ -217,18 +207,37 @@ pub struct EvalCli {
     /// Delete the answers already in --output-dir and start over.
     #[arg(long)]
     pub overwrite_output_dir: bool,
+    #[command(flatten)]
+    pub sampling: SamplingCli,
+}
+
+/// How `infer` and `eval` pick each token.
+#[derive(clap::Args)]
+pub struct SamplingCli {
     /// Sampling temperature; 0 = greedy (the default, as the official evaluations run).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this.
+    /// Nucleus sampling: sample from the smallest set of tokens whose probability reaches this, in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
-    /// Keep only the k most likely tokens when sampling; 0 = no limit.
+    /// Sample from the K most likely tokens only; 0 = no limit.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
-    /// Seed of the sampling.
+    /// Seed of the sampling (the same seed gives the same answer).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+impl SamplingCli {
+    fn check(&self) -> Result<()> {
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("--temperature must be a number of at least 0, got {}", self.temperature);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Subcommand)]
@@ -284,28 +293,18 @@ pub fn run(cmd: Command) -> Result<()> {
     }
 }
 
-fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {top_p}");
-    }
-    if !(temperature.is_finite() && temperature >= 0.0) {
-        bail!("--temperature must be a number of at least 0, got {temperature}");
-    }
-    Ok(())
-}
-
 fn infer(i: InferCli) -> Result<()> {
     if i.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    check_sampling(i.temperature, i.top_p)?;
+    i.sampling.check()?;
     let m = crate::load::load_answerer(&i.model.resolve()?.answerer)?;
     let options = crate::generate::GenerateOptions {
         max_new_tokens: i.max_new_tokens,
-        temperature: i.temperature,
-        top_p: i.top_p,
-        top_k: i.top_k,
-        seed: i.seed,
+        temperature: i.sampling.temperature,
+        top_p: i.sampling.top_p,
+        top_k: i.sampling.top_k,
+        seed: i.sampling.seed,
         stop_ids: m.stop_ids(),
     };
     crate::infer::infer(
@@ -335,7 +334,7 @@ fn eval(e: EvalCli) -> Result<()> {
         let data = e.data.or(resolved.run_data).unwrap_or_else(|| DEFAULT_DATA.into());
         crate::hub::resolve_dataset(&data, "--data")?
     };
-    check_sampling(e.temperature, e.top_p)?;
+    e.sampling.check()?;
     let r = &resolved.answerer;
     let sources = crate::eval::fingerprint::Sources {
         model: if r.model.preset_tiny { "tiny" } else { &r.model.model },
@@ -358,10 +357,10 @@ fn eval(e: EvalCli) -> Result<()> {
             output_dir: e.output_dir,
         },
         &crate::eval::Generation {
-            temperature: e.temperature,
-            top_p: e.top_p,
-            top_k: e.top_k,
-            seed: e.seed,
+            temperature: e.sampling.temperature,
+            top_p: e.sampling.top_p,
+            top_k: e.sampling.top_k,
+            seed: e.sampling.seed,
             sources,
             start_over: e.overwrite_output_dir,
         },

@@ -1,7 +1,7 @@
 //! `accuracy.png`: the official breakdown as bars, the way a results table is usually looked at.
 
 use crate::eval::Column;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
@@ -55,11 +55,5 @@ pub fn accuracy_by_category(cols: &[Column], split: &str, path: &Path) -> Result
             .map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer")?;
-    let tmp = crate::safetensors_out::tmp_name(path);
-    let written = img
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("cannot write {}", tmp.display()))
-        .and_then(|()| crate::safetensors_out::sync_file(&tmp));
-    crate::safetensors_out::finish_atomic(&tmp, path, written)
+    crate::train::plot::save_png(buf, (w, h), path)
 }

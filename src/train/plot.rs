@@ -81,6 +81,11 @@ pub fn loss_curve(records: &[Record], path: &Path) -> Result<()> {
             .map_err(|e| plot_err(&e))?;
         root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
+    save_png(buf, (w, h), path)
+}
+
+/// An RGB buffer drawn by plotters, written as a PNG through a temporary name.
+pub(crate) fn save_png(buf: Vec<u8>, (w, h): (u32, u32), path: &Path) -> Result<()> {
     let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer")?;
     let tmp = crate::safetensors_out::tmp_name(path);
     let written = img
