@@ -150,3 +150,86 @@ pub fn adamw(table: &Table, norm_and_clip: &Tensor, s: &AdamWScalars, dev: &Cuda
     unsafe { b.launch(grid()) }.w()?;
     Ok(())
 }
+
+/// Gradient accumulation on the GPU: one f32 buffer per trainable tensor, kept for the whole run,
+/// and one launch per micro-batch that widens and adds every gradient into it (instead of a cast
+/// and an add per tensor). The sums are the same f32 additions in the same order as the composed
+/// `acc + g`, so the result is bit-identical.
+pub struct Accumulator {
+    acc: Vec<Tensor>,
+    /// Whether the tensor got a gradient in this step yet (a text-only micro-batch gives the
+    /// projector none).
+    written: Vec<bool>,
+}
+
+impl Accumulator {
+    /// Buffers shaped like `params` (f32).
+    pub fn new(params: &[&Tensor]) -> Result<Self> {
+        let acc: Vec<Tensor> = params
+            .iter()
+            .map(|p| Tensor::zeros(p.dims(), DType::F32, p.device()))
+            .collect::<candle_core::Result<_>>()?;
+        let written = vec![false; acc.len()];
+        Ok(Self { acc, written })
+    }
+
+    /// Adds one micro-batch's gradients (f32 or bf16; None where the batch does not reach).
+    pub fn add(&mut self, grads: &[Option<Tensor>], dev: &CudaDevice) -> Result<()> {
+        if grads.len() != self.acc.len() {
+            bail!("{} gradients for {} accumulators", grads.len(), self.acc.len());
+        }
+        let present: Vec<(usize, Tensor)> = grads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| g.as_ref().map(|g| (i, g)))
+            .map(|(i, g)| {
+                let g = if matches!(g.dtype(), DType::F32 | DType::BF16) {
+                    g.contiguous()?
+                } else {
+                    g.to_dtype(DType::F32)?
+                };
+                Ok((i, g))
+            })
+            .collect::<Result<_>>()?;
+        let n = present.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let mut t = vec![0u64; 5 * n + 1];
+        let mut offset = 0u64;
+        for (k, (i, g)) in present.iter().enumerate() {
+            let acc = &self.acc[*i];
+            if g.dims() != acc.dims() {
+                bail!("a gradient of shape {:?} for a tensor of shape {:?}", g.dims(), acc.dims());
+            }
+            t[k] = ptr(acc, dev)?;
+            t[n + k] = ptr(g, dev)?;
+            t[2 * n + k] = (g.dtype() == DType::BF16) as u64;
+            t[3 * n + k] = !self.written[*i] as u64;
+            t[4 * n + k] = offset;
+            offset += acc.elem_count() as u64;
+        }
+        t[5 * n] = offset;
+        let table = dev.clone_htod(&t)?;
+        let f = dev.get_or_load_custom_func("multi_accumulate_f32", MODULE, PTX)?;
+        let n32 = n as u32;
+        let mut b = f.builder();
+        b.arg(&table);
+        b.arg(&n32);
+        // `present` keeps the (possibly converted) gradients alive until the launch is queued;
+        // their memory is freed in stream order after it
+        unsafe { b.launch(grid()) }.w()?;
+        for (i, _) in &present {
+            self.written[*i] = true;
+        }
+        Ok(())
+    }
+
+    /// The step's summed gradients (the buffers themselves: use them before the next `add`),
+    /// and a fresh start for the next step.
+    pub fn take(&mut self) -> Vec<Option<Tensor>> {
+        let out = self.acc.iter().zip(&self.written).map(|(a, &w)| w.then(|| a.clone())).collect();
+        self.written.iter_mut().for_each(|w| *w = false);
+        out
+    }
+}

@@ -393,6 +393,13 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     let graph_vars = opt.graph_vars();
     let bar = device::progress_bar(total, state.global_step);
     let ga = a.gradient_accumulation_steps;
+    // with accumulation on a GPU, micro-batch gradients are summed in place in one launch each
+    #[cfg(feature = "cuda")]
+    let mut accumulator = if opt.fused && ga > 1 {
+        Some(crate::train::fused::Accumulator::new(&m.vars.iter().map(|v| v.as_tensor()).collect::<Vec<_>>())?)
+    } else {
+        None
+    };
     // --max-grad-norm 0 turns clipping off, as in the Trainer
     let max_norm = if a.max_grad_norm > 0.0 { a.max_grad_norm } else { f64::INFINITY };
     let (mut window_loss, mut window_n, mut window_samples, mut window_tokens) = (0f64, 0usize, 0usize, 0usize);
@@ -428,6 +435,12 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
                 loss_denominator: Some(supervised),
             };
             let g = loss_and_grads(&m.vlm, &batch, &graph_vars, &opts)?;
+            step_loss += g.loss as f64;
+            #[cfg(feature = "cuda")]
+            if let Some(acc) = accumulator.as_mut() {
+                acc.add(&g.grads, dev.as_cuda_device()?)?;
+                continue;
+            }
             for (acc, g) in grads.iter_mut().zip(g.grads) {
                 if let Some(g) = g {
                     // a bf16 working copy's gradient is widened (exactly) before it is summed
@@ -438,7 +451,10 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
                     });
                 }
             }
-            step_loss += g.loss as f64;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(acc) = accumulator.as_mut() {
+            grads = acc.take();
         }
         let clip = opt.grad_norm(&mut grads, max_norm)?;
         let grad_norm = clip.norm;

@@ -115,3 +115,24 @@ extern "C" __global__ void multi_adamw_f32(const unsigned long long* table, unsi
         if (works[t]) ((unsigned short*)works[t])[j] = to_bf16(updated);
     }
 }
+
+// Gradient accumulation over micro-batches, every tensor in one launch:
+//   acc = first ? widen(g) : acc + widen(g)   (first: the tensor's first gradient of the step)
+// table layout (u64): [acc n][grads n][grad_is_bf16 n][first n][offsets n+1]; acc is f32.
+extern "C" __global__ void multi_accumulate_f32(const unsigned long long* table, unsigned int n) {
+    const unsigned long long* accs = table;
+    const unsigned long long* grads = table + n;
+    const unsigned long long* bf16 = table + 2 * n;
+    const unsigned long long* firsts = table + 3 * n;
+    const unsigned long long* offsets = table + 4 * n;
+    unsigned long long total = offsets[n];
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned int t = tensor_of(offsets, n, i);
+        unsigned long long j = i - offsets[t];
+        float g = bf16[t] ? __uint_as_float(((unsigned int)((const unsigned short*)grads[t])[j]) << 16)
+                          : ((const float*)grads[t])[j];
+        float* acc = (float*)accs[t];
+        acc[j] = firsts[t] ? g : acc[j] + g;
+    }
+}
