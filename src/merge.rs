@@ -290,62 +290,9 @@ struct Sources {
     tokenizer_dir: PathBuf,
 }
 
-/// What a train output directory, or one of its checkpoints (`DIR/checkpoints/step-N`), holds.
-struct RunFiles {
-    adapter_dir: PathBuf,
-    projector: PathBuf,
-    tokenizer_dir: Option<PathBuf>,
-    /// The run's arguments (args.json, or the checkpoint's trainer_state.json), Null if none.
-    args: Value,
-}
-
-fn read_json(path: &Path) -> Option<Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
-}
-
-fn open_run(dir: &Path, flag: &str) -> Result<RunFiles> {
-    if !dir.is_dir() {
-        bail!("{flag}: no such directory");
-    }
-    let tokenizer = |d: &Path| Some(d.join("tokenizer")).filter(|t| t.join("tokenizer.json").is_file());
-    if dir.join(adapter::CONFIG_NAME).is_file() {
-        // a checkpoint: adapter files and projector inside, tokenizer and args.json two levels up
-        let root = dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "checkpoints")).and_then(Path::parent);
-        let args = read_json(&dir.join("trainer_state.json"))
-            .map(|v| v["args"].clone())
-            .filter(|v| !v.is_null())
-            .or_else(|| root.and_then(|r| read_json(&r.join("args.json"))))
-            .unwrap_or_default();
-        return Ok(RunFiles {
-            adapter_dir: dir.to_path_buf(),
-            projector: dir.join("projector.safetensors"),
-            tokenizer_dir: root.and_then(tokenizer),
-            args,
-        });
-    }
-    if dir.join("lora_adapter").is_dir() {
-        return Ok(RunFiles {
-            adapter_dir: dir.join("lora_adapter"),
-            projector: dir.join("projector.safetensors"),
-            tokenizer_dir: tokenizer(dir),
-            args: read_json(&dir.join("args.json")).unwrap_or_default(),
-        });
-    }
-    if let Some(latest) = crate::train::state::candidates(dir).first() {
-        bail!(
-            "{flag}: the run has not finished (no lora_adapter/); merge one of its checkpoints, e.g. --run-dir {}",
-            latest.display()
-        );
-    }
-    bail!("{flag}: neither a train output directory (lora_adapter/) nor one of its checkpoints (adapter_config.json)")
-}
-
 fn resolve_sources(a: &MergeArgs) -> Result<Sources> {
     let run_flag = a.run_dir.as_ref().map(|d| format!("--run-dir {}", d.display()));
-    let run = match (&a.run_dir, &run_flag) {
-        (Some(d), Some(flag)) => Some(open_run(d, flag)?),
-        _ => None,
-    };
+    let run = a.run_dir.as_deref().map(|d| crate::load::RunDir::open(d, "--run-dir")).transpose()?;
     let (adapter_dir, adapter_flag) = match (&a.adapter_dir, &run, &run_flag) {
         (Some(d), _, _) => (d.clone(), format!("--adapter-dir {}", d.display())),
         (None, Some(r), Some(flag)) => (r.adapter_dir.clone(), flag.clone()),
@@ -362,10 +309,10 @@ fn resolve_sources(a: &MergeArgs) -> Result<Sources> {
         }
         Some((p.clone(), format!("--projector-path {}", p.display())))
     } else if let (Some(r), Some(flag)) = (&run, &run_flag) {
-        if !r.projector.is_file() {
+        let Some(p) = &r.projector_path else {
             bail!("{flag}: no projector.safetensors (pass --projector-path, or --no-projector for a text-only merge)");
-        }
-        Some((r.projector.clone(), flag.clone()))
+        };
+        Some((p.clone(), flag.clone()))
     } else {
         bail!(
             "no projector: pass --projector-path (a train run's projector.safetensors), or --no-projector \
@@ -373,7 +320,7 @@ fn resolve_sources(a: &MergeArgs) -> Result<Sources> {
         );
     };
     // the model: the flags, else the run's own (so a tiny run is never merged into a download)
-    let run_arg = |k: &str| run.as_ref().and_then(|r| r.args.get(k)).and_then(Value::as_str).map(String::from);
+    let run_arg = |k: &str| run.as_ref().and_then(|r| r.arg(k));
     let tiny = a.preset.is_some() || (a.model.is_none() && run_arg("preset").is_some_and(|p| p == "tiny"));
     let (model_dir, model_name, model_flag) = if tiny {
         let flag = if a.preset.is_some() { "--preset tiny".to_string() } else { "the run's --preset tiny".to_string() };
