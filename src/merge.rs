@@ -201,40 +201,27 @@ fn read_header(path: &Path, file: usize) -> Result<Vec<Stored>> {
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).with_context(what)?;
-    let v: serde_json::Map<String, Value> = serde_json::from_slice(&header).with_context(what)?;
+    // safetensors' own header type checks names, dtypes, shapes and that the offsets tile the data
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header).with_context(what)?;
     let data_start = 8 + n;
     let mut out = vec![];
-    for (name, e) in v {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = match e.get("dtype").and_then(Value::as_str) {
-            Some("F32") => InDtype::F32,
-            Some("BF16") => InDtype::BF16,
-            Some("F16") => InDtype::F16,
+    for (name, info) in meta.tensors() {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => InDtype::F32,
+            safetensors::Dtype::BF16 => InDtype::BF16,
+            safetensors::Dtype::F16 => InDtype::F16,
             other => bail!(
-                "{}: tensor `{name}` has dtype {} (merge reads f32, bf16 and f16 checkpoints; \
+                "{}: tensor `{name}` has dtype {other:?} (merge reads f32, bf16 and f16 checkpoints; \
                  a pre-quantized checkpoint cannot be merged into)",
-                path.display(),
-                other.unwrap_or("?")
+                path.display()
             ),
         };
-        let shape: Vec<usize> = e
-            .get("shape")
-            .and_then(Value::as_array)
-            .map(|s| s.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .with_context(|| format!("{}: tensor `{name}` has no shape", path.display()))?;
-        let offsets: Vec<u64> = e
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .map(|s| s.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default();
-        let [begin, end] = offsets[..] else { bail!("{}: tensor `{name}` has no data_offsets", path.display()) };
-        let numel: usize = shape.iter().product();
+        let (begin, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+        let numel: usize = info.shape.iter().product();
         if end < begin || end - begin != (numel * dtype.size()) as u64 || data_start + end > len {
             bail!("{}: tensor `{name}`'s data_offsets do not match its shape or the file size", path.display());
         }
-        out.push(Stored { name, dtype, shape, file, start: data_start + begin });
+        out.push(Stored { name, dtype, shape: info.shape.clone(), file, start: data_start + begin });
     }
     out.sort_by_key(|s| s.start);
     Ok(out)
