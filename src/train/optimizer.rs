@@ -179,6 +179,67 @@ impl AdamW {
     }
 }
 
+/// The gradients of one optimizer step's micro-batches, summed in f32 (a bf16 working copy's
+/// gradient widened exactly first). On a GPU with the fused optimizer the sums happen in place,
+/// one launch per micro-batch (`fused::Accumulator`); otherwise as candle's `acc + g`.
+pub struct GradSum {
+    sums: Vec<Option<Tensor>>,
+    micro_batches: usize,
+    #[cfg(feature = "cuda")]
+    fused: Option<crate::train::fused::Accumulator>,
+}
+
+impl GradSum {
+    /// For `opt`'s tensors and `micro_batches` micro-batches a step.
+    pub fn new(opt: &AdamW, micro_batches: usize) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let fused = if opt.fused && micro_batches > 1 {
+            let params: Vec<&Tensor> = opt.vars.iter().map(|v| v.as_tensor()).collect();
+            Some(crate::train::fused::Accumulator::new(&params)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            sums: vec![None; opt.vars.len()],
+            micro_batches,
+            #[cfg(feature = "cuda")]
+            fused,
+        })
+    }
+
+    /// Adds one micro-batch's gradients (None where the batch does not reach).
+    pub fn add(&mut self, grads: Vec<Option<Tensor>>) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(acc) = self.fused.as_mut() {
+            let dev = grads.iter().flatten().next().map(|g| g.device().clone());
+            return match dev {
+                Some(dev) => acc.add(&grads, dev.as_cuda_device()?),
+                None => Ok(()),
+            };
+        }
+        for (sum, g) in self.sums.iter_mut().zip(grads) {
+            if let Some(g) = g {
+                let g = if self.micro_batches > 1 { g.to_dtype(DType::F32)? } else { g };
+                *sum = Some(match sum.take() {
+                    Some(s) => (s + g)?,
+                    None => g,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The step's summed gradients, and a fresh start for the next step.
+    pub fn take(&mut self) -> Vec<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(acc) = self.fused.as_mut() {
+            return acc.take();
+        }
+        let n = self.sums.len();
+        std::mem::replace(&mut self.sums, vec![None; n])
+    }
+}
+
 /// The global L2 norm of the gradients (each squared and summed in f32, on their device).
 fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut sq: Option<Tensor> = None;

@@ -14,12 +14,12 @@ use crate::peft::adapter;
 use crate::peft::lora::LoraSpec;
 pub use crate::train::args::TrainArgs;
 use crate::train::metrics::{self, Record};
-use crate::train::optimizer::{AdamW, AdamWConfig};
+use crate::train::optimizer::{AdamW, AdamWConfig, GradSum};
 use crate::train::schedule::{factor, warmup_steps};
 use crate::train::state::{self, Snapshot, TrainerState};
 use crate::train::step::{loss_and_grads, Batch, StepOptions};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -393,13 +393,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     let graph_vars = opt.graph_vars();
     let bar = device::progress_bar(total, state.global_step);
     let ga = a.gradient_accumulation_steps;
-    // with accumulation on a GPU, micro-batch gradients are summed in place in one launch each
-    #[cfg(feature = "cuda")]
-    let mut accumulator = if opt.fused && ga > 1 {
-        Some(crate::train::fused::Accumulator::new(&m.vars.iter().map(|v| v.as_tensor()).collect::<Vec<_>>())?)
-    } else {
-        None
-    };
+    let mut grad_sum = GradSum::new(&opt, ga)?;
     // --max-grad-norm 0 turns clipping off, as in the Trainer
     let max_norm = if a.max_grad_norm > 0.0 { a.max_grad_norm } else { f64::INFINITY };
     let (mut window_loss, mut window_n, mut window_samples, mut window_tokens) = (0f64, 0usize, 0usize, 0usize);
@@ -412,7 +406,6 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         let step_start = Instant::now();
         let tokens_before = window_tokens;
         let lr = a.learning_rate * factor(a.lr_scheduler_type, step, warmup, total);
-        let mut grads: Vec<Option<Tensor>> = vec![None; m.vars.len()];
         let mut step_loss = 0f64;
         // The step's loss is the mean over the supervised tokens of all its micro-batches, so the
         // batches are built first to count them.
@@ -436,26 +429,9 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
             };
             let g = loss_and_grads(&m.vlm, &batch, &graph_vars, &opts)?;
             step_loss += g.loss as f64;
-            #[cfg(feature = "cuda")]
-            if let Some(acc) = accumulator.as_mut() {
-                acc.add(&g.grads, dev.as_cuda_device()?)?;
-                continue;
-            }
-            for (acc, g) in grads.iter_mut().zip(g.grads) {
-                if let Some(g) = g {
-                    // a bf16 working copy's gradient is widened (exactly) before it is summed
-                    let g = if ga > 1 { g.to_dtype(DType::F32)? } else { g };
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    });
-                }
-            }
+            grad_sum.add(g.grads)?;
         }
-        #[cfg(feature = "cuda")]
-        if let Some(acc) = accumulator.as_mut() {
-            grads = acc.take();
-        }
+        let mut grads = grad_sum.take();
         let clip = opt.grad_norm(&mut grads, max_norm)?;
         let grad_norm = clip.norm;
         if !(step_loss.is_finite() && grad_norm.is_finite()) {
