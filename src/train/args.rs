@@ -173,6 +173,10 @@ pub const RESUMABLE_CHANGES: [&str; 10] = [
     "data",
 ];
 
+/// Settings a resume judges by the number of steps they come to (the trainer state's
+/// `total_steps`), so that the message can say why a run cannot be lengthened.
+pub const RUN_LENGTH: [&str; 2] = ["num_train_epochs", "max_steps"];
+
 impl TrainArgs {
     /// Parses train flags as the command line does (the defaults, snake_case spellings and
     /// optional boolean values are the CLI's), e.g. for tests.
@@ -255,7 +259,7 @@ impl TrainArgs {
         let (Some(now), Some(was)) = (now.as_object(), was.as_object()) else { return Ok(vec![]) };
         let mut out = vec![];
         for (k, v) in now {
-            if RESUMABLE_CHANGES.contains(&k.as_str()) {
+            if RESUMABLE_CHANGES.contains(&k.as_str()) || RUN_LENGTH.contains(&k.as_str()) {
                 continue;
             }
             let old = was.get(k).unwrap_or(&serde_json::Value::Null);

@@ -290,11 +290,7 @@ fn check_resume_settings(
     };
     if let Some(saved_args) = saved_args {
         // the length of the run is judged by the steps it comes to, below
-        let diff: Vec<String> = a
-            .resume_conflicts(&saved_args)?
-            .into_iter()
-            .filter(|d| !d.starts_with("--num-train-epochs ") && !d.starts_with("--max-steps "))
-            .collect();
+        let diff = a.resume_conflicts(&saved_args)?;
         if !diff.is_empty() {
             bail!(
                 "--resume {}: the run was started with other settings ({}); resume with the same ones (only {} may change) or start a new run",
