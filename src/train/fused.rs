@@ -127,7 +127,7 @@ pub fn adamw(table: &Table, norm_and_clip: &Tensor, s: &AdamWScalars, dev: &Cuda
     let bc1 = 1.0 - s.beta1.powi(s.step as i32);
     let bc2 = 1.0 - s.beta2.powi(s.step as i32);
     // each scalar rounded to f32 from its f64 value, as candle's scalar ops round theirs
-    let args: [f32; 10] = [
+    let args: [f32; 9] = [
         s.lr as f32,
         s.beta1 as f32,
         (1.0 - s.beta1) as f32,
@@ -137,14 +137,13 @@ pub fn adamw(table: &Table, norm_and_clip: &Tensor, s: &AdamWScalars, dev: &Cuda
         (1.0 - s.lr * s.weight_decay) as f32,
         (1.0 / bc1) as f32,
         (1.0 / bc2) as f32,
-        0.0,
     ];
     let f = dev.get_or_load_custom_func("multi_adamw_f32", MODULE, PTX)?;
     let mut b = f.builder();
     b.arg(slice);
     b.arg(&table.n);
     b.arg(nc);
-    for a in &args[..9] {
+    for a in &args {
         b.arg(a);
     }
     unsafe { b.launch(grid()) }.w()?;
