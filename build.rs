@@ -31,4 +31,34 @@ fn main() {
             .unwrap_or_else(|e| panic!("cannot run {nvcc} (the cuda feature needs the CUDA toolkit): {e}"));
         assert!(status.success(), "nvcc failed on {src}");
     }
+    build_cudnn_shim();
+}
+
+/// The cuDNN attention shim: C++ against the header-only cuDNN frontend in dynamic-loading mode,
+/// so the binary links neither libcudnn nor libcudart (it opens libcudnn.so.9 at run time). The
+/// headers come from `../shared/gpu/cuda-toolkit.sh` (CUDNN_FRONTEND_INCLUDE_DIR, CUDNN_INCLUDE_DIR)
+/// and the CUDA toolkit (CUDA_HOME, or nvcc's directory).
+fn build_cudnn_shim() {
+    const SRC: &str = "src/model/kernels/cudnn_sdpa.cpp";
+    for v in ["CUDNN_FRONTEND_INCLUDE_DIR", "CUDNN_INCLUDE_DIR", "CUDA_HOME"] {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
+    let var = |name: &str| {
+        std::env::var(name)
+            .unwrap_or_else(|_| panic!("{name} is not set: the cuda feature builds the cuDNN attention shim; eval \"$(../shared/gpu/cuda-toolkit.sh)\" sets it"))
+    };
+    let cuda_home =
+        std::env::var("CUDA_HOME").or_else(|_| std::env::var("CUDA_PATH")).unwrap_or_else(|_| "/usr/local/cuda".into());
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file(SRC)
+        .include(var("CUDNN_FRONTEND_INCLUDE_DIR"))
+        .include(var("CUDNN_INCLUDE_DIR"))
+        .include(format!("{cuda_home}/include"))
+        .define("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)
+        .opt_level(2)
+        .warnings(false)
+        .compile("gemmaclip_cudnn");
+    println!("cargo:rustc-link-lib=dl");
 }

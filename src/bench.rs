@@ -141,6 +141,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
         let opts = StepOptions { checkpointing: ckpt, loss_chunk: a.loss_chunk, ..Default::default() };
         let mut times = vec![];
         let mut loss = 0f32;
+        let mut first = (0f32, 0f64);
         let mut peak = 0u64;
         for step in 0..a.warmup + a.steps {
             reset_peak_memory(&dev)?;
@@ -149,6 +150,11 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
             let opts = StepOptions { dropout_seed: Some(step as u64), ..opts.clone() };
             let mut g = loss_and_grads(&vlm, &batch, &graph_vars, &opts)?;
             let clip = opt.grad_norm(&mut g.grads, 1.0)?;
+            if step == 0 {
+                // the first step starts from the same weights and dropout seed in every build and
+                // attention mode: what `GEMMACLIP_ATTENTION=composed` is compared on
+                first = (g.loss, clip.norm);
+            }
             opt.step_clipped(&mut g.grads, clip, 1e-4)?;
             synchronize(&dev)?;
             if step >= a.warmup {
@@ -167,7 +173,9 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
                 "seq": a.seq, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
                 "trainable_params": trainable, "step_ms_median": (med * 1e4).round() / 10.0,
                 "step_ms_min": (times[0] * 1e4).round() / 10.0, "tokens_per_s": (a.seq as f64 / med * 10.0).round() / 10.0,
-                "loss": loss, "gpu": device::device_name(&dev), "load_s": (load_s * 10.0).round() / 10.0,
+                "loss": loss, "step1_loss": first.0, "step1_grad_norm": first.1,
+                "attention": if crate::model::fused_attention::enabled(&dev, compute) { "cudnn" } else { "composed" },
+                "gpu": device::device_name(&dev), "load_s": (load_s * 10.0).round() / 10.0,
                 "frozen_weights_gib": (frozen_gib * 100.0).round() / 100.0,
                 "resident_after_load_gib": gib(after_load.used),
                 "resident_with_adapters_and_optimizer_gib": gib(after.used),

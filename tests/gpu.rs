@@ -337,3 +337,118 @@ fn fused_accumulation_adds_exactly_as_candle_does() {
     }
     println!("fused accumulation == candle's widen-and-add, bit for bit, over 2 steps of 3 micro-batches");
 }
+
+/// cuDNN's fused attention (bf16) against the composed path in f32 on the same inputs, forward and
+/// backward, for what Gemma-3 and CLIP need: GQA 8/4 heads, head_dim 256, scale 1/16, causal,
+/// causal + window, right padding; CLIP's unmasked 16 x 64 over 577 tokens (forward). Errors are
+/// max |fused - f32| / max |f32|; the bound 2e-2 is bf16 rounding with margin (cudnn-notes measured
+/// 2-5e-3). The backward is also run twice: bit-identical (the deterministic algorithm).
+#[test]
+fn cudnn_attention_matches_the_composed_path_forward_and_backward() {
+    use candle_core::{DType, Tensor, Var};
+    use gemmaclip::model::cudnn_attention::{available, sdpa, Mask};
+    use gemmaclip::model::gemma3::{attention_mask, grouped_attention};
+    let Some(gpu) = cuda() else { return };
+    let version = available().expect("libcudnn 9 must load on the GPU machine");
+    println!("libcudnn {version}");
+    let rel = |a: &Tensor, b: &Tensor| {
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        max_abs_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap()) / scale
+    };
+    // (name, batch, q heads, kv heads, length, head_dim, window, row lengths, causal)
+    let cases: [(&str, usize, usize, usize, usize, usize, Option<usize>, Option<Vec<usize>>, bool); 5] = [
+        ("causal", 2, 8, 4, 384, 256, None, None, true),
+        ("causal + window 128", 2, 8, 4, 384, 256, Some(128), None, true),
+        ("right padding", 2, 8, 4, 384, 256, None, Some(vec![384, 201]), true),
+        ("right padding + window 100", 2, 8, 4, 384, 256, Some(100), Some(vec![250, 384]), true),
+        ("clip, unmasked", 1, 16, 16, 577, 64, None, None, false),
+    ];
+    for (name, b, hq, hkv, l, hd, window, lens, causal) in cases {
+        let scale = 1.0 / (hd as f64).sqrt();
+        let lens_v = lens.clone().unwrap_or(vec![l; b]);
+        let valid: Vec<Vec<bool>> = lens_v.iter().map(|&n| (0..l).map(|t| t < n).collect()).collect();
+        let rnd = |s: &[usize]| Tensor::randn(0f32, 1.0, s, &gpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let q = Var::from_tensor(&rnd(&[b, hq, l, hd])).unwrap();
+        let k = Var::from_tensor(&rnd(&[b, hkv, l, hd])).unwrap();
+        // v as the projection lays it out, [B, L, Hkv, D], read through a transposed view
+        let v = Var::from_tensor(&rnd(&[b, l, hkv, hd])).unwrap();
+        // the upstream gradient; zero on padded query rows, which carry no loss in training
+        let rowmask: Vec<f32> = valid.iter().flatten().map(|&ok| if ok { 1.0 } else { 0.0 }).collect();
+        let rowmask = Tensor::from_vec(rowmask, (b, l, 1), &gpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (b, l, hq * hd), &gpu).unwrap().broadcast_mul(&rowmask).unwrap();
+        let mask = Mask {
+            causal,
+            window,
+            seq_lens: lens
+                .as_ref()
+                .map(|v| Tensor::new(v.iter().map(|&n| n as i32).collect::<Vec<_>>(), &gpu).unwrap()),
+        };
+        let vt = v.as_tensor().transpose(1, 2).unwrap();
+        let fused = sdpa(q.as_tensor(), k.as_tensor(), &vt, &mask, scale).unwrap(); // [B, L, Hq*D]
+        let run_bwd = || {
+            let loss = (fused.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            [q.as_tensor(), k.as_tensor(), v.as_tensor()].map(|t| g.get(t).unwrap().to_dtype(DType::F32).unwrap())
+        };
+        let (fg, fg2) = (run_bwd(), run_bwd());
+
+        // composed in f32 on the same (bf16-rounded) values
+        let [q32, k32, v32] = [q.as_tensor(), k.as_tensor(), v.as_tensor()]
+            .map(|t| Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap());
+        let m = if causal {
+            attention_mask(&valid, l, 0, window, &gpu).unwrap()
+        } else {
+            Tensor::zeros((b, 1, l, l), DType::F32, &gpu).unwrap()
+        };
+        let v32t = v32.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap();
+        let composed = grouped_attention(q32.as_tensor(), k32.as_tensor(), &v32t, &m, scale).unwrap();
+        let composed = composed.transpose(1, 2).unwrap().reshape((b, l, hq * hd)).unwrap();
+        let g = (&composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let cg = [q32.as_tensor(), k32.as_tensor(), v32.as_tensor()].map(|t| g.get(t).unwrap().clone());
+
+        // outputs on valid rows only (cuDNN writes zeros on padded query rows)
+        let fo = fused.to_dtype(DType::F32).unwrap().broadcast_mul(&rowmask).unwrap();
+        let co = composed.broadcast_mul(&rowmask).unwrap();
+        let e_o = rel(&fo, &co);
+        let e = [0, 1, 2].map(|i| rel(&fg[i], &cg[i]));
+        let same = (0..3).all(|i| max_abs_diff(&fg[i], &fg2[i]) == 0.0);
+        println!(
+            "{name}: O {e_o:.2e}, dQ {:.2e}, dK {:.2e}, dV {:.2e}; backward repeatable bit for bit: {same}",
+            e[0], e[1], e[2]
+        );
+        assert!(e_o <= 2e-2 && e.iter().all(|&x| x <= 2e-2), "{name}");
+        assert!(same, "{name}: the deterministic backward differed between two runs");
+    }
+}
+
+/// The tiny model's QLoRA step in bf16 on the GPU with fused attention (right-padded, windowed
+/// layers) against the same step with composed attention, and both against PEFT's f32 gradients:
+/// the fused path must be no further from PEFT than the composed one (up to bf16 noise).
+#[test]
+fn tiny_bf16_step_with_fused_attention_matches_composed_and_peft() {
+    use gemmaclip::model::fused_attention::{enabled, force_composed};
+    use gemmaclip::model::gemma3::BaseFormat;
+    use gemmaclip::train::step::StepOptions;
+    let Some(gpu) = cuda() else { return };
+    assert!(enabled(&gpu, candle_core::DType::BF16), "fused attention must be on for bf16 on the GPU");
+    let reference = Fixture::load("grads.safetensors");
+    let vs_peft = |grads: &[(String, candle_core::Tensor)]| {
+        let mut worst = 0f32;
+        for (name, g) in grads {
+            let want = reference.get(&format!("nf4.{name}"));
+            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            worst = worst.max(max_abs_diff(&g.to_dtype(candle_core::DType::F32).unwrap(), want) / scale);
+        }
+        worst
+    };
+    let opts = StepOptions::default();
+    let (lf, gf) = common::qlora::grads_in(&gpu, candle_core::DType::BF16, BaseFormat::Nf4, &opts);
+    force_composed(true);
+    let (lc, gc) = common::qlora::grads_in(&gpu, candle_core::DType::BF16, BaseFormat::Nf4, &opts);
+    force_composed(false);
+    let want = reference.get("nf4.loss").to_scalar::<f32>().unwrap();
+    let (ef, ec) = (vs_peft(&gf), vs_peft(&gc));
+    println!("tiny bf16 step: loss fused {lf:.5} composed {lc:.5} PEFT {want:.5}; max relative gradient error vs PEFT: fused {ef:.3e}, composed {ec:.3e}");
+    assert!((lf - lc).abs() <= 1e-2 * want.abs() && (lf - want).abs() <= 2e-2 * want.abs());
+    assert!(ef <= 1.5 * ec + 1e-2, "fused attention moved the step's gradients away from PEFT's");
+}

@@ -2,6 +2,7 @@
 //! encoder layer: LLaVA's `hidden_states[-2]` with the CLS position dropped.
 
 use crate::config::ClipVisionConfig;
+use crate::model::fused_attention;
 use crate::model::linear::Linear;
 use crate::model::ops::{layer_norm, quick_gelu, softmax_last_dim_f32};
 use crate::weights::Weights;
@@ -71,15 +72,26 @@ impl EncoderLayer {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.heads;
         let h = self.layer_norm1.forward(x)?;
-        let split = |y: Tensor| y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q_proj.forward(&h)?)?;
-        let k = split(self.k_proj.forward(&h)?)?;
-        let v = split(self.v_proj.forward(&h)?)?;
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
-        let probs =
-            if fused(&scores) { candle_nn::ops::softmax_last_dim(&scores)? } else { softmax_last_dim_f32(&scores)? };
-        let probs = probs.to_dtype(x.dtype())?;
-        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let heads = |y: Tensor| y.reshape((b, t, self.heads, hd))?.transpose(1, 2); // [B, heads, T, hd]
+        let attn = if fused(x) && fused_attention::enabled(x.device(), x.dtype()) {
+            // cuDNN reads q, k, v through their strides: no copies
+            let (q, k, v) =
+                (heads(self.q_proj.forward(&h)?)?, heads(self.k_proj.forward(&h)?)?, heads(self.v_proj.forward(&h)?)?);
+            fused_attention::attend_unmasked(&q, &k, &v, (hd as f64).powf(-0.5))?
+        } else {
+            let split = |y: Tensor| heads(y)?.contiguous();
+            let q = split(self.q_proj.forward(&h)?)?;
+            let k = split(self.k_proj.forward(&h)?)?;
+            let v = split(self.v_proj.forward(&h)?)?;
+            let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
+            let probs = if fused(&scores) {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            } else {
+                softmax_last_dim_f32(&scores)?
+            };
+            let probs = probs.to_dtype(x.dtype())?;
+            probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?
+        };
         let x = (x + self.out_proj.forward(&attn)?)?;
         let h = self.layer_norm2.forward(&x)?;
         let h = self.fc2.forward(&quick_gelu(&self.fc1.forward(&h)?)?)?;

@@ -4,6 +4,7 @@
 //! is composed from ops with a backward, so LoRA training can run through it.
 
 use crate::config::{GemmaTextConfig, LayerType};
+use crate::model::fused_attention::FusedAttention;
 use crate::model::ops::{gemma_norm_scale, gemma_rms_norm, softmax_last_dim_f32};
 use crate::model::rope::RopeTables;
 use crate::peft::frozen::FrozenWeight;
@@ -44,15 +45,42 @@ pub struct DecoderLayer {
     eps: f64,
 }
 
-/// What every layer of one forward pass shares: RoPE tables and additive attention masks per layer type.
+/// What every layer of one forward pass shares: RoPE tables and attention masks per layer type.
 pub struct LayerContext {
     pub rope_global: RopeTables,
     pub rope_local: RopeTables,
-    /// [B, 1, Lq, Lk] f32: 0 where a query may attend, f32::MIN elsewhere.
-    pub mask_global: Tensor,
-    pub mask_sliding: Tensor,
+    pub masks: Masks,
     /// Some in training: the step's dropout seed (LoRA dropout masks derive from it).
     pub dropout_seed: Option<u64>,
+}
+
+/// The attention masks of one forward.
+pub enum Masks {
+    /// Additive [B, 1, Lq, Lk] f32 masks for the composed path: 0 where a query may attend, f32::MIN elsewhere.
+    Composed { global: Tensor, sliding: Tensor },
+    /// cuDNN's fused attention, which builds its masks from row lengths and the window.
+    Fused(FusedAttention),
+}
+
+/// One layer's attention mask.
+pub enum LayerMask<'a> {
+    Composed(&'a Tensor),
+    Fused { attn: &'a FusedAttention, sliding: bool },
+}
+
+impl LayerContext {
+    fn for_layer(&self, t: LayerType) -> (&RopeTables, LayerMask<'_>) {
+        let rope = match t {
+            LayerType::Global => &self.rope_global,
+            LayerType::Sliding => &self.rope_local,
+        };
+        let mask = match (&self.masks, t) {
+            (Masks::Composed { global, .. }, LayerType::Global) => LayerMask::Composed(global),
+            (Masks::Composed { sliding, .. }, LayerType::Sliding) => LayerMask::Composed(sliding),
+            (Masks::Fused(attn), t) => LayerMask::Fused { attn, sliding: t == LayerType::Sliding },
+        };
+        (rope, mask)
+    }
 }
 
 /// How the frozen base weights are held.
@@ -107,7 +135,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        mask: &Tensor,
+        mask: LayerMask,
         seed: Option<u64>,
         cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
@@ -120,6 +148,15 @@ impl Attention {
         let k = gemma_rms_norm(&k, &self.k_norm, self.eps)?.transpose(1, 2)?; // [B, nkv, L, hd]
         let q = rope.apply(&q.contiguous()?)?;
         let k = rope.apply(&k.contiguous()?)?;
+        let mask = match mask {
+            LayerMask::Fused { attn, sliding } if cache.is_none() => {
+                // v stays in the projection's [B, L, nkv, hd] layout: cuDNN reads it through strides.
+                let out = attn.attend(&q, &k, &v.transpose(1, 2)?, self.scale, sliding)?; // [B, L, nq*hd]
+                return self.o_proj.forward(&out, seed);
+            }
+            LayerMask::Fused { .. } => candle_core::bail!("fused attention masks reached a cached forward"),
+            LayerMask::Composed(m) => m,
+        };
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v, mask) = match cache {
             Some(c) => {
@@ -196,10 +233,7 @@ impl DecoderLayer {
         ctx: &LayerContext,
         cache: &mut LayerCache,
     ) -> candle_core::Result<Tensor> {
-        let (rope, mask) = match self.layer_type {
-            LayerType::Global => (&ctx.rope_global, &ctx.mask_global),
-            LayerType::Sliding => (&ctx.rope_local, &ctx.mask_sliding),
-        };
+        let (rope, mask) = ctx.for_layer(self.layer_type);
         let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
         let h = self.self_attn.forward(&h, rope, mask, None, Some(cache))?;
         let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
@@ -210,10 +244,7 @@ impl DecoderLayer {
 
     /// x [B, L, H] -> [B, L, H]
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext) -> candle_core::Result<Tensor> {
-        let (rope, mask) = match self.layer_type {
-            LayerType::Global => (&ctx.rope_global, &ctx.mask_global),
-            LayerType::Sliding => (&ctx.rope_local, &ctx.mask_sliding),
-        };
+        let (rope, mask) = ctx.for_layer(self.layer_type);
         let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
         let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, None)?;
         let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
@@ -392,11 +423,17 @@ impl Gemma3Text {
     pub fn layer_context(&self, valid: &[Vec<bool>], lq: usize, offset: usize) -> candle_core::Result<LayerContext> {
         let c = &self.cfg;
         let dev = self.device();
+        let masks = match FusedAttention::for_rows(valid, lq, offset, c.sliding_window, dev, self.dtype())? {
+            Some(f) => Masks::Fused(f),
+            None => Masks::Composed {
+                global: attention_mask(valid, lq, offset, None, dev)?,
+                sliding: attention_mask(valid, lq, offset, Some(c.sliding_window), dev)?,
+            },
+        };
         Ok(LayerContext {
             rope_global: RopeTables::new(c.head_dim, c.rope_theta, c.rope_scaling_factor, offset, lq, dev)?,
             rope_local: RopeTables::new(c.head_dim, c.rope_local_base_freq, 1.0, offset, lq, dev)?,
-            mask_global: attention_mask(valid, lq, offset, None, dev)?,
-            mask_sliding: attention_mask(valid, lq, offset, Some(c.sliding_window), dev)?,
+            masks,
             dropout_seed: None,
         })
     }
@@ -455,8 +492,10 @@ impl Gemma3Text {
         let ctx = LayerContext {
             rope_global: RopeTables::for_rows(c.head_dim, c.rope_theta, c.rope_scaling_factor, &positions, dev)?,
             rope_local: RopeTables::for_rows(c.head_dim, c.rope_local_base_freq, 1.0, &positions, dev)?,
-            mask_global: attention_mask(&cache.valid, lq, offset, None, dev)?,
-            mask_sliding: attention_mask(&cache.valid, lq, offset, Some(c.sliding_window), dev)?,
+            masks: Masks::Composed {
+                global: attention_mask(&cache.valid, lq, offset, None, dev)?,
+                sliding: attention_mask(&cache.valid, lq, offset, Some(c.sliding_window), dev)?,
+            },
             dropout_seed: None,
         };
         let mut x = embeds.clone();

@@ -1,6 +1,9 @@
 //! The models, in our own code: CLIP vision tower, projector, Gemma-3 text model and their assembly.
 
 pub mod clip;
+#[cfg(feature = "cuda")]
+pub mod cudnn_attention;
+pub mod fused_attention;
 pub mod gemma3;
 pub mod linear;
 pub mod ops;

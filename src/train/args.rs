@@ -58,8 +58,10 @@ pub struct TrainArgs {
     /// and optimizer state); the CPU computes in f32 either way (candle's CPU matmul has no bf16).
     #[arg(long)]
     pub bf16: bool,
-    /// Accepted for the original project's command lines; changes nothing in this build (attention
-    /// runs as composed candle ops; the fused cuDNN kernel comes with the training-speed work).
+    /// Accepted for the original project's command lines. Fused attention is on whenever it can
+    /// run, with or without this flag: on a GPU (bf16), cuDNN's fused attention forward and backward
+    /// when libcudnn 9 loads (else one message and composed ops); GEMMACLIP_ATTENTION=composed turns
+    /// it off. The CPU runs composed ops.
     #[arg(long)]
     pub use_flash_attention_2: bool,
     /// Recompute each layer in the backward pass instead of keeping its activations: on by default

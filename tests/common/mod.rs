@@ -160,7 +160,12 @@ pub mod qlora {
 
     /// As `model`, with every adapter's dropout probability overridden.
     pub fn model_with_dropout(dev: &Device, base: BaseFormat, dropout: Option<f32>) -> (Vlm, Vec<(String, Var)>) {
-        let w = Weights::open(&tiny_dir().join("llm"), DType::F32, dev).unwrap();
+        model_in(dev, DType::F32, base, dropout)
+    }
+
+    /// As `model_with_dropout`, with the frozen weights (text model) in `dtype`.
+    pub fn model_in(dev: &Device, dtype: DType, base: BaseFormat, dropout: Option<f32>) -> (Vlm, Vec<(String, Var)>) {
+        let w = Weights::open(&tiny_dir().join("llm"), dtype, dev).unwrap();
         let mut llm = Gemma3Text::load(w, &forward::llm_cfg().text, base).unwrap();
         let dir = fixture_path("lora_init");
         let (ad, scale) = Adapter::load(&dir, dev).unwrap();
@@ -194,8 +199,25 @@ pub mod qlora {
         dropout: Option<f32>,
         opts: &StepOptions,
     ) -> (f32, Vec<(String, candle_core::Tensor)>) {
+        grads_of(model_with_dropout(dev, base, dropout), dev, opts)
+    }
+
+    /// (loss, [(name, grad on the CPU)]) with the text model in `dtype`.
+    pub fn grads_in(
+        dev: &Device,
+        dtype: DType,
+        base: BaseFormat,
+        opts: &StepOptions,
+    ) -> (f32, Vec<(String, candle_core::Tensor)>) {
+        grads_of(model_in(dev, dtype, base, None), dev, opts)
+    }
+
+    fn grads_of(
+        (vlm, vars): (Vlm, Vec<(String, Var)>),
+        dev: &Device,
+        opts: &StepOptions,
+    ) -> (f32, Vec<(String, candle_core::Tensor)>) {
         let f = Fixture::load("parity.safetensors");
-        let (vlm, vars) = model_with_dropout(dev, base, dropout);
         let only_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
         let g = loss_and_grads(&vlm, &batch(&f, dev), &only_vars, opts).unwrap();
         let named = vars
