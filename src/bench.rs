@@ -152,7 +152,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
             let clip = opt.grad_norm(&mut g.grads, 1.0)?;
             if step == 0 {
                 // the first step starts from the same weights and dropout seed in every build and
-                // attention mode: what `GEMMACLIP_ATTENTION=composed` is compared on
+                // attention mode: what `GEMMACLIP_COMPOSED=attention,lora` is compared on
                 first = (g.loss, clip.norm);
             }
             opt.step_clipped(&mut g.grads, clip, 1e-4)?;

@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod fused_ops;
 pub mod generate;
 pub mod hub;
 pub mod infer;

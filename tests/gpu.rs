@@ -421,12 +421,14 @@ fn cudnn_attention_matches_the_composed_path_forward_and_backward() {
     }
 }
 
-/// The tiny model's QLoRA step in bf16 on the GPU with fused attention (right-padded, windowed
-/// layers) against the same step with composed attention, and both against PEFT's f32 gradients:
-/// the fused path must be no further from PEFT than the composed one (up to bf16 noise).
+/// The tiny model's QLoRA step in bf16 on the GPU with the fused ops (attention on right-padded,
+/// windowed layers; one op per LoRA linear on bf16 working copies) against the same step composed,
+/// and both against PEFT's f32 gradients: the fused path must be no further from PEFT than the
+/// composed one (up to bf16 noise).
 #[test]
-fn tiny_bf16_step_with_fused_attention_matches_composed_and_peft() {
-    use gemmaclip::model::fused_attention::{enabled, force_composed};
+fn tiny_bf16_step_with_fused_ops_matches_composed_and_peft() {
+    use gemmaclip::fused_ops::{force_composed, FusedOp};
+    use gemmaclip::model::fused_attention::enabled;
     use gemmaclip::model::gemma3::BaseFormat;
     use gemmaclip::train::step::StepOptions;
     let Some(gpu) = cuda() else { return };
@@ -443,12 +445,77 @@ fn tiny_bf16_step_with_fused_attention_matches_composed_and_peft() {
     };
     let opts = StepOptions::default();
     let (lf, gf) = common::qlora::grads_in(&gpu, candle_core::DType::BF16, BaseFormat::Nf4, &opts);
-    force_composed(true);
+    for op in [FusedOp::Attention, FusedOp::Lora] {
+        force_composed(op, true);
+    }
     let (lc, gc) = common::qlora::grads_in(&gpu, candle_core::DType::BF16, BaseFormat::Nf4, &opts);
-    force_composed(false);
+    for op in [FusedOp::Attention, FusedOp::Lora] {
+        force_composed(op, false);
+    }
     let want = reference.get("nf4.loss").to_scalar::<f32>().unwrap();
     let (ef, ec) = (vs_peft(&gf), vs_peft(&gc));
     println!("tiny bf16 step: loss fused {lf:.5} composed {lc:.5} PEFT {want:.5}; max relative gradient error vs PEFT: fused {ef:.3e}, composed {ec:.3e}");
     assert!((lf - lc).abs() <= 1e-2 * want.abs() && (lf - want).abs() <= 2e-2 * want.abs());
     assert!(ef <= 1.5 * ec + 1e-2, "fused attention moved the step's gradients away from PEFT's");
+}
+
+/// The fused LoRA linear (one op, hand-written backward) against the composed form on the same
+/// bf16 inputs, forward and backward (dX, dA, dB), with NF4 and dense bases, with and without
+/// dropout, at the 4B's q_proj and down_proj shapes. Errors are max |fused - composed| / max
+/// |composed|; both are bf16 computations that round at different points, so the bound is 2e-2.
+#[test]
+fn fused_lora_linear_matches_the_composed_one_forward_and_backward() {
+    use candle_core::{DType, Tensor, Var};
+    use gemmaclip::fused_ops::{force_composed, FusedOp};
+    use gemmaclip::peft::frozen::FrozenWeight;
+    use gemmaclip::peft::lora::{Lora, LoraLinear, LoraSpec};
+    use gemmaclip::peft::nf4::Nf4Weight;
+    let Some(gpu) = cuda() else { return };
+    let rel = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        max_abs_diff(&a, &b) / scale
+    };
+    for (n, k) in [(2048usize, 2560usize), (2560, 10240)] {
+        for nf4 in [true, false] {
+            for p in [0.0f32, 0.1] {
+                let w = (Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap()).to_dtype(DType::BF16).unwrap();
+                let base =
+                    if nf4 { FrozenWeight::Nf4(Nf4Weight::quantize(&w).unwrap()) } else { FrozenWeight::Dense(w) };
+                let spec = LoraSpec { r: 64, alpha: 128.0, dropout: p, targets: vec![] };
+                let mut lora = Lora::init("layers.0.mlp.down_proj", k, n, &spec, 0, &gpu).unwrap();
+                lora.b = Var::from_tensor(&Tensor::randn(0f32, 0.02, (n, 64), &gpu).unwrap()).unwrap();
+                let wa = Var::from_tensor(&lora.a.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap();
+                let wb = Var::from_tensor(&lora.b.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap();
+                lora.work = Some((wa.clone(), wb.clone()));
+                let lin = LoraLinear { base, lora: Some(lora) };
+                let x = Var::from_tensor(
+                    &Tensor::randn(0f32, 1.0, (2, 200, k), &gpu).unwrap().to_dtype(DType::BF16).unwrap(),
+                )
+                .unwrap();
+                let up = Tensor::randn(0f32, 1.0, (2, 200, n), &gpu).unwrap();
+                let run = |composed: bool| {
+                    force_composed(FusedOp::Lora, composed);
+                    let y = lin.forward(x.as_tensor(), Some(11)).unwrap();
+                    force_composed(FusedOp::Lora, false);
+                    let g = (y.to_dtype(DType::F32).unwrap() * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grads =
+                        [x.as_tensor(), wa.as_tensor(), wb.as_tensor()].map(|t| g.get(t).expect("gradient").clone());
+                    (y, grads)
+                };
+                let ((yf, gf), (yc, gc)) = (run(false), run(true));
+                let e = [rel(&yf, &yc), rel(&gf[0], &gc[0]), rel(&gf[1], &gc[1]), rel(&gf[2], &gc[2])];
+                println!(
+                    "LoRA [{n} x {k}], r 64, {} base, dropout {p}: y {:.2e}, dX {:.2e}, dA {:.2e}, dB {:.2e}",
+                    if nf4 { "NF4" } else { "bf16" },
+                    e[0],
+                    e[1],
+                    e[2],
+                    e[3]
+                );
+                assert!(gf.iter().all(|g| g.dtype() == DType::BF16), "working-copy gradients stay bf16");
+                assert!(e.iter().all(|&x| x <= 2e-2));
+            }
+        }
+    }
 }

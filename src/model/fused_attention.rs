@@ -2,19 +2,10 @@
 //! GPU, in bf16, with libcudnn 9 loadable, for a forward without a KV cache whose rows are
 //! right-padded (valid tokens first: training and scoring batches). Everything else (the CPU, f32,
 //! decoding over a cache, left-padded generation) keeps the composed path, which is also the
-//! reference the fused op is tested against (tests/gpu.rs). `GEMMACLIP_ATTENTION=composed` turns
-//! the fused path off, for comparisons.
+//! reference the fused op is tested against (tests/gpu.rs). `GEMMACLIP_COMPOSED=attention` turns
+//! the fused path off, for comparisons (src/fused_ops.rs).
 
 use candle_core::{DType, Device, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
-
-static FORCE_COMPOSED: AtomicBool = AtomicBool::new(false);
-
-/// Turns the fused path off (true) or back on for the forwards that follow, as
-/// `GEMMACLIP_ATTENTION=composed` does for a whole run: for tests and comparisons.
-pub fn force_composed(on: bool) {
-    FORCE_COMPOSED.store(on, Ordering::SeqCst);
-}
 
 /// The fused path's masks for one forward: the rows' valid lengths (None when no row is padded)
 /// and the sliding window of local layers.
@@ -28,11 +19,7 @@ pub struct FusedAttention {
 
 /// Whether fused attention may run on `dev` for `dtype` (prints once why not, where libcudnn is missing).
 pub fn enabled(dev: &Device, dtype: DType) -> bool {
-    if !dev.is_cuda()
-        || dtype != DType::BF16
-        || FORCE_COMPOSED.load(Ordering::SeqCst)
-        || std::env::var("GEMMACLIP_ATTENTION").is_ok_and(|v| v == "composed")
-    {
+    if !dev.is_cuda() || dtype != DType::BF16 || !crate::fused_ops::allowed(crate::fused_ops::FusedOp::Attention) {
         return false;
     }
     #[cfg(feature = "cuda")]

@@ -4,5 +4,7 @@
 pub mod adapter;
 pub mod dropout;
 pub mod frozen;
+#[cfg(feature = "cuda")]
+pub mod fused_lora;
 pub mod lora;
 pub mod nf4;

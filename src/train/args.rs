@@ -60,7 +60,7 @@ pub struct TrainArgs {
     pub bf16: bool,
     /// Accepted for the original project's command lines. Fused attention is on whenever it can
     /// run, with or without this flag: on a GPU (bf16), cuDNN's fused attention forward and backward
-    /// when libcudnn 9 loads (else one message and composed ops); GEMMACLIP_ATTENTION=composed turns
+    /// when libcudnn 9 loads (else one message and composed ops); GEMMACLIP_COMPOSED=attention turns
     /// it off. The CPU runs composed ops.
     #[arg(long)]
     pub use_flash_attention_2: bool,

@@ -202,14 +202,22 @@ pub mod qlora {
         grads_of(model_with_dropout(dev, base, dropout), dev, opts)
     }
 
-    /// (loss, [(name, grad on the CPU)]) with the text model in `dtype`.
+    /// (loss, [(name, grad on the CPU)]) with the text model in `dtype` and, as `train` runs it,
+    /// LoRA working copies in that dtype (their gradients stand for the masters').
     pub fn grads_in(
         dev: &Device,
         dtype: DType,
         base: BaseFormat,
         opts: &StepOptions,
     ) -> (f32, Vec<(String, candle_core::Tensor)>) {
-        grads_of(model_in(dev, dtype, base, None), dev, opts)
+        let (mut vlm, mut vars) = model_in(dev, dtype, base, None);
+        let work = adapter::working_copies(&mut vlm.llm, dtype).unwrap();
+        for ((_, v), w) in vars.iter_mut().zip(work) {
+            if let Some(w) = w {
+                *v = w;
+            }
+        }
+        grads_of((vlm, vars), dev, opts)
     }
 
     fn grads_of(

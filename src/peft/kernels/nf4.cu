@@ -160,3 +160,27 @@ extern "C" __global__ void nf4_gemv_bf16(const unsigned char* __restrict__ q, co
         if (lane == 0) y[(size_t)m * N + row] = (unsigned short)f32_to_bf16_rne(v);
     }
 }
+
+// The fused LoRA linear's dropout (src/peft/fused_lora.rs): the same mask as dropout_mask_bf16,
+// applied in the same pass, with the same bf16 rounding as the composed mask-then-multiply.
+__device__ __forceinline__ float dropout_factor(unsigned long long seed, unsigned long long i, float p, float scale) {
+    unsigned long long r = splitmix64(seed + (i + 1ull) * 0x9E3779B97F4A7C15ull);
+    float u = (float)(r >> 40) * (1.0f / 16777216.0f);
+    return (u >= p) ? bf16_to_f32((unsigned short)f32_to_bf16_rne(scale)) : 0.0f;
+}
+// out = x * mask
+extern "C" __global__ void dropout_apply_bf16(unsigned short* __restrict__ out, const unsigned short* __restrict__ x,
+                                              unsigned long long seed, unsigned long long n, float p, float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = (unsigned short)f32_to_bf16_rne(bf16_to_f32(x[i]) * dropout_factor(seed, i, p, scale));
+}
+// acc += t * mask (the product rounded to bf16 first, as the composed backward does)
+extern "C" __global__ void dropout_accumulate_bf16(unsigned short* __restrict__ acc,
+                                                   const unsigned short* __restrict__ t, unsigned long long seed,
+                                                   unsigned long long n, float p, float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float prod = bf16_to_f32((unsigned short)f32_to_bf16_rne(bf16_to_f32(t[i]) * dropout_factor(seed, i, p, scale)));
+    acc[i] = (unsigned short)f32_to_bf16_rne(bf16_to_f32(acc[i]) + prod);
+}

@@ -1,0 +1,44 @@
+//! Which fused GPU ops may run. Each has a composed counterpart (the CPU path, and the reference it
+//! is tested against); `GEMMACLIP_COMPOSED=attention,lora` (or `all`) makes a whole run use the
+//! composed forms instead, for comparisons, and `force_composed` does the same from code (tests).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedOp {
+    /// cuDNN's fused attention (src/model/cudnn_attention.rs)
+    Attention,
+    /// One op per LoRA linear with a hand-written backward (src/peft/fused_lora.rs)
+    Lora,
+}
+
+impl FusedOp {
+    fn name(self) -> &'static str {
+        match self {
+            FusedOp::Attention => "attention",
+            FusedOp::Lora => "lora",
+        }
+    }
+    fn flag(self) -> &'static AtomicBool {
+        static ATTENTION: AtomicBool = AtomicBool::new(false);
+        static LORA: AtomicBool = AtomicBool::new(false);
+        match self {
+            FusedOp::Attention => &ATTENTION,
+            FusedOp::Lora => &LORA,
+        }
+    }
+}
+
+/// Whether `op` may run fused (before its own device and dtype checks).
+pub fn allowed(op: FusedOp) -> bool {
+    if op.flag().load(Ordering::SeqCst) {
+        return false;
+    }
+    let composed = std::env::var("GEMMACLIP_COMPOSED").unwrap_or_default();
+    !composed.split(',').map(str::trim).any(|c| c == "all" || c == op.name())
+}
+
+/// Makes the forwards that follow use `op`'s composed form (true) or the fused one again.
+pub fn force_composed(op: FusedOp, on: bool) {
+    op.flag().store(on, Ordering::SeqCst);
+}

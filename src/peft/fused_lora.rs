@@ -1,0 +1,302 @@
+//! One op per LoRA linear on the GPU, with a hand-written backward (the idea of unsloth's fast
+//! LoRA kernels): `y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ` as three cuBLAS GEMMs, the last accumulating into
+//! y, and the backward as `dX = g·W + drop'((s·g·B)·A)`, `dA = (s·g·B)ᵀ·drop(x)`,
+//! `dB = s·gᵀ·(drop(x)·Aᵀ)`: five GEMMs, no weight gradient for the frozen W (NF4 dequantized for
+//! each use, as the composed path does), the dropout mask redrawn from its seed instead of kept.
+//! A and B are the bf16 working copies the optimizer refreshes once per step; their gradients come
+//! back in bf16, as the composed path's do. The composed form in lora.rs is what the CPU runs and
+//! what this op is tested against (tests/gpu.rs). Where the fused op differs is rounding: each
+//! GEMM accumulates in f32 and the LoRA term is added inside the GEMM, before the one bf16 rounding.
+
+use crate::peft::frozen::FrozenWeight;
+use crate::peft::lora::Lora;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::sys;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+type Bf16 = half::bf16;
+
+/// The fused forward of `l` on x [.., in] (bf16, CUDA), or None where the composed form must run
+/// (CPU, f32, an adapter without bf16 working copies, a frozen adapter, the switch off).
+pub fn forward(
+    base: &FrozenWeight,
+    l: &Lora,
+    x: &Tensor,
+    dropout_seed: Option<u64>,
+) -> candle_core::Result<Option<Tensor>> {
+    let Some((wa, wb)) = &l.work else { return Ok(None) };
+    if !x.device().is_cuda()
+        || x.dtype() != DType::BF16
+        || l.frozen
+        || wa.dtype() != DType::BF16
+        || !crate::fused_ops::allowed(crate::fused_ops::FusedOp::Lora)
+    {
+        return Ok(None);
+    }
+    let (n, k) = base.shape();
+    let lead = &x.dims()[..x.rank() - 1];
+    let m: usize = lead.iter().product();
+    let dropout = match dropout_seed {
+        Some(seed) if l.dropout > 0.0 => Some((l.dropout, seed ^ l.stream)),
+        _ => None,
+    };
+    let op = FusedLora { base: base.clone(), scale: l.scale as f32, dropout, u: Mutex::new(None) };
+    let x2 = x.contiguous()?.reshape((m, k))?;
+    let y = x2.apply_op3(wa.as_tensor(), wb.as_tensor(), op)?;
+    let mut shape = lead.to_vec();
+    shape.push(n);
+    Ok(Some(y.reshape(shape)?))
+}
+
+struct FusedLora {
+    base: FrozenWeight,
+    scale: f32,
+    /// (p, seed) of the inverted dropout on the LoRA branch's input
+    dropout: Option<(f32, u64)>,
+    /// drop(x)·Aᵀ [m, r] from the forward, for dB
+    u: Mutex<Option<CudaSlice<Bf16>>>,
+}
+
+fn ptr(s: &CudaStorage, l: &Layout, what: &str) -> candle_core::Result<u64> {
+    let Some((start, _)) = l.contiguous_offsets() else { candle_core::bail!("fused LoRA: {what} is not contiguous") };
+    let stream = s.device().cuda_stream();
+    let base = s.as_cuda_slice::<Bf16>()?.device_ptr(&stream).0;
+    Ok(base + 2 * start as u64)
+}
+
+fn slice_ptr(s: &CudaSlice<Bf16>, dev: &CudaDevice) -> u64 {
+    let stream = dev.cuda_stream();
+    let p = s.device_ptr(&stream).0;
+    p
+}
+
+/// Row-major `C[m, n] = alpha·op(A)·op(B) + beta·C` in bf16 with f32 accumulation, as candle's
+/// own bf16 matmul calls cuBLAS. `A` is stored [m, k] ([k, m] when `ta`), `B` [k, n] ([n, k] when `tb`).
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dev: &CudaDevice,
+    c: u64,
+    a: u64,
+    ta: bool,
+    b: u64,
+    tb: bool,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    beta: f32,
+) -> candle_core::Result<()> {
+    use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    // column-major view: Cᵀ[n, m] = op(B)ᵀ · op(A)ᵀ
+    let (op_b, ldb) = if tb { (CUBLAS_OP_T, k) } else { (CUBLAS_OP_N, n) };
+    let (op_a, lda) = if ta { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k) };
+    let blas = dev.cublas_handle();
+    // SAFETY: the pointers address live bf16 buffers of the stated shapes on this device's stream.
+    unsafe {
+        candle_core::cuda_backend::cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            op_b,
+            op_a,
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const c_void,
+            b as *const c_void,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            ldb as i32,
+            a as *const c_void,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            lda as i32,
+            (&beta) as *const f32 as *const c_void,
+            c as *mut c_void,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            n as i32,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+    }
+    .w()
+}
+
+/// One of nf4.cu's dropout kernels over `n` elements.
+fn dropout_kernel(
+    dev: &CudaDevice,
+    name: &str,
+    out: u64,
+    input: u64,
+    n: usize,
+    (p, seed): (f32, u64),
+) -> candle_core::Result<()> {
+    use crate::peft::nf4::cuda::{MODULE, PTX};
+    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let (n64, scale) = (n as u64, 1.0 / (1.0 - p));
+    let mut b = f.builder();
+    b.arg(&out);
+    b.arg(&input);
+    b.arg(&seed);
+    b.arg(&n64);
+    b.arg(&p);
+    b.arg(&scale);
+    let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The frozen weight [n, k] in bf16 (dequantized now for NF4) and its address; the tensor must
+/// outlive the GEMMs that read it.
+fn weight(base: &FrozenWeight) -> candle_core::Result<(Tensor, u64)> {
+    let w = base.materialize(DType::BF16)?.contiguous()?;
+    let p = {
+        let (st, l) = w.storage_and_layout();
+        let Storage::Cuda(s) = &*st else { candle_core::bail!("fused LoRA: the frozen weight is not on the GPU") };
+        ptr(s, l, "the frozen weight")?
+    };
+    Ok((w, p))
+}
+
+/// drop(x) into a fresh buffer, or x itself without dropout.
+fn dropped(
+    dev: &CudaDevice,
+    x: u64,
+    n: usize,
+    dropout: Option<(f32, u64)>,
+) -> candle_core::Result<(Option<CudaSlice<Bf16>>, u64)> {
+    match dropout {
+        None => Ok((None, x)),
+        Some(d) => {
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<Bf16>(n)? };
+            let p = slice_ptr(&out, dev);
+            dropout_kernel(dev, "dropout_apply_bf16", p, x, n, d)?;
+            Ok((Some(out), p))
+        }
+    }
+}
+
+fn wrap(x: CudaSlice<Bf16>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone())),
+        shape.to_vec(),
+        BackpropOp::none(),
+        false,
+    )
+}
+
+impl CustomOp3 for FusedLora {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused LoRA linear runs on the GPU only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        a_s: &CudaStorage,
+        al: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (r, ka) = al.shape().dims2()?;
+        let (n, rb) = bl.shape().dims2()?;
+        if (n, k) != self.base.shape() || ka != k || rb != r {
+            candle_core::bail!(
+                "fused LoRA: x [{m}, {k}], A [{r}, {ka}], B [{n}, {rb}] against W {:?}",
+                self.base.shape()
+            );
+        }
+        let dev = xs.device().clone();
+        let (x, a, b) = (ptr(xs, xl, "x")?, ptr(a_s, al, "A")?, ptr(bs, bl, "B")?);
+        let (_w, w) = weight(&self.base)?;
+        // SAFETY: y and u are fully written by their GEMMs (beta = 0) before anything reads them.
+        let y = unsafe { dev.alloc::<Bf16>(m * n)? };
+        let u = unsafe { dev.alloc::<Bf16>(m * r)? };
+        let (yp, up) = (slice_ptr(&y, &dev), slice_ptr(&u, &dev));
+        gemm(&dev, yp, x, false, w, true, (m, n, k), 1.0, 0.0)?;
+        let (_xd, xd) = dropped(&dev, x, m * k, self.dropout)?;
+        gemm(&dev, up, xd, false, a, true, (m, r, k), 1.0, 0.0)?;
+        gemm(&dev, yp, up, false, b, true, (m, n, r), self.scale, 1.0)?;
+        *self.u.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (m, k) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let (n, _) = b.dims2()?;
+        let u = self.u.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(u) = u.as_ref() else { candle_core::bail!("fused LoRA: backward without its forward") };
+        let (xg, xl) = x.storage_and_layout();
+        let (ag, al) = a.storage_and_layout();
+        let (bg, bl) = b.storage_and_layout();
+        let (gg, gl) = g.storage_and_layout();
+        let (Storage::Cuda(xs), Storage::Cuda(a_s), Storage::Cuda(bs), Storage::Cuda(gs)) = (&*xg, &*ag, &*bg, &*gg)
+        else {
+            candle_core::bail!("fused LoRA: backward inputs not on the GPU")
+        };
+        let dev = xs.device().clone();
+        let (xp, ap, bp, gp) = (ptr(xs, xl, "x")?, ptr(a_s, al, "A")?, ptr(bs, bl, "B")?, ptr(gs, gl, "the gradient")?);
+        let s = self.scale;
+        // SAFETY: every buffer below is fully written by a GEMM with beta = 0 or a kernel before it is read.
+        let gb = unsafe { dev.alloc::<Bf16>(m * r)? };
+        let gbp = slice_ptr(&gb, &dev);
+        gemm(&dev, gbp, gp, false, bp, false, (m, r, n), s, 0.0)?; // s·g·B [m, r]
+        let db = if b.track_op() {
+            let db = unsafe { dev.alloc::<Bf16>(n * r)? };
+            gemm(&dev, slice_ptr(&db, &dev), gp, true, slice_ptr(u, &dev), false, (n, r, m), s, 0.0)?; // s·gᵀ·u
+            Some(wrap(db, &dev, &[n, r]))
+        } else {
+            None
+        };
+        let da = if a.track_op() {
+            let (_xd, xd) = dropped(&dev, xp, m * k, self.dropout)?;
+            let da = unsafe { dev.alloc::<Bf16>(r * k)? };
+            gemm(&dev, slice_ptr(&da, &dev), gbp, true, xd, false, (r, k, m), 1.0, 0.0)?; // (s·g·B)ᵀ·drop(x)
+            Some(wrap(da, &dev, &[r, k]))
+        } else {
+            None
+        };
+        let dx = if x.track_op() {
+            let (_w, w) = weight(&self.base)?;
+            let dx = unsafe { dev.alloc::<Bf16>(m * k)? };
+            let dxp = slice_ptr(&dx, &dev);
+            gemm(&dev, dxp, gp, false, w, false, (m, k, n), 1.0, 0.0)?; // g·W
+            match self.dropout {
+                None => gemm(&dev, dxp, gbp, false, ap, false, (m, k, r), 1.0, 1.0)?, // += (s·g·B)·A
+                Some(d) => {
+                    let t = unsafe { dev.alloc::<Bf16>(m * k)? };
+                    let tp = slice_ptr(&t, &dev);
+                    gemm(&dev, tp, gbp, false, ap, false, (m, k, r), 1.0, 0.0)?;
+                    dropout_kernel(&dev, "dropout_accumulate_bf16", dxp, tp, m * k, d)?;
+                }
+            }
+            Some(wrap(dx, &dev, &[m, k]))
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
+}
