@@ -1,5 +1,5 @@
 //! Which fused GPU ops may run. Each has a composed counterpart (the CPU path, and the reference it
-//! is tested against); `GEMMACLIP_COMPOSED=attention,lora` (or `all`) makes a whole run use the
+//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope` (or `all`) makes a whole run use the
 //! composed forms instead, for comparisons, and `force_composed` does the same from code (tests).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +10,8 @@ pub enum FusedOp {
     Attention,
     /// One op per LoRA linear with a hand-written backward (src/peft/fused_lora.rs)
     Lora,
+    /// q/k RMSNorm + RoPE as one op each way (src/model/qk_rope.rs)
+    NormRope,
 }
 
 impl FusedOp {
@@ -17,14 +19,17 @@ impl FusedOp {
         match self {
             FusedOp::Attention => "attention",
             FusedOp::Lora => "lora",
+            FusedOp::NormRope => "rope",
         }
     }
     fn flag(self) -> &'static AtomicBool {
         static ATTENTION: AtomicBool = AtomicBool::new(false);
         static LORA: AtomicBool = AtomicBool::new(false);
+        static NORM_ROPE: AtomicBool = AtomicBool::new(false);
         match self {
             FusedOp::Attention => &ATTENTION,
             FusedOp::Lora => &LORA,
+            FusedOp::NormRope => &NORM_ROPE,
         }
     }
 }

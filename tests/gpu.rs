@@ -198,6 +198,9 @@ fn bf16_working_copies_give_the_gradients_of_the_per_call_cast() {
         let projector = Projector::load(&pw, vcfg.hidden_size, cfg.text.hidden_size).unwrap();
         (Vlm { vision, projector, llm, cfg }, graph)
     };
+    // the working copies' claim is about the composed path (the fused LoRA op rounds elsewhere and
+    // has its own test against this one)
+    gemmaclip::fused_ops::force_composed(gemmaclip::fused_ops::FusedOp::Lora, true);
     let (plain, plain_vars) = build(false);
     let (copies, copy_vars) = build(true);
     let batch = common::qlora::batch(&f, &gpu);
@@ -218,6 +221,7 @@ fn bf16_working_copies_give_the_gradients_of_the_per_call_cast() {
             a.grads.len()
         );
     }
+    gemmaclip::fused_ops::force_composed(gemmaclip::fused_ops::FusedOp::Lora, false);
 }
 
 #[test]
@@ -445,11 +449,11 @@ fn tiny_bf16_step_with_fused_ops_matches_composed_and_peft() {
     };
     let opts = StepOptions::default();
     let (lf, gf) = common::qlora::grads_in(&gpu, candle_core::DType::BF16, BaseFormat::Nf4, &opts);
-    for op in [FusedOp::Attention, FusedOp::Lora] {
+    for op in [FusedOp::Attention, FusedOp::Lora, FusedOp::NormRope] {
         force_composed(op, true);
     }
     let (lc, gc) = common::qlora::grads_in(&gpu, candle_core::DType::BF16, BaseFormat::Nf4, &opts);
-    for op in [FusedOp::Attention, FusedOp::Lora] {
+    for op in [FusedOp::Attention, FusedOp::Lora, FusedOp::NormRope] {
         force_composed(op, false);
     }
     let want = reference.get("nf4.loss").to_scalar::<f32>().unwrap();
@@ -496,8 +500,10 @@ fn fused_lora_linear_matches_the_composed_one_forward_and_backward() {
                 let up = Tensor::randn(0f32, 1.0, (2, 200, n), &gpu).unwrap();
                 let run = |composed: bool| {
                     force_composed(FusedOp::Lora, composed);
+                    let before = gemmaclip::peft::fused_lora::calls();
                     let y = lin.forward(x.as_tensor(), Some(11)).unwrap();
                     force_composed(FusedOp::Lora, false);
+                    assert_eq!(gemmaclip::peft::fused_lora::calls() - before, usize::from(!composed), "which path ran");
                     let g = (y.to_dtype(DType::F32).unwrap() * &up).unwrap().sum_all().unwrap().backward().unwrap();
                     let grads =
                         [x.as_tensor(), wa.as_tensor(), wb.as_tensor()].map(|t| g.get(t).expect("gradient").clone());
@@ -518,4 +524,36 @@ fn fused_lora_linear_matches_the_composed_one_forward_and_backward() {
             }
         }
     }
+}
+
+/// The fused q/k RMSNorm + RoPE (one op each way) against the composed norm, transpose and
+/// rotation on the same bf16 input, with the 4B's global-layer tables (theta 1e6, factor 8) and
+/// head_dim 256, 8 heads, 300 positions. Forward and input gradient; errors relative to max |composed|.
+#[test]
+fn fused_norm_rope_matches_the_composed_one() {
+    use candle_core::{DType, Tensor, Var};
+    use gemmaclip::fused_ops::{force_composed, FusedOp};
+    use gemmaclip::model::rope::{norm_rope, RopeTables};
+    let Some(gpu) = cuda() else { return };
+    let (b, l, h, d) = (2, 300, 8, 256);
+    let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (b, l, h, d), &gpu).unwrap()).to_dtype(DType::BF16).unwrap())
+        .unwrap();
+    let scale = (Tensor::randn(0f32, 0.3, d, &gpu).unwrap() + 1.0).unwrap();
+    let rope = RopeTables::new(d, 1e6, 8.0, 0, l, &gpu).unwrap();
+    let up = Tensor::randn(0f32, 1.0, (b, h, l, d), &gpu).unwrap();
+    let run = |composed: bool| {
+        force_composed(FusedOp::NormRope, composed);
+        let y = norm_rope(x.as_tensor(), &scale, 1e-6, &rope).unwrap();
+        force_composed(FusedOp::NormRope, false);
+        let g = (y.to_dtype(DType::F32).unwrap() * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        (y.to_dtype(DType::F32).unwrap(), g.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap())
+    };
+    let ((yf, gf), (yc, gc)) = (run(false), run(true));
+    assert_eq!(yf.dims(), yc.dims());
+    let rel = |a: &Tensor, b: &Tensor| {
+        max_abs_diff(a, b) / b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    };
+    let (ey, eg) = (rel(&yf, &yc), rel(&gf, &gc));
+    println!("norm+rope fused vs composed: y {ey:.2e} (max |diff| {:.2e}), dX {eg:.2e}", max_abs_diff(&yf, &yc));
+    assert!(ey <= 1e-2 && eg <= 2e-2);
 }

@@ -6,7 +6,7 @@
 use crate::config::{GemmaTextConfig, LayerType};
 use crate::model::fused_attention::FusedAttention;
 use crate::model::ops::{gemma_norm_scale, gemma_rms_norm, softmax_last_dim_f32};
-use crate::model::rope::RopeTables;
+use crate::model::rope::{norm_rope, RopeTables};
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::LoraLinear;
 use crate::peft::nf4::Nf4Weight;
@@ -144,10 +144,8 @@ impl Attention {
         let q = self.q_proj.forward(x, seed)?.reshape((b, l, nq, hd))?;
         let k = self.k_proj.forward(x, seed)?.reshape((b, l, nkv, hd))?;
         let v = self.v_proj.forward(x, seed)?.reshape((b, l, nkv, hd))?;
-        let q = gemma_rms_norm(&q, &self.q_norm, self.eps)?.transpose(1, 2)?; // [B, nq, L, hd]
-        let k = gemma_rms_norm(&k, &self.k_norm, self.eps)?.transpose(1, 2)?; // [B, nkv, L, hd]
-        let q = rope.apply(&q.contiguous()?)?;
-        let k = rope.apply(&k.contiguous()?)?;
+        let q = norm_rope(&q, &self.q_norm, self.eps, rope)?; // [B, nq, L, hd]
+        let k = norm_rope(&k, &self.k_norm, self.eps, rope)?; // [B, nkv, L, hd]
         let mask = match mask {
             LayerMask::Fused { attn, sliding } if cache.is_none() => {
                 // v stays in the projection's [B, L, nkv, hd] layout: cuDNN reads it through strides.

@@ -8,5 +8,7 @@ pub mod gemma3;
 pub mod linear;
 pub mod ops;
 pub mod projector;
+#[cfg(feature = "cuda")]
+pub mod qk_rope;
 pub mod rope;
 pub mod vlm;

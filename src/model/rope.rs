@@ -84,3 +84,25 @@ impl RopeTables {
         Tensor::cat(&[a, b], candle_core::D::Minus1)
     }
 }
+
+/// Gemma's q/k path after the projection: RMSNorm with the frozen `scale` over x [B, L, H, D],
+/// then RoPE, giving [B, H, L, D] contiguous. On a GPU in bf16 with [L, D/2] tables one fused op
+/// each way (qk_rope.rs); elsewhere composed.
+pub fn norm_rope(x: &Tensor, scale: &Tensor, eps: f64, rope: &RopeTables) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && rope.cos.rank() == 2
+        && crate::fused_ops::allowed(crate::fused_ops::FusedOp::NormRope)
+    {
+        let op = crate::model::qk_rope::NormRope {
+            scale: scale.clone(),
+            cos: rope.cos.clone(),
+            sin: rope.sin.clone(),
+            eps: eps as f32,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    let n = crate::model::ops::gemma_rms_norm(x, scale, eps)?.transpose(1, 2)?;
+    rope.apply(&n.contiguous()?)
+}

@@ -45,12 +45,20 @@ pub fn forward(
         Some(seed) if l.dropout > 0.0 => Some((l.dropout, seed ^ l.stream)),
         _ => None,
     };
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let op = FusedLora { base: base.clone(), scale: l.scale as f32, dropout, u: Mutex::new(None) };
     let x2 = x.contiguous()?.reshape((m, k))?;
     let y = x2.apply_op3(wa.as_tensor(), wb.as_tensor(), op)?;
     let mut shape = lead.to_vec();
     shape.push(n);
     Ok(Some(y.reshape(shape)?))
+}
+
+static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many fused LoRA forwards this process has run (tests check which path ran).
+pub fn calls() -> usize {
+    CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 struct FusedLora {

@@ -65,3 +65,59 @@ extern "C" __global__ void rmsnorm_fwd_f32(const float* x, const float* s, float
 extern "C" __global__ void rmsnorm_fwd_bf16(const unsigned short* x, const float* s, unsigned short* y, int cols, float eps) { rmsnorm_fwd(x, s, y, cols, eps); }
 extern "C" __global__ void rmsnorm_bwd_f32(const float* x, const float* g, const float* s, float* dx, int cols, float eps) { rmsnorm_bwd(x, g, s, dx, cols, eps); }
 extern "C" __global__ void rmsnorm_bwd_bf16(const unsigned short* x, const unsigned short* g, const float* s, unsigned short* dx, int cols, float eps) { rmsnorm_bwd(x, g, s, dx, cols, eps); }
+
+// Gemma's q/k RMSNorm followed by RoPE (rotate_half), for bf16 rows of one head: x [B, L, H, D]
+// in, out [B, H, L, D]. The forward rounds where the composed path does (the norm's output, each
+// product with the bf16 cos/sin tables, the sum). cos/sin are
+// the f32 tables [L, D/2], rounded to bf16 here as the composed path casts them. One block per
+// (b, l, h) row, D <= 2048.
+__device__ __forceinline__ float bf(float v) { unsigned short h; from_f(v, &h); return to_f(h); }
+
+extern "C" __global__ void qknorm_rope_fwd_bf16(const unsigned short* x, const float* scale, const float* cos_t,
+                                                const float* sin_t, unsigned short* out, int heads, int len,
+                                                int cols, float eps) {
+    __shared__ float shared[32];
+    int row = blockIdx.x, h = row % heads, l = (row / heads) % len, b = row / (heads * len);
+    const unsigned short* xr = x + (size_t)row * cols;
+    unsigned short* o = out + (((size_t)b * heads + h) * len + l) * cols;
+    int half = cols / 2;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = to_f(xr[c]); ss += v * v; }
+    float r = rsqrtf(block_sum(ss, shared) / cols + eps);
+    for (int c = threadIdx.x; c < half; c += blockDim.x) {
+        float n1 = bf(to_f(xr[c]) * r * scale[c]), n2 = bf(to_f(xr[c + half]) * r * scale[c + half]);
+        float cs = bf(cos_t[(size_t)l * half + c]), sn = bf(sin_t[(size_t)l * half + c]);
+        from_f(bf(n1 * cs) - bf(n2 * sn), &o[c]);
+        from_f(bf(n2 * cs) + bf(n1 * sn), &o[c + half]);
+    }
+}
+
+// Its input gradient: the inverse rotation of g (f32), then the RMSNorm backward as above.
+extern "C" __global__ void qknorm_rope_bwd_bf16(const unsigned short* x, const unsigned short* g, const float* scale,
+                                                const float* cos_t, const float* sin_t, unsigned short* dx,
+                                                int heads, int len, int cols, float eps) {
+    __shared__ float shared[32];
+    __shared__ float dn[2048];
+    int row = blockIdx.x, h = row % heads, l = (row / heads) % len, b = row / (heads * len);
+    const unsigned short* xr = x + (size_t)row * cols;
+    const unsigned short* gr = g + (((size_t)b * heads + h) * len + l) * cols;
+    unsigned short* dr = dx + (size_t)row * cols;
+    int half = cols / 2;
+    for (int c = threadIdx.x; c < half; c += blockDim.x) {
+        float cs = bf(cos_t[(size_t)l * half + c]), sn = bf(sin_t[(size_t)l * half + c]);
+        float ga = to_f(gr[c]), gb = to_f(gr[c + half]);
+        dn[c] = ga * cs + gb * sn;
+        dn[c + half] = gb * cs - ga * sn;
+    }
+    __syncthreads();
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = to_f(xr[c]); ss += v * v; }
+    float r = rsqrtf(block_sum(ss, shared) / cols + eps);
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dot += dn[c] * scale[c] * to_f(xr[c]) * r;
+    float m = block_sum(dot, shared) / cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float xh = to_f(xr[c]) * r;
+        from_f(r * (dn[c] * scale[c] - xh * m), &dr[c]);
+    }
+}
