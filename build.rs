@@ -21,6 +21,7 @@ fn main() {
     for (src, name) in [
         ("src/peft/kernels/nf4.cu", "nf4.ptx"),
         ("src/model/kernels/rmsnorm.cu", "rmsnorm.ptx"),
+        ("src/model/kernels/gelu_mul.cu", "gelu_mul.ptx"),
         ("src/train/kernels/optimizer.cu", "optimizer.ptx"),
     ] {
         let status = std::process::Command::new(&nvcc)
@@ -36,7 +37,7 @@ fn main() {
 
 /// The cuDNN attention shim: C++ against the header-only cuDNN frontend in dynamic-loading mode,
 /// so the binary links neither libcudnn nor libcudart (it opens libcudnn.so.9 at run time). The
-/// headers come from `../shared/gpu/cuda-toolkit.sh` (CUDNN_FRONTEND_INCLUDE_DIR, CUDNN_INCLUDE_DIR)
+/// headers are found through CUDNN_FRONTEND_INCLUDE_DIR and CUDNN_INCLUDE_DIR (PyPI nvidia-cudnn-frontend, nvidia-cudnn-cu13)
 /// and the CUDA toolkit (CUDA_HOME, or nvcc's directory).
 fn build_cudnn_shim() {
     const SRC: &str = "src/model/kernels/cudnn_sdpa.cpp";
@@ -44,8 +45,9 @@ fn build_cudnn_shim() {
         println!("cargo:rerun-if-env-changed={v}");
     }
     let var = |name: &str| {
-        std::env::var(name)
-            .unwrap_or_else(|_| panic!("{name} is not set: the cuda feature builds the cuDNN attention shim; eval \"$(../shared/gpu/cuda-toolkit.sh)\" sets it"))
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: the cuda feature builds the cuDNN attention shim; see README.md, GPU build")
+        })
     };
     let cuda_home =
         std::env::var("CUDA_HOME").or_else(|_| std::env::var("CUDA_PATH")).unwrap_or_else(|_| "/usr/local/cuda".into());

@@ -1,5 +1,5 @@
 //! Which fused GPU ops may run. Each has a composed counterpart (the CPU path, and the reference it
-//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope` (or `all`) makes a whole run use the
+//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope,mlp` (or `all`) makes a whole run use the
 //! composed forms instead, for comparisons, and `force_composed` does the same from code (tests).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +12,8 @@ pub enum FusedOp {
     Lora,
     /// q/k RMSNorm + RoPE as one op each way (src/model/qk_rope.rs)
     NormRope,
+    /// The MLP's gelu_tanh(gate) * up as one op each way (src/model/gelu_mul.rs)
+    GeluMul,
 }
 
 impl FusedOp {
@@ -20,16 +22,19 @@ impl FusedOp {
             FusedOp::Attention => "attention",
             FusedOp::Lora => "lora",
             FusedOp::NormRope => "rope",
+            FusedOp::GeluMul => "mlp",
         }
     }
     fn flag(self) -> &'static AtomicBool {
         static ATTENTION: AtomicBool = AtomicBool::new(false);
         static LORA: AtomicBool = AtomicBool::new(false);
         static NORM_ROPE: AtomicBool = AtomicBool::new(false);
+        static GELU_MUL: AtomicBool = AtomicBool::new(false);
         match self {
             FusedOp::Attention => &ATTENTION,
             FusedOp::Lora => &LORA,
             FusedOp::NormRope => &NORM_ROPE,
+            FusedOp::GeluMul => &GELU_MUL,
         }
     }
 }

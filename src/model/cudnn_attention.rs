@@ -241,7 +241,8 @@ impl CustomOp3 for Sdpa {
         desc.stride[1] = k_st;
         desc.stride[2] = v_st;
         desc.stride[3] = bshd_strides(s, h, d);
-        // SAFETY: cuDNN writes every element (zeros on right padding: cudnn-notes, trap 2).
+        // SAFETY: cuDNN writes every element (zeros on padded rows with right padding; left padding,
+        // which leaves them unwritten, is never sent here).
         let o = unsafe { dev.alloc::<half::bf16>(b * s * h * d)? };
         let stats = if self.keep_stats { Some(unsafe { dev.alloc::<f32>(b * h * s)? }) } else { None };
         let stream = dev.cuda_stream();

@@ -198,9 +198,18 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x, seed)?;
+        let up = self.up_proj.forward(x, seed)?;
+        #[cfg(feature = "cuda")]
+        if gate.device().is_cuda()
+            && gate.dtype() == DType::BF16
+            && crate::fused_ops::allowed(crate::fused_ops::FusedOp::GeluMul)
+        {
+            let h = gate.contiguous()?.apply_op2(&up.contiguous()?, crate::model::gelu_mul::GeluMul)?;
+            return self.down_proj.forward(&h, seed);
+        }
         // gelu_pytorch_tanh (candle's `gelu` is the tanh approximation)
-        let gate = self.gate_proj.forward(x, seed)?.gelu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x, seed)?)?, seed)
+        self.down_proj.forward(&(gate.gelu()? * up)?, seed)
     }
 }
 

@@ -4,6 +4,8 @@ pub mod clip;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attention;
 pub mod fused_attention;
+#[cfg(feature = "cuda")]
+pub mod gelu_mul;
 pub mod gemma3;
 pub mod linear;
 pub mod ops;

@@ -2,7 +2,8 @@
 // backward) behind a small C API for src/model/cudnn_attention.rs. Built with the cuDNN C++
 // frontend in dynamic-loading mode: nothing here links libcudnn or libcudart; gc_cudnn_init opens
 // libcudnn.so.9 at run time, so a binary without it still starts and falls back to composed
-// attention. Verified variants and traps: ../shared/reference/cudnn-notes.md.
+// attention. The traps it avoids: the deterministic backward (the default one is not bitwise
+// repeatable), 16-byte aligned strides, Stats packed in B,H,S order, known-bad 9.10.0/9.10.1.
 
 #include <dlfcn.h>
 
@@ -171,7 +172,7 @@ std::shared_ptr<fe::graph::Graph> bwd_graph(const gc_sdpa_desc &d, std::string &
                                .set_dim({d.b, d.hq, d.sq, 1})
                                .set_stride({d.hq * d.sq, d.sq, 1, 1})
                                .set_data_type(fe::DataType_t::FLOAT));
-    // Deterministic: resume must replay a run bit for bit (cudnn-notes, trap 1).
+    // Deterministic: resume must replay a run bit for bit.
     auto attrs = fe::graph::SDPA_backward_attributes()
                      .set_name("sdpa_backward")
                      .set_deterministic_algorithm(true)
@@ -225,7 +226,7 @@ int64_t gc_cudnn_init(char *err, int errlen) {
             }
         }
         int64_t version = static_cast<int64_t>(fe::detail::get_backend_version());
-        // 9.10.0 and 9.10.1 compute a wrong SDPA backward (cudnn-notes, trap 5).
+        // 9.10.0 and 9.10.1 compute a wrong SDPA backward.
         if (version == 91000 || version == 91001) {
             set_err(err, errlen, "libcudnn " + std::to_string(version) + " has a known-bad attention backward");
             return 0;
