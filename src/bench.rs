@@ -50,6 +50,10 @@ pub struct TrainStepArgs {
     /// Supervised rows per lm_head / log-softmax chunk.
     #[arg(long, default_value_t = 256)]
     pub loss_chunk: usize,
+    /// Rows per step (each `--seq` tokens with its own image), as `train`'s
+    /// `--per-device-train-batch-size`.
+    #[arg(long, default_value_t = 1, alias = "per-device-train-batch-size")]
+    pub batch_size: usize,
 }
 
 impl TrainStepArgs {
@@ -78,18 +82,23 @@ fn batch(cfg: &LlmConfig, n_image: usize, image_size: usize, a: &TrainStepArgs, 
     }
     let mut rng = crate::rng::SplitMix64::new(1234);
     let hi = cfg.boi_token_index.min(200_000) as u64;
-    let mut ids = vec![cfg.text.bos_token_id];
-    ids.extend(std::iter::repeat_n(cfg.image_token_index, n_image));
-    while ids.len() < a.seq {
-        ids.push((10 + rng.next_u64() % (hi - 10)) as u32);
+    let (mut rows, mut labels) = (vec![], vec![]);
+    for _ in 0..a.batch_size {
+        let mut ids = vec![cfg.text.bos_token_id];
+        ids.extend(std::iter::repeat_n(cfg.image_token_index, n_image));
+        while ids.len() < a.seq {
+            ids.push((10 + rng.next_u64() % (hi - 10)) as u32);
+        }
+        labels.push(
+            ids.iter().enumerate().map(|(t, &id)| if t >= a.seq - a.label_tokens { id as i64 } else { -100 }).collect(),
+        );
+        rows.push(ids);
     }
-    let labels: Vec<i64> =
-        ids.iter().enumerate().map(|(t, &id)| if t >= a.seq - a.label_tokens { id as i64 } else { -100 }).collect();
-    let pixels = Tensor::randn(0f32, 1.0, (1, 3, image_size, image_size), dev)?;
+    let pixels = Tensor::randn(0f32, 1.0, (a.batch_size, 3, image_size, image_size), dev)?;
     Ok(Batch {
-        supervised: Supervised::from_labels(&[labels]),
-        ids: vec![ids],
-        valid: vec![vec![true; a.seq]],
+        supervised: Supervised::from_labels(&labels),
+        ids: rows,
+        valid: vec![vec![true; a.seq]; a.batch_size],
         pixels: Some(pixels),
     })
 }
@@ -109,8 +118,8 @@ fn load(model: &Path, vision_model: &Path, four_bit: bool) -> Result<(Device, Ba
 }
 
 pub fn train_step(a: &TrainStepArgs) -> Result<()> {
-    if a.steps == 0 {
-        bail!("--steps must be at least 1");
+    if a.steps == 0 || a.batch_size == 0 {
+        bail!("--steps and --batch-size must be at least 1");
     }
     let t = Instant::now();
     let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, !a.no_4bit)?;
@@ -163,6 +172,12 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
             }
             loss = g.loss;
         }
+        // one more step with the device synchronized between phases, for the split (untimed)
+        let split = loss_and_grads(&vlm, &batch, &graph_vars, &StepOptions { phases: true, ..opts.clone() })?.phases;
+        let split: Vec<serde_json::Value> = split
+            .iter()
+            .map(|p| json!({"phase": p.name, "ms": (p.ms * 10.0).round() / 10.0, "peak_alloc_gib": gib(p.peak)}))
+            .collect();
         times.sort_by(f64::total_cmp);
         let med = times[times.len() / 2];
         let after = memory(&dev)?;
@@ -170,9 +185,11 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
             "{}",
             json!({
                 "what": "gemmaclip_train_step", "four_bit": !a.no_4bit, "grad_ckpt": ckpt, "fused_optimizer": opt.fused, "lora_working_copies": !cast_per_call,
-                "seq": a.seq, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
+                "seq": a.seq, "batch_size": a.batch_size, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
                 "trainable_params": trainable, "step_ms_median": (med * 1e4).round() / 10.0,
-                "step_ms_min": (times[0] * 1e4).round() / 10.0, "tokens_per_s": (a.seq as f64 / med * 10.0).round() / 10.0,
+                "step_ms_min": (times[0] * 1e4).round() / 10.0,
+                "tokens_per_s": ((a.batch_size * a.seq) as f64 / med * 10.0).round() / 10.0,
+                "phases": split,
                 "loss": loss, "step1_loss": first.0, "step1_grad_norm": first.1,
                 "attention": if crate::model::fused_attention::enabled(&dev, compute) { "cudnn" } else { "composed" },
                 "gpu": device::device_name(&dev), "load_s": (load_s * 10.0).round() / 10.0,

@@ -1,5 +1,5 @@
 //! Which fused GPU ops may run. Each has a composed counterpart (the CPU path, and the reference it
-//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope,mlp` (or `all`) makes a whole run use the
+//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope,mlp` (or `all`, or `1`) makes a whole run use the
 //! composed forms instead, for comparisons, and `force_composed` does the same from code (tests).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,7 +45,7 @@ pub fn allowed(op: FusedOp) -> bool {
         return false;
     }
     let composed = std::env::var("GEMMACLIP_COMPOSED").unwrap_or_default();
-    !composed.split(',').map(str::trim).any(|c| c == "all" || c == op.name())
+    !composed.split(',').map(str::trim).any(|c| c == "all" || c == "1" || c == op.name())
 }
 
 /// Makes the forwards that follow use `op`'s composed form (true) or the fused one again.

@@ -387,7 +387,12 @@ fn cudnn_attention_matches_the_composed_path_forward_and_backward() {
                 .as_ref()
                 .map(|v| Tensor::new(v.iter().map(|&n| n as i32).collect::<Vec<_>>(), &gpu).unwrap()),
         };
-        let vt = v.as_tensor().transpose(1, 2).unwrap();
+        // Gemma's layers pass v as the projection's [B, L, Hkv*D]; CLIP a transposed [B, Hkv, L, D] view
+        let vt = if causal {
+            v.as_tensor().reshape((b, l, hkv * hd)).unwrap()
+        } else {
+            v.as_tensor().transpose(1, 2).unwrap()
+        };
         let fused = sdpa(q.as_tensor(), k.as_tensor(), &vt, &mask, scale).unwrap(); // [B, L, Hq*D]
         let run_bwd = || {
             let loss = (fused.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap();
@@ -536,14 +541,14 @@ fn fused_norm_rope_matches_the_composed_one() {
     use gemmaclip::model::rope::{norm_rope, RopeTables};
     let Some(gpu) = cuda() else { return };
     let (b, l, h, d) = (2, 300, 8, 256);
-    let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (b, l, h, d), &gpu).unwrap()).to_dtype(DType::BF16).unwrap())
+    let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (b, l, h * d), &gpu).unwrap()).to_dtype(DType::BF16).unwrap())
         .unwrap();
     let scale = (Tensor::randn(0f32, 0.3, d, &gpu).unwrap() + 1.0).unwrap();
     let rope = RopeTables::new(d, 1e6, 8.0, 0, l, &gpu).unwrap();
     let up = Tensor::randn(0f32, 1.0, (b, h, l, d), &gpu).unwrap();
     let run = |composed: bool| {
         force_composed(FusedOp::NormRope, composed);
-        let y = norm_rope(x.as_tensor(), &scale, 1e-6, &rope).unwrap();
+        let y = norm_rope(x.as_tensor(), h, &scale, 1e-6, &rope).unwrap();
         force_composed(FusedOp::NormRope, false);
         let g = (y.to_dtype(DType::F32).unwrap() * &up).unwrap().sum_all().unwrap().backward().unwrap();
         (y.to_dtype(DType::F32).unwrap(), g.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap())

@@ -3,7 +3,8 @@
 //! resume). The C++ shim (kernels/cudnn_sdpa.cpp) builds and caches one cuDNN graph per shape and
 //! mask; libcudnn.so.9 is opened at run time, and where it cannot be, `available` says so once and
 //! callers keep the composed path. Layouts: q [B, Hq, S, D], k/v [B, Hkv, S, D] (any strides with
-//! the last dim contiguous), bf16; the output is [B, S, Hq*D], ready for the output projection.
+//! the last dim contiguous; v may also be the projection's [B, S, Hkv*D]), bf16; the output is
+//! [B, S, Hq*D], ready for the output projection.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
@@ -133,6 +134,20 @@ fn dims4(l: &Layout, what: &str) -> candle_core::Result<([usize; 4], [i64; 4], u
     Ok(([d[0], d[1], d[2], d[3]], [s[0] as i64, s[1] as i64, s[2] as i64, 1], l.start_offset()))
 }
 
+/// v as dims4 gives it, or [B, S, Hkv*D] (the projection's layout, read through strides) seen as
+/// {B, Hkv, S, D} with the head count and size of k.
+fn v_dims(l: &Layout, kd: [usize; 4]) -> candle_core::Result<([usize; 4], [i64; 4], usize)> {
+    if let [b, s, hd] = l.dims() {
+        let (h, d) = (kd[1], kd[3]);
+        if !l.is_contiguous() || h * d != *hd {
+            candle_core::bail!("cuDNN attention: v {:?} is not a contiguous [B, S, {h}*{d}]", l.dims());
+        }
+        let packed = Layout::new(Shape::from((*b, *s, h, d)), vec![s * hd, *hd, d, 1], l.start_offset());
+        return dims4(&packed.transpose(1, 2)?, "v");
+    }
+    dims4(l, "v")
+}
+
 fn bf16_ptr(s: &CudaStorage, offset: usize) -> candle_core::Result<u64> {
     let stream = s.device().cuda_stream();
     let base = s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0;
@@ -230,7 +245,7 @@ impl CustomOp3 for Sdpa {
         }
         let (qd, q_st, q_off) = dims4(ql, "q")?;
         let (kd, k_st, k_off) = dims4(kl, "k")?;
-        let (vd, v_st, v_off) = dims4(vl, "v")?;
+        let (vd, v_st, v_off) = v_dims(vl, kd)?;
         if kd != vd || kd[0] != qd[0] || kd[3] != qd[3] || qd[1] % kd[1] != 0 {
             candle_core::bail!("cuDNN attention: q {:?}, k {:?}, v {:?} do not fit together", qd, kd, vd);
         }
@@ -281,7 +296,7 @@ impl CustomOp3 for Sdpa {
         };
         let (qd, q_st, q_off) = dims4(ql, "q")?;
         let (kd, k_st, k_off) = dims4(kl, "k")?;
-        let (_, v_st, v_off) = dims4(vl, "v")?;
+        let (_, v_st, v_off) = v_dims(vl, kd)?;
         let [b, h, s, d] = qd;
         let [_, hkv, skv, _] = kd;
         let dev = qs.device().clone();
@@ -291,7 +306,9 @@ impl CustomOp3 for Sdpa {
             [(h * s * d) as i64, (s * d) as i64, d as i64, 1],
             [(hkv * skv * d) as i64, (skv * d) as i64, d as i64, 1],
         );
-        desc.stride = [q_st, k_st, v_st, bshd, bshd, q_packed, kv_packed, kv_packed];
+        // dV comes back in v's own layout: [B, Hkv, S, D] packed, or [B, S, Hkv*D]
+        let dv_strides = if v.rank() == 3 { bshd_strides(skv, hkv, d) } else { kv_packed };
+        desc.stride = [q_st, k_st, v_st, bshd, bshd, q_packed, kv_packed, dv_strides];
         let alloc = |n: usize| -> candle_core::Result<CudaSlice<half::bf16>> {
             if self.mask.seq_lens.is_some() {
                 Ok(dev.alloc_zeros::<half::bf16>(n)?)
@@ -341,6 +358,10 @@ impl CustomOp3 for Sdpa {
             let st = Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone()));
             Tensor::from_storage(st, shape.to_vec(), BackpropOp::none(), false)
         };
-        Ok((Some(wrap(dq, qd)), Some(wrap(dk, kd)), Some(wrap(dv, kd))))
+        let dv = {
+            let st = Storage::Cuda(CudaStorage::wrap_cuda_slice(dv, dev.clone()));
+            Tensor::from_storage(st, v.dims().to_vec(), BackpropOp::none(), false)
+        };
+        Ok((Some(wrap(dq, qd)), Some(wrap(dk, kd)), Some(dv)))
     }
 }

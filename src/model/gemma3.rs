@@ -141,21 +141,19 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (hd, nq, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
-        let q = self.q_proj.forward(x, seed)?.reshape((b, l, nq, hd))?;
-        let k = self.k_proj.forward(x, seed)?.reshape((b, l, nkv, hd))?;
-        let v = self.v_proj.forward(x, seed)?.reshape((b, l, nkv, hd))?;
-        let q = norm_rope(&q, &self.q_norm, self.eps, rope)?; // [B, nq, L, hd]
-        let k = norm_rope(&k, &self.k_norm, self.eps, rope)?; // [B, nkv, L, hd]
+        let q = norm_rope(&self.q_proj.forward(x, seed)?, nq, &self.q_norm, self.eps, rope)?; // [B, nq, L, hd]
+        let k = norm_rope(&self.k_proj.forward(x, seed)?, nkv, &self.k_norm, self.eps, rope)?; // [B, nkv, L, hd]
+        let v = self.v_proj.forward(x, seed)?; // [B, L, nkv*hd]
         let mask = match mask {
             LayerMask::Fused { attn, sliding } if cache.is_none() => {
-                // v stays in the projection's [B, L, nkv, hd] layout: cuDNN reads it through strides.
-                let out = attn.attend(&q, &k, &v.transpose(1, 2)?, self.scale, sliding)?; // [B, L, nq*hd]
+                // v stays in the projection's layout: cuDNN reads it through strides
+                let out = attn.attend(&q, &k, &v, self.scale, sliding)?; // [B, L, nq*hd]
                 return self.o_proj.forward(&out, seed);
             }
             LayerMask::Fused { .. } => candle_core::bail!("fused attention masks reached a cached forward"),
             LayerMask::Composed(m) => m,
         };
-        let v = v.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (k, v, mask) = match cache {
             Some(c) => {
                 let (k, v) = c.append(k.detach(), v.detach())?;

@@ -1,5 +1,5 @@
 //! Gemma's q/k RMSNorm + transpose + RoPE as one GPU op each way (kernels/rmsnorm.cu): x
-//! [B, L, H, D] bf16 straight from the projection -> [B, H, L, D], where the composed path takes
+//! [B, L, H*D] bf16 straight from the projection -> [B, H, L, D], where the composed path takes
 //! a norm, a transpose copy, two casts of the tables and eight elementwise ops, and about twice as
 //! many in the backward. The forward rounds where the composed one does; the backward keeps the
 //! inverse rotation in f32. Tested against the composed path in tests/gpu.rs.
@@ -12,9 +12,10 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm.ptx"));
 const MODULE: &str = "gemmaclip_rmsnorm";
 
-/// The frozen (1 + w) scale [D] f32, the RoPE tables [L, D/2] f32, eps.
+/// The frozen (1 + w) scale [D] f32, the RoPE tables [L, D/2] f32, eps, the number of heads.
 #[derive(Clone)]
 pub struct NormRope {
+    pub heads: usize,
     pub scale: Tensor,
     pub cos: Tensor,
     pub sin: Tensor,
@@ -33,13 +34,19 @@ fn f32_view<'a>(
 }
 
 impl NormRope {
-    /// (rows, heads, len, cols) of x [B, L, H, D]
+    /// (batch, len, heads, cols) of x [B, L, H*D]
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
-        let [b, len, heads, cols] = l.dims() else { candle_core::bail!("norm-rope: x must be [B, L, H, D]") };
-        if self.cos.dims() != [*len, cols / 2] || cols % 2 != 0 || *cols > 2048 {
-            candle_core::bail!("norm-rope: tables {:?} for x {:?}", self.cos.dims(), l.dims());
+        let [b, len, hd] = l.dims() else { candle_core::bail!("norm-rope: x must be [B, L, H*D]") };
+        let cols = hd / self.heads;
+        if self.cos.dims() != [*len, cols / 2] || cols % 2 != 0 || cols > 2048 || cols * self.heads != *hd {
+            candle_core::bail!(
+                "norm-rope: tables {:?} for x {:?} with {} heads",
+                self.cos.dims(),
+                l.dims(),
+                self.heads
+            );
         }
-        Ok((b * len * heads, *heads, *len, *cols))
+        Ok((*b, *len, self.heads, cols))
     }
 
     fn launch(
@@ -49,7 +56,8 @@ impl NormRope {
         out_shape: Shape,
     ) -> candle_core::Result<CudaStorage> {
         let (x, xl) = inputs[0];
-        let (rows, heads, len, cols) = self.dims(xl)?;
+        let (batch, len, heads, cols) = self.dims(xl)?;
+        let rows = batch * len * heads;
         let dev = x.device().clone();
         let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let out = unsafe { dev.alloc::<half::bf16>(rows * cols)? };
@@ -93,8 +101,8 @@ impl CustomOp1 for NormRope {
         candle_core::bail!("norm-rope: the CPU path is composed")
     }
     fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let [b, len, heads, cols] = l.dims() else { candle_core::bail!("norm-rope: x must be [B, L, H, D]") };
-        let shape = Shape::from((*b, *heads, *len, *cols));
+        let (b, len, heads, cols) = self.dims(l)?;
+        let shape = Shape::from((b, heads, len, cols));
         Ok((self.launch("qknorm_rope_fwd_bf16", &[(x, l)], shape.clone())?, shape))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {

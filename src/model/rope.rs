@@ -85,10 +85,10 @@ impl RopeTables {
     }
 }
 
-/// Gemma's q/k path after the projection: RMSNorm with the frozen `scale` over x [B, L, H, D],
-/// then RoPE, giving [B, H, L, D] contiguous. On a GPU in bf16 with [L, D/2] tables one fused op
-/// each way (qk_rope.rs); elsewhere composed.
-pub fn norm_rope(x: &Tensor, scale: &Tensor, eps: f64, rope: &RopeTables) -> Result<Tensor> {
+/// Gemma's q/k path after the projection: x [B, L, heads*D] -> RMSNorm over each head with the
+/// frozen `scale`, then RoPE, giving [B, heads, L, D] contiguous. On a GPU in bf16 with [L, D/2]
+/// tables one fused op each way (qk_rope.rs); elsewhere composed.
+pub fn norm_rope(x: &Tensor, heads: usize, scale: &Tensor, eps: f64, rope: &RopeTables) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda()
         && x.dtype() == DType::BF16
@@ -96,6 +96,7 @@ pub fn norm_rope(x: &Tensor, scale: &Tensor, eps: f64, rope: &RopeTables) -> Res
         && crate::fused_ops::allowed(crate::fused_ops::FusedOp::NormRope)
     {
         let op = crate::model::qk_rope::NormRope {
+            heads,
             scale: scale.clone(),
             cos: rope.cos.clone(),
             sin: rope.sin.clone(),
@@ -103,6 +104,8 @@ pub fn norm_rope(x: &Tensor, scale: &Tensor, eps: f64, rope: &RopeTables) -> Res
         };
         return x.contiguous()?.apply_op1(op);
     }
-    let n = crate::model::ops::gemma_rms_norm(x, scale, eps)?.transpose(1, 2)?;
+    let (b, l, hd) = x.dims3()?;
+    let x = x.reshape((b, l, heads, hd / heads))?;
+    let n = crate::model::ops::gemma_rms_norm(&x, scale, eps)?.transpose(1, 2)?;
     rope.apply(&n.contiguous()?)
 }

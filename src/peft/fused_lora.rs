@@ -38,20 +38,15 @@ pub fn forward(
     {
         return Ok(None);
     }
-    let (n, k) = base.shape();
-    let lead = &x.dims()[..x.rank() - 1];
-    let m: usize = lead.iter().product();
     let dropout = match dropout_seed {
         Some(seed) if l.dropout > 0.0 => Some((l.dropout, seed ^ l.stream)),
         _ => None,
     };
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let op = FusedLora { base: base.clone(), scale: l.scale as f32, dropout, u: Mutex::new(None) };
-    let x2 = x.contiguous()?.reshape((m, k))?;
-    let y = x2.apply_op3(wa.as_tensor(), wb.as_tensor(), op)?;
-    let mut shape = lead.to_vec();
-    shape.push(n);
-    Ok(Some(y.reshape(shape)?))
+    // x keeps its shape ([.., in] -> [.., out]): a reshape would be one more graph node, and each
+    // node costs a zero fill and an add in candle's backward
+    Ok(Some(x.contiguous()?.apply_op3(wa.as_tensor(), wb.as_tensor(), op)?))
 }
 
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -219,7 +214,8 @@ impl CustomOp3 for FusedLora {
         bs: &CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (m, k) = xl.shape().dims2()?;
+        let k = *xl.dims().last().unwrap_or(&0);
+        let m = xl.shape().elem_count() / k.max(1);
         let (r, ka) = al.shape().dims2()?;
         let (n, rb) = bl.shape().dims2()?;
         if (n, k) != self.base.shape() || ka != k || rb != r {
@@ -240,7 +236,9 @@ impl CustomOp3 for FusedLora {
         gemm(&dev, up, xd, false, a, true, (m, r, k), 1.0, 0.0)?;
         gemm(&dev, yp, up, false, b, true, (m, n, r), self.scale, 1.0)?;
         *self.u.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
+        let mut shape = xl.dims().to_vec();
+        *shape.last_mut().expect("x has a last dim") = n;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(shape)))
     }
 
     fn bwd(
@@ -252,7 +250,8 @@ impl CustomOp3 for FusedLora {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (m, k) = x.dims2()?;
+        let k = *x.dims().last().unwrap_or(&0);
+        let m = x.elem_count() / k.max(1);
         let (r, _) = a.dims2()?;
         let (n, _) = b.dims2()?;
         let u = self.u.lock().unwrap_or_else(|p| p.into_inner());
@@ -301,7 +300,7 @@ impl CustomOp3 for FusedLora {
                     dropout_kernel(&dev, "dropout_accumulate_bf16", dxp, tp, m * k, d)?;
                 }
             }
-            Some(wrap(dx, &dev, &[m, k]))
+            Some(wrap(dx, &dev, x.dims()))
         } else {
             None
         };

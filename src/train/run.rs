@@ -422,6 +422,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
                 dropout_seed: Some(a.seed ^ (k as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407)),
                 loss_chunk: a.loss_chunk,
                 loss_denominator: Some(supervised),
+                phases: false,
             };
             let g = loss_and_grads(&m.vlm, &batch, &graph_vars, &opts)?;
             step_loss += g.loss as f64;

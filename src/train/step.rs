@@ -31,12 +31,24 @@ pub struct StepOptions {
     /// step (every micro-batch), so accumulation equals one big batch and a short row weighs
     /// less than a long one (transformers' `num_items_in_batch`). None: this batch's own count.
     pub loss_denominator: Option<usize>,
+    /// Time each phase (the device synchronized between them) and keep its peak memory, into
+    /// `Gradients::phases`; `GEMMACLIP_PHASES` set does the same and prints them.
+    pub phases: bool,
 }
 
 impl Default for StepOptions {
     fn default() -> Self {
-        Self { checkpointing: false, dropout_seed: None, loss_chunk: 256, loss_denominator: None }
+        Self { checkpointing: false, dropout_seed: None, loss_chunk: 256, loss_denominator: None, phases: false }
     }
+}
+
+/// One phase of a step: its name, milliseconds and the peak of live device memory during it
+/// (bytes; None on the CPU).
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub name: &'static str,
+    pub ms: f64,
+    pub peak: Option<u64>,
 }
 
 /// Cross-entropy summed over the batch's supervised tokens and divided by
@@ -45,6 +57,8 @@ impl Default for StepOptions {
 pub struct Gradients {
     pub loss: f32,
     pub grads: Vec<Option<Tensor>>,
+    /// Filled when `StepOptions::phases` or `GEMMACLIP_PHASES` asks for it.
+    pub phases: Vec<Phase>,
 }
 
 /// Sum over rows of -log softmax(logits)[target], divided by `denom`, in f32.
@@ -104,42 +118,52 @@ fn supervised_rows(x: &Tensor, sup: &Supervised) -> candle_core::Result<Tensor> 
     x.reshape((b * l, h))?.index_select(&rows, 0)
 }
 
-/// With `GEMMACLIP_PHASES` set, prints how long each phase of a step took (device synchronized).
+/// Times the phases of a step when asked (see `StepOptions::phases`).
 struct Phases {
     on: bool,
+    print: bool,
     dev: candle_core::Device,
     t: std::time::Instant,
-    parts: Vec<(&'static str, f64)>,
+    parts: Vec<Phase>,
 }
 
 impl Phases {
-    fn new(dev: &candle_core::Device) -> Self {
-        Self {
-            on: std::env::var_os("GEMMACLIP_PHASES").is_some(),
-            dev: dev.clone(),
-            t: std::time::Instant::now(),
-            parts: vec![],
+    fn new(dev: &candle_core::Device, asked: bool) -> Result<Self> {
+        let print = std::env::var_os("GEMMACLIP_PHASES").is_some();
+        let on = asked || print;
+        if on {
+            dev.synchronize()?;
+            crate::device::reset_peak_memory(dev)?;
         }
+        Ok(Self { on, print, dev: dev.clone(), t: std::time::Instant::now(), parts: vec![] })
     }
     fn mark(&mut self, name: &'static str) -> Result<()> {
         if self.on {
             self.dev.synchronize()?;
-            self.parts.push((name, self.t.elapsed().as_secs_f64() * 1e3));
+            let ms = self.t.elapsed().as_secs_f64() * 1e3;
+            let peak = crate::device::memory(&self.dev)?.peak;
+            crate::device::reset_peak_memory(&self.dev)?;
+            self.parts.push(Phase { name, ms, peak });
             self.t = std::time::Instant::now();
         }
         Ok(())
     }
-    fn report(&self) {
-        if self.on {
-            let s: Vec<String> = self.parts.iter().map(|(n, ms)| format!("{n} {ms:.1} ms")).collect();
-            eprintln!("phases: {}", s.join(", "));
+    fn finish(self) -> Vec<Phase> {
+        if self.print {
+            let gib = |b: Option<u64>| {
+                b.map_or(String::new(), |b| format!(", peak {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+            };
+            let s: Vec<String> =
+                self.parts.iter().map(|p| format!("{} {:.1} ms{}", p.name, p.ms, gib(p.peak))).collect();
+            eprintln!("phases: {}", s.join("; "));
         }
+        self.parts
     }
 }
 
 /// Loss and gradients for `vars` (the LoRA A/B and projector Vars, f32).
 pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions) -> Result<Gradients> {
-    let mut phases = Phases::new(vlm.llm.device());
+    let mut phases = Phases::new(vlm.llm.device(), opts.phases)?;
     if batch.supervised.rows.is_empty() {
         bail!("the batch has no supervised tokens");
     }
@@ -163,8 +187,7 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
         let store = (h * g)?.sum_all()?.backward()?;
         phases.mark("backward")?;
         collect(&mut grads, &store, vars)?;
-        phases.report();
-        return Ok(Gradients { loss, grads });
+        return Ok(Gradients { loss, grads, phases: phases.finish() });
     }
 
     // Pass 1: layer inputs only (each layer's graph is dropped with its detached output).
@@ -195,6 +218,5 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
         collect(&mut grads, &store, vars)?;
     }
     phases.mark("projector backward")?;
-    phases.report();
-    Ok(Gradients { loss, grads })
+    Ok(Gradients { loss, grads, phases: phases.finish() })
 }

@@ -141,11 +141,12 @@ def train_step(args):
     trainable = sum(p.numel() for p in params)
 
     g = torch.Generator().manual_seed(1234)
-    ids = [BOS] + [IMAGE_TOKEN] * IMAGE_TOKENS + random_text(args.seq - 1 - IMAGE_TOKENS, g)
-    ids = torch.tensor([ids], device="cuda")
+    rows = [[BOS] + [IMAGE_TOKEN] * IMAGE_TOKENS + random_text(args.seq - 1 - IMAGE_TOKENS, g)
+            for _ in range(args.batch_size)]
+    ids = torch.tensor(rows, device="cuda")
     labels = torch.full_like(ids, -100)
-    labels[0, -args.label_tokens:] = ids[0, -args.label_tokens:]
-    pixels = torch.randn(1, 3, 336, 336, generator=g).to("cuda", torch.bfloat16)
+    labels[:, -args.label_tokens:] = ids[:, -args.label_tokens:]
+    pixels = torch.randn(args.batch_size, 3, 336, 336, generator=g).to("cuda", torch.bfloat16)
 
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.checkpointing]
     for ckpt in modes:
@@ -173,9 +174,9 @@ def train_step(args):
         med = times[len(times) // 2]
         print(json.dumps({
             "what": "hf_train_step", "four_bit": args.four_bit, "attn": args.attn, "grad_ckpt": ckpt,
-            "seq": args.seq, "label_tokens": args.label_tokens, "lora_r": args.lora_r,
+            "seq": args.seq, "batch_size": args.batch_size, "label_tokens": args.label_tokens, "lora_r": args.lora_r,
             "trainable_params": trainable, "step_ms_median": round(med * 1e3, 1),
-            "step_ms_min": round(times[0] * 1e3, 1), "tokens_per_s": round(args.seq / med, 1),
+            "step_ms_min": round(times[0] * 1e3, 1), "tokens_per_s": round(args.batch_size * args.seq / med, 1),
             "loss": round(out.loss.item(), 4), "gpu": torch.cuda.get_device_name(),
             "load_s": round(load_s, 1), "resident_after_load_gib": gib(resident),
             "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()),
@@ -239,6 +240,7 @@ def main():
     t.add_argument("--checkpointing", choices=["on", "off", "both"], default="both", help="gradient checkpointing")
     t.add_argument("--seq", type=int, default=1024, help="tokens of the synthetic row (image block included)")
     t.add_argument("--label-tokens", type=int, default=256, help="supervised tokens at the end of the row")
+    t.add_argument("--batch-size", type=int, default=1, help="rows per step, each with its own image")
     t.add_argument("--steps", type=int, default=10, help="timed steps")
     t.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     t.add_argument("--lora-r", type=int, default=64)
