@@ -23,6 +23,7 @@ fn main() {
         ("src/model/kernels/rmsnorm.cu", "rmsnorm.ptx"),
         ("src/model/kernels/gelu_mul.cu", "gelu_mul.ptx"),
         ("src/train/kernels/optimizer.cu", "optimizer.ptx"),
+        ("src/train/kernels/cross_entropy.cu", "cross_entropy.ptx"),
     ] {
         let status = std::process::Command::new(&nvcc)
             .args(["--ptx", "-O3", "--fmad=false", &format!("-arch=compute_{cap}"), "-o"])

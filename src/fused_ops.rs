@@ -1,5 +1,5 @@
 //! Which fused GPU ops may run. Each has a composed counterpart (the CPU path, and the reference it
-//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope,mlp` (or `all`, or `1`) makes a whole run use the
+//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope,mlp,loss` (or `all`, or `1`) makes a whole run use the
 //! composed forms instead, for comparisons, and `force_composed` does the same from code (tests).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +14,8 @@ pub enum FusedOp {
     NormRope,
     /// The MLP's gelu_tanh(gate) * up as one op each way (src/model/gelu_mul.rs)
     GeluMul,
+    /// The training loss from bf16 logits, one op each way (src/train/fused_ce.rs)
+    CrossEntropy,
 }
 
 impl FusedOp {
@@ -23,6 +25,7 @@ impl FusedOp {
             FusedOp::Lora => "lora",
             FusedOp::NormRope => "rope",
             FusedOp::GeluMul => "mlp",
+            FusedOp::CrossEntropy => "loss",
         }
     }
     fn flag(self) -> &'static AtomicBool {
@@ -30,11 +33,13 @@ impl FusedOp {
         static LORA: AtomicBool = AtomicBool::new(false);
         static NORM_ROPE: AtomicBool = AtomicBool::new(false);
         static GELU_MUL: AtomicBool = AtomicBool::new(false);
+        static CROSS_ENTROPY: AtomicBool = AtomicBool::new(false);
         match self {
             FusedOp::Attention => &ATTENTION,
             FusedOp::Lora => &LORA,
             FusedOp::NormRope => &NORM_ROPE,
             FusedOp::GeluMul => &GELU_MUL,
+            FusedOp::CrossEntropy => &CROSS_ENTROPY,
         }
     }
 }

@@ -532,12 +532,19 @@ impl Gemma3Text {
 
     /// Final norm and tied lm_head on selected rows: hidden [N, H] -> logits [N, V] (f32).
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let h = gemma_rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
-        let logits = self.lm_head.forward(&h)?.to_dtype(DType::F32)?;
+        let logits = self.head_logits(hidden)?.to_dtype(DType::F32)?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
         }
+    }
+}
+
+impl Gemma3Text {
+    /// Final norm and tied lm_head in the model's dtype, before any softcapping: hidden [N, H] -> [N, V].
+    pub fn head_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let h = gemma_rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
+        self.lm_head.forward(&h)
     }
 }
 

@@ -4,6 +4,8 @@
 pub mod args;
 #[cfg(feature = "cuda")]
 pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod fused_ce;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;

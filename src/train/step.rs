@@ -71,6 +71,23 @@ fn ce_sum(logits: &Tensor, targets: &Tensor, denom: f64) -> candle_core::Result<
     picked.sum_all()?.neg()? / denom
 }
 
+/// The summed loss of `rows` through the fused cross-entropy (GPU, bf16, no softcapping), or
+/// None where the composed `ce_sum` must run.
+fn fused_loss(vlm: &Vlm, rows: &Tensor, targets: &Tensor, denom: f64) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if rows.device().is_cuda()
+        && rows.dtype() == DType::BF16
+        && vlm.llm.cfg.final_logit_softcapping.is_none()
+        && crate::fused_ops::allowed(crate::fused_ops::FusedOp::CrossEntropy)
+    {
+        let logits = vlm.llm.head_logits(rows)?;
+        let per_row = crate::train::fused_ce::cross_entropy_rows(&logits, targets, 1.0 / denom)?;
+        return Ok(Some(per_row.sum_all()?));
+    }
+    let _ = (vlm, rows, targets, denom);
+    Ok(None)
+}
+
 /// Loss over the supervised rows `h` [S, H] (no graph) and d(loss)/dh, chunk by chunk.
 fn loss_and_grad_on_rows(
     vlm: &Vlm,
@@ -87,8 +104,11 @@ fn loss_and_grad_on_rows(
     let mut grad: Option<Tensor> = None;
     for start in (0..s).step_by(chunk.max(1)) {
         let n = chunk.min(s - start);
-        let logits = vlm.llm.logits(&hv.as_tensor().narrow(0, start, n)?)?;
-        let l = ce_sum(&logits, &targets.narrow(0, start, n)?, denom)?;
+        let rows = hv.as_tensor().narrow(0, start, n)?;
+        let l = match fused_loss(vlm, &rows, &targets.narrow(0, start, n)?, denom)? {
+            Some(l) => l,
+            None => ce_sum(&vlm.llm.logits(&rows)?, &targets.narrow(0, start, n)?, denom)?,
+        };
         loss += l.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let g = l.backward()?.remove(hv.as_tensor()).expect("the rows reach the loss");
         grad = Some(match grad {
