@@ -350,8 +350,9 @@ fn fused_accumulation_adds_exactly_as_candle_does() {
 #[test]
 fn cudnn_attention_matches_the_composed_path_forward_and_backward() {
     use candle_core::{DType, Tensor, Var};
+    use gemmaclip::model::attention::grouped_attention;
     use gemmaclip::model::cudnn_attention::{available, sdpa, Mask};
-    use gemmaclip::model::gemma3::{attention_mask, grouped_attention};
+    use gemmaclip::model::layer_context::attention_mask;
     let Some(gpu) = cuda() else { return };
     let version = available().expect("libcudnn 9 must load on the GPU machine");
     println!("libcudnn {version}");

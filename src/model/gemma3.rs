@@ -1,32 +1,23 @@
 //! Gemma-3 text model (transformers' `Gemma3TextModel` + tied lm_head), exact for the 4B:
 //! sandwich norms with (1+w) RMSNorm in f32, q/k norm, RoPE per layer type (global layers scaled),
-//! sliding-window layers, GQA, embedding scale in the weight dtype. Everything on the forward path
-//! is composed from ops with a backward, so LoRA training can run through it.
+//! sliding-window layers, GQA, embedding scale in the weight dtype. This file is the architecture;
+//! each block (attention.rs, the LoRA linear, the MLP activation, q/k norm + RoPE, the norms) sits
+//! behind one function that runs its fused GPU kernel or its composed form, both with a backward,
+//! so LoRA training runs through either.
 
 use crate::config::{GemmaTextConfig, LayerType};
+use crate::model::attention::Attention;
 use crate::model::fused_attention::FusedAttention;
-use crate::model::ops::{gemma_norm_scale, gemma_rms_norm, softmax_last_dim_f32};
-use crate::model::rope::{norm_rope, RopeTables};
+use crate::model::kv_cache::{KvCache, LayerCache};
+use crate::model::layer_context::{attention_mask, LayerContext, Masks};
+use crate::model::ops::{gelu_tanh_mul, gemma_norm_scale, gemma_rms_norm};
+use crate::model::rope::RopeTables;
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::LoraLinear;
 use crate::peft::nf4::Nf4Weight;
 use crate::weights::Weights;
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
-
-pub struct Attention {
-    pub q_proj: LoraLinear,
-    pub k_proj: LoraLinear,
-    pub v_proj: LoraLinear,
-    pub o_proj: LoraLinear,
-    q_norm: Tensor,
-    k_norm: Tensor,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    scale: f64,
-    eps: f64,
-}
+use candle_core::{DType, Device, Tensor};
 
 pub struct Mlp {
     pub gate_proj: LoraLinear,
@@ -43,44 +34,6 @@ pub struct DecoderLayer {
     post_feedforward_layernorm: Tensor,
     pub layer_type: LayerType,
     eps: f64,
-}
-
-/// What every layer of one forward pass shares: RoPE tables and attention masks per layer type.
-pub struct LayerContext {
-    pub rope_global: RopeTables,
-    pub rope_local: RopeTables,
-    pub masks: Masks,
-    /// Some in training: the step's dropout seed (LoRA dropout masks derive from it).
-    pub dropout_seed: Option<u64>,
-}
-
-/// The attention masks of one forward.
-pub enum Masks {
-    /// Additive [B, 1, Lq, Lk] f32 masks for the composed path: 0 where a query may attend, f32::MIN elsewhere.
-    Composed { global: Tensor, sliding: Tensor },
-    /// cuDNN's fused attention, which builds its masks from row lengths and the window.
-    Fused(FusedAttention),
-}
-
-/// One layer's attention mask.
-pub enum LayerMask<'a> {
-    Composed(&'a Tensor),
-    Fused { attn: &'a FusedAttention, sliding: bool },
-}
-
-impl LayerContext {
-    fn for_layer(&self, t: LayerType) -> (&RopeTables, LayerMask<'_>) {
-        let rope = match t {
-            LayerType::Global => &self.rope_global,
-            LayerType::Sliding => &self.rope_local,
-        };
-        let mask = match (&self.masks, t) {
-            (Masks::Composed { global, .. }, LayerType::Global) => LayerMask::Composed(global),
-            (Masks::Composed { sliding, .. }, LayerType::Sliding) => LayerMask::Composed(sliding),
-            (Masks::Fused(attn), t) => LayerMask::Fused { attn, sliding: t == LayerType::Sliding },
-        };
-        (rope, mask)
-    }
 }
 
 /// How the frozen base weights are held.
@@ -101,88 +54,13 @@ pub struct Gemma3Text {
     pub cfg: GemmaTextConfig,
 }
 
-fn load_linear(w: &Weights, name: &str, out_f: usize, in_f: usize, base: BaseFormat) -> Result<LoraLinear> {
+pub(crate) fn load_linear(w: &Weights, name: &str, out_f: usize, in_f: usize, base: BaseFormat) -> Result<LoraLinear> {
     let dense = w.get(&format!("{name}.weight"), &[out_f, in_f])?;
     let frozen = match base {
         BaseFormat::Dense => FrozenWeight::Dense(dense),
         BaseFormat::Nf4 => FrozenWeight::Nf4(Nf4Weight::quantize(&dense)?),
     };
     Ok(LoraLinear::frozen(frozen))
-}
-
-impl Attention {
-    fn load(w: &Weights, p: &str, cfg: &GemmaTextConfig, base: BaseFormat) -> Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        Ok(Self {
-            q_proj: load_linear(w, &format!("{p}.q_proj"), nq * hd, h, base)?,
-            k_proj: load_linear(w, &format!("{p}.k_proj"), nkv * hd, h, base)?,
-            v_proj: load_linear(w, &format!("{p}.v_proj"), nkv * hd, h, base)?,
-            o_proj: load_linear(w, &format!("{p}.o_proj"), h, nq * hd, base)?,
-            q_norm: gemma_norm_scale(&w.get(&format!("{p}.q_norm.weight"), &[hd])?)?,
-            k_norm: gemma_norm_scale(&w.get(&format!("{p}.k_norm.weight"), &[hd])?)?,
-            n_heads: nq,
-            n_kv_heads: nkv,
-            head_dim: hd,
-            scale: cfg.attention_scale(),
-            eps: cfg.rms_norm_eps,
-        })
-    }
-
-    /// x [B, L, H] -> [B, L, H]. With a cache, k/v of the new positions are appended to it
-    /// (detached) and the queries attend over everything it holds; `mask` then covers the cache.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RopeTables,
-        mask: LayerMask,
-        seed: Option<u64>,
-        cache: Option<&mut LayerCache>,
-    ) -> candle_core::Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        let (hd, nq, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
-        let q = norm_rope(&self.q_proj.forward(x, seed)?, nq, &self.q_norm, self.eps, rope)?; // [B, nq, L, hd]
-        let k = norm_rope(&self.k_proj.forward(x, seed)?, nkv, &self.k_norm, self.eps, rope)?; // [B, nkv, L, hd]
-        let v = self.v_proj.forward(x, seed)?; // [B, L, nkv*hd]
-        let mask = match mask {
-            LayerMask::Fused { attn, sliding } if cache.is_none() => {
-                // v stays in the projection's layout: cuDNN reads it through strides
-                let out = attn.attend(&q, &k, &v, self.scale, sliding)?; // [B, L, nq*hd]
-                return self.o_proj.forward(&out, seed);
-            }
-            LayerMask::Fused { .. } => candle_core::bail!("fused attention masks reached a cached forward"),
-            LayerMask::Composed(m) => m,
-        };
-        let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (k, v, mask) = match cache {
-            Some(c) => {
-                let (k, v) = c.append(k.detach(), v.detach())?;
-                let lk = k.dim(2)?;
-                let total = mask.dim(3)?;
-                (k, v, mask.narrow(3, total - lk, lk)?)
-            }
-            None => (k, v, mask.clone()),
-        };
-        let out = grouped_attention(&q, &k, &v, &mask, self.scale)?; // [B, nq, L, hd]
-        let out = out.transpose(1, 2)?.reshape((b, l, nq * hd))?;
-        self.o_proj.forward(&out, seed)
-    }
-}
-
-/// softmax(q k^T * scale + mask) v with grouped key/value heads, without materialising repeated
-/// k/v: query head h uses kv head h / (nq / nkv), as transformers' `repeat_kv` lays them out.
-/// q [B, nq, Lq, hd], k/v [B, nkv, Lk, hd], mask [B, 1, Lq, Lk] -> [B, nq, Lq, hd]
-pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    let (b, nq, lq, hd) = q.dims4()?;
-    let (_, nkv, lk, _) = k.dims4()?;
-    let rep = nq / nkv;
-    let qg = q.reshape((b, nkv, rep * lq, hd))?;
-    let scores = (qg.matmul(&k.t()?)? * scale)?; // [B, nkv, rep*Lq, Lk]
-    let scores = scores.to_dtype(DType::F32)?.reshape((b, nkv, rep, lq, lk))?;
-    let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?; // mask [B, 1, 1, Lq, Lk]
-    let probs = softmax_last_dim_f32(&scores)?.to_dtype(q.dtype())?;
-    let out = probs.reshape((b, nkv, rep * lq, lk))?.matmul(v)?; // [B, nkv, rep*Lq, hd]
-    out.reshape((b, nq, lq, hd))
 }
 
 impl Mlp {
@@ -198,16 +76,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x, seed)?;
         let up = self.up_proj.forward(x, seed)?;
-        #[cfg(feature = "cuda")]
-        if gate.device().is_cuda()
-            && gate.dtype() == DType::BF16
-            && crate::fused_ops::allowed(crate::fused_ops::FusedOp::GeluMul)
-        {
-            let h = gate.contiguous()?.apply_op2(&up.contiguous()?, crate::model::gelu_mul::GeluMul)?;
-            return self.down_proj.forward(&h, seed);
-        }
-        // gelu_pytorch_tanh (candle's `gelu` is the tanh approximation)
-        self.down_proj.forward(&(gate.gelu()? * up)?, seed)
+        self.down_proj.forward(&gelu_tanh_mul(&gate, &up)?, seed)
     }
 }
 
@@ -231,104 +100,22 @@ impl DecoderLayer {
         })
     }
 
-    /// One decoding/prefill pass over new positions with this layer's KV cache.
-    pub fn forward_cached(
+    /// x [B, L, H] -> [B, L, H]; with `cache`, a decoding/prefill pass over new positions that
+    /// attends over (and extends) this layer's KV cache.
+    pub fn forward(
         &self,
         x: &Tensor,
         ctx: &LayerContext,
-        cache: &mut LayerCache,
+        cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
         let (rope, mask) = ctx.for_layer(self.layer_type);
         let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
-        let h = self.self_attn.forward(&h, rope, mask, None, Some(cache))?;
-        let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
-        let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
-        let h = self.mlp.forward(&h, None)?;
-        x + gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?
-    }
-
-    /// x [B, L, H] -> [B, L, H]
-    pub fn forward(&self, x: &Tensor, ctx: &LayerContext) -> candle_core::Result<Tensor> {
-        let (rope, mask) = ctx.for_layer(self.layer_type);
-        let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
-        let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, None)?;
+        let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, cache)?;
         let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
         let h = self.mlp.forward(&h, ctx.dropout_seed)?;
         x + gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?
     }
-}
-
-/// One layer's keys and values [B, nkv, T, hd] for the positions it still needs: all of them on a
-/// global layer, the last `window` on a sliding one (older keys are outside every later query's
-/// window), so the cache never grows past what the model attends to.
-pub struct LayerCache {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-    window: Option<usize>,
-}
-
-impl LayerCache {
-    /// Appends new keys/values; returns the full (k, v) the new queries attend over. The trim to
-    /// the window happens after this pass, so the new queries still see their whole window.
-    fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let (k, v) = match (self.k.take(), self.v.take()) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            _ => (k, v),
-        };
-        let t = k.dim(2)?;
-        let (kk, vv) = match self.window {
-            Some(w) if t > w => (k.narrow(2, t - w, w)?, v.narrow(2, t - w, w)?),
-            _ => (k.clone(), v.clone()),
-        };
-        self.k = Some(kk);
-        self.v = Some(vv);
-        Ok((k, v))
-    }
-
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// The KV cache of a batch being generated: per layer, plus per row which positions are real
-/// (left padding is not) and the RoPE position of the next token.
-pub struct KvCache {
-    pub layers: Vec<LayerCache>,
-    pub valid: Vec<Vec<bool>>,
-    pub next_position: Vec<usize>,
-}
-
-/// Additive attention mask [B, 1, Lq, Lk] for queries at positions `offset..offset+Lq` over keys
-/// `0..Lk`: causal, keys with `valid[b][j] == false` hidden, and with a window, query i sees key j
-/// only when i - j < window (transformers' sliding mask).
-pub fn attention_mask(
-    valid: &[Vec<bool>],
-    lq: usize,
-    offset: usize,
-    window: Option<usize>,
-    dev: &Device,
-) -> candle_core::Result<Tensor> {
-    let b = valid.len();
-    let lk = valid.first().map_or(0, |v| v.len());
-    let mut m = vec![f32::MIN; b * lq * lk];
-    for (bi, row) in valid.iter().enumerate() {
-        for qi in 0..lq {
-            let i = qi + offset;
-            let start = window.map_or(0, |w| (i + 1).saturating_sub(w));
-            for j in start..=i.min(lk.saturating_sub(1)) {
-                if row[j] {
-                    m[(bi * lq + qi) * lk + j] = 0.0;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(m, (b, 1, lq, lk), dev)
 }
 
 impl Gemma3Text {
@@ -447,11 +234,7 @@ impl Gemma3Text {
         let layers = self
             .layers
             .iter()
-            .map(|l| LayerCache {
-                k: None,
-                v: None,
-                window: (l.layer_type == LayerType::Sliding).then_some(self.cfg.sliding_window),
-            })
+            .map(|l| LayerCache::new((l.layer_type == LayerType::Sliding).then_some(self.cfg.sliding_window)))
             .collect();
         KvCache { layers, valid: vec![vec![]; batch], next_position: vec![0; batch] }
     }
@@ -505,7 +288,7 @@ impl Gemma3Text {
         };
         let mut x = embeds.clone();
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward_cached(&x, &ctx, lc)?;
+            x = layer.forward(&x, &ctx, Some(lc))?;
         }
         Ok(x)
     }
@@ -525,7 +308,7 @@ impl Gemma3Text {
         let ctx = self.layer_context(valid, l, 0)?;
         let mut x = embeds.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, &ctx)?;
+            x = layer.forward(&x, &ctx, None)?;
         }
         Ok(x)
     }
@@ -546,15 +329,4 @@ impl Gemma3Text {
         let h = gemma_rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
         self.lm_head.forward(&h)
     }
-}
-
-/// Mean cross-entropy (f32) of logits [N, V] against target ids [N] (u32).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
-    let max = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let logp = shifted.broadcast_sub(&lse)?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?; // [N, 1]
-    picked.mean_all()?.neg()
 }

@@ -1,5 +1,6 @@
 //! The models, in our own code: CLIP vision tower, projector, Gemma-3 text model and their assembly.
 
+pub mod attention;
 pub mod clip;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attention;
@@ -7,6 +8,8 @@ pub mod fused_attention;
 #[cfg(feature = "cuda")]
 pub mod gelu_mul;
 pub mod gemma3;
+pub mod kv_cache;
+pub mod layer_context;
 pub mod linear;
 pub mod ops;
 pub mod projector;

@@ -156,3 +156,27 @@ pub fn softmax_last_dim_f32(x: &Tensor) -> Result<Tensor> {
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?)
 }
+
+/// Sum over rows of -log softmax(logits)[target] (f32) for logits [N, V] and target ids [N] (u32);
+/// the max is a constant shift, so it is detached and not differentiated.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?.broadcast_sub(&lse)?;
+    picked.sum_all()?.neg()
+}
+
+/// Gemma's MLP activation `gelu_pytorch_tanh(gate) * up`: one fused op each way on a GPU in bf16
+/// (gelu_mul.rs), else candle's `gelu` (the tanh approximation) and a product.
+pub fn gelu_tanh_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda()
+        && gate.dtype() == DType::BF16
+        && crate::fused_ops::allowed(crate::fused_ops::FusedOp::GeluMul)
+    {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, crate::model::gelu_mul::GeluMul);
+    }
+    gate.gelu()? * up
+}

@@ -4,7 +4,8 @@
 
 use crate::config::LlmConfig;
 use crate::model::clip::ClipVision;
-use crate::model::gemma3::{cross_entropy, Gemma3Text};
+use crate::model::gemma3::Gemma3Text;
+use crate::model::ops::cross_entropy_sum;
 use crate::model::projector::Projector;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
@@ -102,7 +103,7 @@ impl Vlm {
         let picked = hidden.reshape((b * l, h))?.index_select(&rows, 0)?;
         let logits = self.llm.logits(&picked)?;
         let targets = Tensor::from_vec(sup.targets.clone(), sup.targets.len(), dev)?;
-        let loss = cross_entropy(&logits, &targets)?;
+        let loss = (cross_entropy_sum(&logits, &targets)? / sup.targets.len() as f64)?;
         debug_assert_eq!(logits.dim(D::Minus1)?, self.llm.cfg.vocab_size);
         Ok((loss, logits))
     }

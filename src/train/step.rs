@@ -7,7 +7,7 @@
 use crate::model::vlm::{Supervised, Vlm};
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 
 /// One padded batch, ready for the model.
 pub struct Batch {
@@ -63,12 +63,7 @@ pub struct Gradients {
 
 /// Sum over rows of -log softmax(logits)[target], divided by `denom`, in f32.
 fn ce_sum(logits: &Tensor, targets: &Tensor, denom: f64) -> candle_core::Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?.broadcast_sub(&lse)?;
-    picked.sum_all()?.neg()? / denom
+    crate::model::ops::cross_entropy_sum(logits, targets)? / denom
 }
 
 /// The summed loss of `rows` through the fused cross-entropy (GPU, bf16, no softcapping), or
@@ -198,7 +193,7 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
     if !opts.checkpointing {
         let mut x = embeds;
         for layer in &vlm.llm.layers {
-            x = layer.forward(&x, &ctx)?;
+            x = layer.forward(&x, &ctx, None)?;
         }
         phases.mark("forward")?;
         let h = supervised_rows(&x, &batch.supervised)?;
@@ -213,7 +208,7 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
     // Pass 1: layer inputs only (each layer's graph is dropped with its detached output).
     let mut acts = vec![embeds.detach()];
     for layer in &vlm.llm.layers {
-        let next = layer.forward(acts.last().expect("non-empty"), &ctx)?.detach();
+        let next = layer.forward(acts.last().expect("non-empty"), &ctx, None)?.detach();
         acts.push(next);
     }
     phases.mark("forward (no graph)")?;
@@ -227,7 +222,7 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
     // Backward: recompute each layer with its graph, then the surrogate sum(y * dL/dy).
     for (i, layer) in vlm.llm.layers.iter().enumerate().rev() {
         let xin = Var::from_tensor(&acts.pop().expect("one input per layer"))?;
-        let y = layer.forward(xin.as_tensor(), &ctx)?;
+        let y = layer.forward(xin.as_tensor(), &ctx, None)?;
         let store = (y * &g)?.sum_all()?.backward()?;
         collect(&mut grads, &store, vars)?;
         g = store.get(xin.as_tensor()).cloned().unwrap_or_else(|| panic!("layer {i} input has no gradient"));
