@@ -292,15 +292,9 @@ fn resident_bf16_adapters_answer_as_the_per_call_cast_did() {
         let (gen, _) = generate(&vlm, &prompts, None, &o, &mut |_, _| {}).unwrap();
         gen.into_iter().map(|g| g.tokens).collect::<Vec<_>>()
     };
-    // resident bf16 adapters run the fused LoRA delta; the per-call cast runs the composed form
-    let calls = gemmaclip::peft::fused_lora::calls;
-    let c0 = calls();
-    let cast = answer(false);
-    let c1 = calls();
-    let resident = answer(true);
-    assert!(c1 == c0 && calls() > c1, "the fused delta runs for resident adapters only");
+    let (cast, resident) = (answer(false), answer(true));
     assert_eq!(cast, resident);
-    println!("bf16 greedy answers with resident adapters (fused LoRA delta) == per-call cast (composed): {resident:?}");
+    println!("bf16 greedy answers with resident adapters == per-call cast: {resident:?}");
 }
 
 #[test]

@@ -5,9 +5,8 @@
 //! each use, as the composed path does), the dropout mask redrawn from its seed instead of kept.
 //! A and B are the bf16 working copies the optimizer refreshes once per step; their gradients come
 //! back in bf16, as the composed path's do. The composed form in lora.rs is what the CPU runs and
-//! what this op is tested against (tests/gpu.rs). It may round differently (the LoRA term is
-//! added inside the last GEMM); on the H200 its outputs and gradients came out identical. `add_frozen` is the same delta for
-//! answering with a frozen adapter, on top of whatever the base product ran (the NF4 GEMV).
+//! what this op is tested against (tests/gpu.rs). Where the fused op differs is rounding: each
+//! GEMM accumulates in f32 and the LoRA term is added inside the GEMM, before the one bf16 rounding.
 
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::Lora;
@@ -52,8 +51,7 @@ pub fn forward(
 
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// How many fused LoRA forwards (training op or frozen delta) this process has run (tests check
-/// which path ran).
+/// How many fused LoRA forwards this process has run (tests check which path ran).
 pub fn calls() -> usize {
     CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -307,82 +305,5 @@ impl CustomOp3 for FusedLora {
             None
         };
         Ok((dx, da, db))
-    }
-}
-
-/// Answering with a frozen adapter: `y + s·(x·Aᵀ)·Bᵀ` as one op without a graph (a copy of the
-/// base output y and two GEMMs, the second accumulating into the copy), where the composed form
-/// takes two matmuls, a scale and an add per linear per token. Needs the resident bf16 A and B of
-/// `freeze_adapters`; None where the composed form must run.
-pub fn add_frozen(l: &Lora, x: &Tensor, y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let Some((wa, wb)) = &l.work else { return Ok(None) };
-    if !l.frozen
-        || !x.device().is_cuda()
-        || x.dtype() != DType::BF16
-        || y.dtype() != DType::BF16
-        || wa.dtype() != DType::BF16
-        || !crate::fused_ops::allowed(crate::fused_ops::FusedOp::Lora)
-    {
-        return Ok(None);
-    }
-    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let op = FrozenDelta { a: wa.as_tensor().clone(), b: wb.as_tensor().clone(), scale: l.scale as f32 };
-    Ok(Some(x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &op)?))
-}
-
-struct FrozenDelta {
-    a: Tensor,
-    b: Tensor,
-    scale: f32,
-}
-
-impl candle_core::CustomOp2 for FrozenDelta {
-    fn name(&self) -> &'static str {
-        "frozen-lora-delta"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused LoRA delta runs on the GPU only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ys: &CudaStorage,
-        yl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let k = *xl.dims().last().unwrap_or(&0);
-        let m = xl.shape().elem_count() / k.max(1);
-        let (r, ka) = self.a.dims2()?;
-        let (n, rb) = self.b.dims2()?;
-        if ka != k || rb != r || yl.shape().elem_count() != m * n {
-            candle_core::bail!("fused LoRA delta: x {:?}, y {:?}, A [{r}, {ka}], B [{n}, {rb}]", xl.dims(), yl.dims());
-        }
-        let dev = xs.device().clone();
-        let (ag, al) = self.a.storage_and_layout();
-        let (bg, bl) = self.b.storage_and_layout();
-        let (Storage::Cuda(a_s), Storage::Cuda(bs)) = (&*ag, &*bg) else {
-            candle_core::bail!("fused LoRA delta: adapter not on the GPU")
-        };
-        let (x, a, b) = (ptr(xs, xl, "x")?, ptr(a_s, al, "A")?, ptr(bs, bl, "B")?);
-        let Some((y0, y1)) = yl.contiguous_offsets() else {
-            candle_core::bail!("fused LoRA delta: y is not contiguous")
-        };
-        let stream = dev.cuda_stream();
-        // SAFETY: out is fully written by the copy, u by its GEMM (beta = 0), before they are read.
-        let mut out = unsafe { dev.alloc::<Bf16>(m * n)? };
-        stream.memcpy_dtod(&ys.as_cuda_slice::<Bf16>()?.slice(y0..y1), &mut out).w()?;
-        let u = unsafe { dev.alloc::<Bf16>(m * r)? };
-        let (op, up) = (slice_ptr(&out, &dev), slice_ptr(&u, &dev));
-        gemm(&dev, up, x, false, a, true, (m, r, k), 1.0, 0.0)?;
-        gemm(&dev, op, up, false, b, true, (m, n, r), self.scale, 1.0)?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), yl.shape().clone()))
     }
 }

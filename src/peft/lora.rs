@@ -89,10 +89,6 @@ impl LoraLinear {
         }
         let y = self.base.forward(x)?;
         let Some(l) = &self.lora else { return Ok(y) };
-        #[cfg(feature = "cuda")]
-        if let Some(out) = crate::peft::fused_lora::add_frozen(l, x, &y)? {
-            return Ok(out);
-        }
         let dtype = x.dtype();
         let xin = match dropout_seed {
             Some(seed) if l.dropout > 0.0 => dropout::apply(x, l.dropout, seed ^ l.stream)?,
