@@ -5,8 +5,8 @@
 //! each use, as the composed path does), the dropout mask redrawn from its seed instead of kept.
 //! A and B are the bf16 working copies the optimizer refreshes once per step; their gradients come
 //! back in bf16, as the composed path's do. The composed form in lora.rs is what the CPU runs and
-//! what this op is tested against (tests/gpu.rs). Where the fused op differs is rounding: each
-//! GEMM accumulates in f32 and the LoRA term is added inside the GEMM, before the one bf16 rounding.
+//! what this op is tested against (tests/gpu.rs). It may round differently (the LoRA term is
+//! added inside the last GEMM); on the H200 its outputs and gradients came out identical.
 
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::Lora;
