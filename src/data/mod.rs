@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod image;
+pub mod order;
 pub mod prompt;
 pub mod resize;
 mod row_check;

@@ -72,24 +72,6 @@ fn load(a: &TrainArgs, dev: &Device, dtype: DType) -> Result<Loaded> {
     })
 }
 
-/// The order of the rows in `epoch`: a seeded shuffle, the same for a given seed on any machine.
-fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = crate::rng::SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    for i in (1..n).rev() {
-        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-    }
-    order
-}
-
-/// Micro-batch `k` of the endless stream of epochs: the rows it holds.
-fn micro_batch_rows(k: usize, n_rows: usize, batch: usize, seed: u64) -> Vec<usize> {
-    let per_epoch = n_rows.div_ceil(batch);
-    let (epoch, pos) = (k / per_epoch, k % per_epoch);
-    let order = epoch_order(n_rows, seed, epoch);
-    order[pos * batch..((pos + 1) * batch).min(n_rows)].to_vec()
-}
-
 /// Encodes every row once, as the batches will, and keeps those a step can train on: a row whose
 /// image block or whole model turn falls past --max-seq-len would otherwise stop the run at the
 /// step that first reaches it.
@@ -408,7 +390,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         let mut micro_batches = vec![];
         for micro in 0..ga {
             let k = step * ga + micro;
-            let rows = micro_batch_rows(k, problems.len(), a.per_device_train_batch_size, a.seed);
+            let rows = crate::data::order::micro_batch_rows(k, problems.len(), a.per_device_train_batch_size, a.seed);
             let picked: Vec<&Problem> = rows.iter().map(|&i| &problems[i]).collect();
             let (batch, tokens) = make_batch(&m, &picked, a, &dev)?;
             window_samples += picked.len();

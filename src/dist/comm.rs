@@ -1,0 +1,224 @@
+//! The collectives data-parallel training needs, behind a small trait: every rank sums its
+//! gradients and its loss with the others, and takes the starting weights from rank 0. The
+//! in-process implementation here (threads of one process) is what CPU tests run; a NCCL one is to
+//! come for GPUs. A rank that fails tells the others, which then stop with an error naming it
+//! instead of waiting forever.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use std::sync::{Arc, Condvar, Mutex};
+
+pub trait Communicator: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Replaces `values` by their elementwise sum over the ranks, added in rank order, so every
+    /// rank gets the same bits.
+    fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()>;
+    /// Replaces `values` by rank `root`'s.
+    fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()>;
+    /// Tells the other ranks that this one failed with `why`; their collectives then fail too.
+    fn abort(&self, why: &str);
+}
+
+/// Sums gradients over the ranks in place (None where no rank has one: a tensor this step did not
+/// reach anywhere; a rank without a gradient where others have one adds zeros).
+pub fn all_reduce_grads(comm: &dyn Communicator, grads: &mut [Option<Tensor>], like: &[Tensor]) -> Result<()> {
+    // which tensors have a gradient anywhere: one flag per tensor, summed
+    let mut has: Vec<f32> = grads.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }).collect();
+    comm.all_reduce_sum(&mut has)?;
+    let mut flat = vec![];
+    for ((g, t), &h) in grads.iter().zip(like).zip(&has) {
+        if h > 0.0 {
+            match g {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, t.elem_count())),
+            }
+        }
+    }
+    comm.all_reduce_sum(&mut flat)?;
+    let mut at = 0;
+    for ((g, t), &h) in grads.iter_mut().zip(like).zip(&has) {
+        if h > 0.0 {
+            let n = t.elem_count();
+            let summed = Tensor::from_slice(&flat[at..at + n], t.dims(), &candle_core::Device::Cpu)?;
+            *g = Some(summed.to_device(t.device())?.to_dtype(g.as_ref().map_or(t.dtype(), |g| g.dtype()))?);
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+/// Ranks as threads of one process.
+pub struct ThreadComm {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    world: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+struct State {
+    /// each rank's contribution to the collective in progress
+    slots: Vec<Option<Vec<f32>>>,
+    /// ranks that have read the result of the collective in progress
+    taken: usize,
+    /// bumped when a collective's result is complete
+    generation: u64,
+    result: Vec<f32>,
+    failed: Option<(usize, String)>,
+}
+
+impl ThreadComm {
+    /// One communicator per rank, for `world` threads.
+    pub fn group(world: usize) -> Vec<ThreadComm> {
+        let shared = Arc::new(Shared {
+            world,
+            state: Mutex::new(State {
+                slots: vec![None; world],
+                taken: 0,
+                generation: 0,
+                result: vec![],
+                failed: None,
+            }),
+            cv: Condvar::new(),
+        });
+        (0..world).map(|rank| ThreadComm { rank, shared: shared.clone() }).collect()
+    }
+
+    /// Every rank hands in `values`; `combine` makes the result from all of them (in rank order)
+    /// once the last one arrives; every rank gets it back.
+    fn collective(&self, values: &mut [f32], combine: impl Fn(&[Option<Vec<f32>>]) -> Vec<f32>) -> Result<()> {
+        let sh = &self.shared;
+        let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+        // wait until the previous collective's result has been read by everyone
+        while st.taken != 0 && st.failed.is_none() {
+            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some((r, why)) = &st.failed {
+            bail!("rank {r} failed: {why}");
+        }
+        st.slots[self.rank] = Some(values.to_vec());
+        let generation = st.generation;
+        if st.slots.iter().all(Option::is_some) {
+            let lens: Vec<usize> = st.slots.iter().flatten().map(Vec::len).collect();
+            if lens.iter().any(|&l| l != lens[0]) {
+                let why = format!("ranks handed in different lengths {lens:?}");
+                st.failed = Some((self.rank, why.clone()));
+                sh.cv.notify_all();
+                bail!("{why}");
+            }
+            st.result = combine(&st.slots);
+            st.slots.iter_mut().for_each(|s| *s = None);
+            st.generation += 1;
+            sh.cv.notify_all();
+        } else {
+            while st.generation == generation && st.failed.is_none() {
+                st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if st.generation == generation {
+                let (r, why) = st.failed.clone().expect("woken by a failure");
+                bail!("rank {r} failed: {why}");
+            }
+        }
+        values.copy_from_slice(&st.result);
+        st.taken += 1;
+        if st.taken == sh.world {
+            st.taken = 0;
+            sh.cv.notify_all();
+        }
+        Ok(())
+    }
+}
+
+impl Communicator for ThreadComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()> {
+        self.collective(values, |slots| {
+            let mut sum = slots[0].clone().expect("every rank handed in");
+            for s in slots[1..].iter().flatten() {
+                sum.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+            }
+            sum
+        })
+    }
+
+    fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.world() {
+            bail!("broadcast from rank {root} in a world of {}", self.world());
+        }
+        self.collective(values, |slots| slots[root].clone().expect("every rank handed in"))
+    }
+
+    fn abort(&self, why: &str) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.failed.is_none() {
+            st.failed = Some((self.rank, why.to_string()));
+        }
+        self.shared.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Communicator, ThreadComm};
+
+    #[test]
+    fn all_reduce_and_broadcast_agree_on_every_rank() {
+        let comms = ThreadComm::group(3);
+        let out: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let r = c.rank() as f32;
+                        let mut sum = vec![r, 10.0 * r, 0.5];
+                        c.all_reduce_sum(&mut sum).unwrap();
+                        // twice in a row: the second collective must not mix with the first
+                        c.all_reduce_sum(&mut sum).unwrap();
+                        let mut b = vec![r; 2];
+                        c.broadcast(&mut b, 2).unwrap();
+                        (sum, b)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (sum, b) in out {
+            assert_eq!(sum, vec![9.0, 90.0, 4.5]);
+            assert_eq!(b, vec![2.0, 2.0]);
+        }
+    }
+
+    #[test]
+    fn a_failing_rank_stops_the_others_with_its_name() {
+        let comms = ThreadComm::group(3);
+        let errs: Vec<Option<String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        if c.rank() == 1 {
+                            c.abort("cannot read row 17");
+                            return None;
+                        }
+                        let mut v = vec![1.0];
+                        c.all_reduce_sum(&mut v).err().map(|e| e.to_string())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(errs[0].as_deref(), Some("rank 1 failed: cannot read row 17"));
+        assert_eq!(errs[2].as_deref(), Some("rank 1 failed: cannot read row 17"));
+    }
+}
