@@ -8,14 +8,19 @@ mod common;
 use candle_core::Device;
 use common::{forward, max_abs_diff, Fixture};
 
-fn cuda() -> Option<Device> {
+/// The device, and a lock held for the whole test: the fused-op switches (`force_composed`) and
+/// the fused LoRA call counter are process-wide, so the tests that flip or read them must not
+/// overlap, and one GPU is shared anyway.
+fn cuda() -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     assert!(candle_core::utils::cuda_is_available(), "no CUDA device: the GPU tests need one (this is not a skip)");
-    Some(Device::new_cuda(0).expect("cuda device"))
+    Some((Device::new_cuda(0).expect("cuda device"), guard))
 }
 
 #[test]
 fn tiny_forwards_on_cuda_match_cpu_and_transformers() {
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let f = Fixture::load("parity.safetensors");
     let cpu = Device::Cpu;
     let report = |what: &str, g: &candle_core::Tensor, c: &candle_core::Tensor, r: &candle_core::Tensor| {
@@ -41,7 +46,7 @@ fn tiny_forwards_on_cuda_match_cpu_and_transformers() {
 
 #[test]
 fn nf4_cuda_kernels_match_bitsandbytes_and_the_cpu() {
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let f = Fixture::load("nf4.safetensors");
     for case in ["normal", "bf16", "edge"] {
         let input = f.get(&format!("{case}.input"));
@@ -69,7 +74,7 @@ fn nf4_cuda_kernels_match_bitsandbytes_and_the_cpu() {
 fn qlora_gradients_on_cuda_match_peft_and_checkpointing() {
     use gemmaclip::model::gemma3::BaseFormat;
     use gemmaclip::train::step::StepOptions;
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let reference = Fixture::load("grads.safetensors");
     for (base, prefix) in [(BaseFormat::Dense, "dense"), (BaseFormat::Nf4, "nf4")] {
         let (loss, grads) = common::qlora::grads(&gpu, base, None, &StepOptions::default());
@@ -101,7 +106,7 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
     use candle_core::{DType, Tensor};
     use gemmaclip::peft::frozen::FrozenWeight;
     use gemmaclip::peft::nf4::Nf4Weight;
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     for (n, k, m) in [(512usize, 2560usize, 1usize), (384, 10240, 3), (64, 64, 8)] {
         let w = Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap().to_dtype(DType::BF16).unwrap();
         let q = Nf4Weight::quantize(&w).unwrap();
@@ -124,7 +129,7 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
 fn fused_optimizer_matches_the_composed_one() {
     use candle_core::{Tensor, Var};
     use gemmaclip::train::optimizer::{AdamW, AdamWConfig};
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     // odd sizes (not multiples of the block), a tensor without a gradient, weight decay; three
     // steps, the first two clipped (norm above 1), the third not (max_norm 1e6)
     let shapes: [&[usize]; 5] = [&[64, 2560], &[7], &[2560, 64], &[3, 5, 11], &[1000, 1]];
@@ -179,7 +184,7 @@ fn bf16_working_copies_give_the_gradients_of_the_per_call_cast() {
     use gemmaclip::peft::adapter::{self, Adapter};
     use gemmaclip::train::step::{loss_and_grads, StepOptions};
     use gemmaclip::weights::Weights;
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let f = Fixture::load("parity.safetensors");
     let dir = common::tiny_dir();
     let build = |working_copies: bool| {
@@ -228,7 +233,7 @@ fn bf16_working_copies_give_the_gradients_of_the_per_call_cast() {
 fn fused_optimizer_takes_bf16_gradients_and_refreshes_working_copies() {
     use candle_core::{DType, Tensor, Var};
     use gemmaclip::train::optimizer::{AdamW, AdamWConfig};
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let shapes: [&[usize]; 3] = [&[64, 2560], &[2560, 64], &[33]];
     let init: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(0f32, 0.5, *s, &gpu).unwrap()).collect();
     let make = |fused: bool| {
@@ -274,7 +279,7 @@ fn resident_bf16_adapters_answer_as_the_per_call_cast_did() {
     use gemmaclip::model::vlm::Vlm;
     use gemmaclip::peft::adapter::Adapter;
     use gemmaclip::weights::Weights;
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let dir = common::tiny_dir();
     let answer = |resident: bool| {
         let cfg = common::forward::llm_cfg();
@@ -301,7 +306,7 @@ fn resident_bf16_adapters_answer_as_the_per_call_cast_did() {
 fn fused_accumulation_adds_exactly_as_candle_does() {
     use candle_core::{DType, Tensor};
     use gemmaclip::train::fused::Accumulator;
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let shapes: [&[usize]; 3] = [&[64, 2560], &[2560, 64], &[7, 3]];
     let params: Vec<Tensor> = shapes.iter().map(|s| Tensor::zeros(*s, DType::F32, &gpu).unwrap()).collect();
     let mut acc = Accumulator::new(&params.iter().collect::<Vec<_>>()).unwrap();
@@ -353,7 +358,7 @@ fn cudnn_attention_matches_the_composed_path_forward_and_backward() {
     use gemmaclip::model::attention::grouped_attention;
     use gemmaclip::model::cudnn_attention::{available, sdpa, Mask};
     use gemmaclip::model::layer_context::attention_mask;
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let version = available().expect("libcudnn 9 must load on the GPU machine");
     println!("libcudnn {version}");
     let rel = |a: &Tensor, b: &Tensor| {
@@ -441,7 +446,7 @@ fn tiny_bf16_step_with_fused_ops_matches_composed_and_peft() {
     use gemmaclip::model::fused_attention::enabled;
     use gemmaclip::model::gemma3::BaseFormat;
     use gemmaclip::train::step::StepOptions;
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     assert!(enabled(&gpu, candle_core::DType::BF16), "fused attention must be on for bf16 on the GPU");
     let reference = Fixture::load("grads.safetensors");
     let vs_peft = |grads: &[(String, candle_core::Tensor)]| {
@@ -480,7 +485,7 @@ fn fused_lora_linear_matches_the_composed_one_forward_and_backward() {
     use gemmaclip::peft::frozen::FrozenWeight;
     use gemmaclip::peft::lora::{Lora, LoraLinear, LoraSpec};
     use gemmaclip::peft::nf4::Nf4Weight;
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let rel = |a: &Tensor, b: &Tensor| {
         let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
         let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
@@ -540,7 +545,7 @@ fn fused_norm_rope_matches_the_composed_one() {
     use candle_core::{DType, Tensor, Var};
     use gemmaclip::fused_ops::{force_composed, FusedOp};
     use gemmaclip::model::rope::{norm_rope, RopeTables};
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let (b, l, h, d) = (2, 300, 8, 256);
     let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (b, l, h * d), &gpu).unwrap()).to_dtype(DType::BF16).unwrap())
         .unwrap();
@@ -569,7 +574,7 @@ fn fused_norm_rope_matches_the_composed_one() {
 #[test]
 fn fused_gelu_mul_matches_the_composed_one() {
     use candle_core::{DType, Tensor, Var};
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let shape = (2, 200, 10240);
     let bf = |t: Tensor| Var::from_tensor(&t.to_dtype(DType::BF16).unwrap()).unwrap();
     let (gate, up) =
@@ -605,7 +610,7 @@ fn fused_gelu_mul_matches_the_composed_one() {
 #[test]
 fn fused_cross_entropy_matches_the_composed_one() {
     use candle_core::{DType, Tensor, Var, D};
-    let Some(gpu) = cuda() else { return };
+    let Some((gpu, _serial)) = cuda() else { return };
     let (n, v) = (64usize, 262_208usize);
     let logits =
         Var::from_tensor(&(Tensor::randn(0f32, 3.0, (n, v), &gpu).unwrap()).to_dtype(DType::BF16).unwrap()).unwrap();

@@ -1,8 +1,8 @@
 //! The collectives data-parallel training needs, behind a small trait: every rank sums its
 //! gradients and its loss with the others, and takes the starting weights from rank 0. The
 //! in-process implementation here (threads of one process) is what CPU tests run; a NCCL one is to
-//! come for GPUs. A rank that fails tells the others, which then stop with an error naming it
-//! instead of waiting forever.
+//! come for GPUs. A rank that fails tells the others (`abort`, or an `AbortOnDrop` guard that does
+//! it on an error return or a panic), which then stop with an error naming it instead of waiting.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -18,6 +18,32 @@ pub trait Communicator: Send + Sync {
     fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()>;
     /// Tells the other ranks that this one failed with `why`; their collectives then fail too.
     fn abort(&self, why: &str);
+}
+
+/// Calls `abort` on the communicator when dropped unless `disarm`ed: a rank that returns an error
+/// or panics between collectives then still stops the others instead of leaving them waiting.
+pub struct AbortOnDrop<'a> {
+    comm: &'a dyn Communicator,
+    armed: bool,
+}
+
+impl<'a> AbortOnDrop<'a> {
+    pub fn new(comm: &'a dyn Communicator) -> Self {
+        Self { comm, armed: true }
+    }
+    /// The rank finished normally.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbortOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let why = if std::thread::panicking() { "it panicked" } else { "it stopped with an error" };
+            self.comm.abort(why);
+        }
+    }
 }
 
 /// Sums gradients over the ranks in place (None where no rank has one: a tensor this step did not
@@ -197,6 +223,37 @@ mod tests {
             assert_eq!(sum, vec![9.0, 90.0, 4.5]);
             assert_eq!(b, vec![2.0, 2.0]);
         }
+    }
+
+    #[test]
+    fn a_rank_that_panics_under_its_guard_stops_the_others() {
+        use super::AbortOnDrop;
+        let comms = ThreadComm::group(2);
+        let errs: Vec<Option<String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let guard = AbortOnDrop::new(c);
+                        if c.rank() == 0 {
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                let _inner = AbortOnDrop::new(c);
+                                panic!("row 3 is unreadable");
+                            }));
+                            assert!(r.is_err());
+                            guard.disarm();
+                            return None;
+                        }
+                        let mut v = vec![1.0];
+                        let e = c.all_reduce_sum(&mut v).err().map(|e| e.to_string());
+                        guard.disarm();
+                        e
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(errs[1].as_deref(), Some("rank 0 failed: it panicked"));
     }
 
     #[test]

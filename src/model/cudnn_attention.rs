@@ -256,9 +256,15 @@ impl CustomOp3 for Sdpa {
         desc.stride[1] = k_st;
         desc.stride[2] = v_st;
         desc.stride[3] = bshd_strides(s, h, d);
-        // SAFETY: cuDNN writes every element (zeros on padded rows with right padding; left padding,
-        // which leaves them unwritten, is never sent here).
-        let o = unsafe { dev.alloc::<half::bf16>(b * s * h * d)? };
+        // With padding, cuDNN need not write the padded query rows (it zeroed them in our tests, but
+        // that is not promised): pool memory read there as NaN would reach the LoRA gradients
+        // through 0 * NaN, so those outputs start as zeros. Without padding every element is written.
+        let o = if self.mask.seq_lens.is_some() {
+            dev.alloc_zeros::<half::bf16>(b * s * h * d)?
+        } else {
+            // SAFETY: see above
+            unsafe { dev.alloc::<half::bf16>(b * s * h * d)? }
+        };
         let stats = if self.keep_stats { Some(unsafe { dev.alloc::<f32>(b * h * s)? }) } else { None };
         let stream = dev.cuda_stream();
         let (qp, kp, vp) = (bf16_ptr(qs, q_off)?, bf16_ptr(ks, k_off)?, bf16_ptr(vs, v_off)?);
