@@ -49,8 +49,13 @@ pub fn allowed(op: FusedOp) -> bool {
     if op.flag().load(Ordering::SeqCst) {
         return false;
     }
-    let composed = std::env::var("GEMMACLIP_COMPOSED").unwrap_or_default();
-    !composed.split(',').map(str::trim).any(|c| c == "all" || c == "1" || c == op.name())
+    // read once: this runs for every fused op of every forward
+    static COMPOSED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let composed = COMPOSED.get_or_init(|| {
+        let v = std::env::var("GEMMACLIP_COMPOSED").unwrap_or_default();
+        v.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect()
+    });
+    !composed.iter().any(|c| c == "all" || c == "1" || c == op.name())
 }
 
 /// Makes the forwards that follow use `op`'s composed form (true) or the fused one again.
