@@ -10,6 +10,7 @@ use crate::model::projector::Projector;
 use crate::model::vlm::{Supervised, Vlm};
 use crate::peft::adapter;
 use crate::peft::lora::{LoraSpec, DEFAULT_TARGETS};
+use crate::train::data_parallel::Ranks;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::step::{loss_and_grads, Batch, StepOptions};
 use anyhow::{bail, Result};
@@ -54,6 +55,10 @@ pub struct TrainStepArgs {
     /// `--per-device-train-batch-size`.
     #[arg(long, default_value_t = 1, alias = "per-device-train-batch-size")]
     pub batch_size: usize,
+    /// `--nproc-per-node N`: the step of a data-parallel run on N GPUs (each rank `--batch-size`
+    /// rows, gradients summed over NCCL), timed on rank 0; tokens/s counts every rank's rows.
+    #[command(flatten)]
+    pub launch: crate::dist::env::LaunchArgs,
 }
 
 impl TrainStepArgs {
@@ -104,8 +109,8 @@ fn batch(cfg: &LlmConfig, n_image: usize, image_size: usize, a: &TrainStepArgs, 
 }
 
 /// The device (pool kept cached) and the frozen base, as train and infer load it.
-fn load(model: &Path, vision_model: &Path, four_bit: bool) -> Result<(Device, Base)> {
-    let dev = device::best_device()?;
+fn load(model: &Path, vision_model: &Path, four_bit: bool, ordinal: usize) -> Result<(Device, Base)> {
+    let dev = device::best_device_at(ordinal)?;
     device::keep_pool_memory(&dev)?;
     let args = ModelArgs {
         preset_tiny: false,
@@ -121,9 +126,41 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
     if a.steps == 0 || a.batch_size == 0 {
         bail!("--steps and --batch-size must be at least 1");
     }
+    if a.launch.nproc_per_node.is_some() && std::env::var_os("WORLD_SIZE").is_none() {
+        if crate::dist::launch::run(&a.launch)? != 0 {
+            bail!("interrupted");
+        }
+        return Ok(());
+    }
+    let env = crate::dist::env::WorkerEnv::from_env()?;
     let t = Instant::now();
-    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, !a.no_4bit)?;
+    let ordinal = env.as_ref().map_or(0, |e| e.cuda_ordinal());
+    let (dev, base) = load(&a.model, &a.vision_model, !a.no_4bit, ordinal)?;
     let load_s = t.elapsed().as_secs_f64();
+    let worker = match env {
+        Some(env) => {
+            use sha2::Digest;
+            let fingerprint = sha2::Sha256::digest(format!("{a:?}").as_bytes()).into();
+            let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
+            Some(crate::dist::worker::Worker::join(env, &dev, fingerprint, timeout)?)
+        }
+        None => None,
+    };
+    let ranks = Ranks { worker: worker.as_ref() };
+    let done = train_steps(a, &dev, base, load_s, ranks);
+    if let Some(w) = &worker {
+        match &done {
+            Ok(()) => w.finish(),
+            Err(e) => w.abort(&format!("{e:#}")),
+        }
+    }
+    done
+}
+
+/// The timed steps of `train_step`, as one rank of `ranks`.
+fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: Ranks) -> Result<()> {
+    let dev = dev.clone();
+    let Base { mut llm, vision, cfg, vcfg, .. } = base;
     let after_load = memory(&dev)?;
 
     a.lora.validate()?;
@@ -147,7 +184,14 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
         opt.work = work.clone();
         opt.refresh_work()?;
         let graph_vars = opt.graph_vars();
-        let opts = StepOptions { checkpointing: ckpt, loss_chunk: a.loss_chunk, ..Default::default() };
+        let world = ranks.world();
+        // each rank's loss is its part of the mean over every rank's supervised tokens
+        let opts = StepOptions {
+            checkpointing: ckpt,
+            loss_chunk: a.loss_chunk,
+            loss_denominator: Some(world * batch.supervised.rows.len()),
+            ..Default::default()
+        };
         let mut times = vec![];
         let mut loss = 0f32;
         let mut first = (0f32, 0f64);
@@ -156,8 +200,15 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
             reset_peak_memory(&dev)?;
             synchronize(&dev)?;
             let t = Instant::now();
-            let opts = StepOptions { dropout_seed: Some(step as u64), ..opts.clone() };
+            let seed = step as u64 ^ (ranks.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let opts = StepOptions { dropout_seed: Some(seed), ..opts.clone() };
             let mut g = loss_and_grads(&vlm, &batch, &graph_vars, &opts)?;
+            if world > 1 {
+                ranks.sum_grads(&mut g.grads, &opt)?;
+                let mut l = [g.loss];
+                ranks.sum(&mut l)?;
+                g.loss = l[0];
+            }
             let clip = opt.grad_norm(&mut g.grads, 1.0)?;
             if step == 0 {
                 // the first step starts from the same weights and dropout seed in every build and
@@ -181,14 +232,17 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
         times.sort_by(f64::total_cmp);
         let med = times[times.len() / 2];
         let after = memory(&dev)?;
+        if !ranks.is_main() {
+            continue;
+        }
         println!(
             "{}",
             json!({
                 "what": "gemmaclip_train_step", "four_bit": !a.no_4bit, "grad_ckpt": ckpt, "fused_optimizer": opt.fused, "lora_working_copies": !cast_per_call,
-                "seq": a.seq, "batch_size": a.batch_size, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
+                "seq": a.seq, "batch_size": a.batch_size, "world": world, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
                 "trainable_params": trainable, "step_ms_median": (med * 1e4).round() / 10.0,
                 "step_ms_min": (times[0] * 1e4).round() / 10.0,
-                "tokens_per_s": ((a.batch_size * a.seq) as f64 / med * 10.0).round() / 10.0,
+                "tokens_per_s": ((world * a.batch_size * a.seq) as f64 / med * 10.0).round() / 10.0,
                 "phases": split,
                 "loss": loss, "step1_loss": first.0, "step1_grad_norm": first.1,
                 "attention": if crate::model::fused_attention::enabled(&dev, compute) { "cudnn" } else { "composed" },
@@ -235,7 +289,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         bail!("--new must be at least 2");
     }
     use crate::generate::{generate, GenerateOptions};
-    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, !a.no_4bit)?;
+    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, !a.no_4bit, 0)?;
     if a.lora_r > 0 {
         let spec = LoraSpec {
             r: a.lora_r,

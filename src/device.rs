@@ -5,15 +5,21 @@ use candle_core::{DType, Device};
 
 /// The first CUDA device when this build has CUDA and one is present, else the CPU.
 pub fn best_device() -> Result<Device> {
+    best_device_at(0)
+}
+
+/// CUDA device `ordinal` when this build has CUDA and a GPU is present, else the CPU.
+pub fn best_device_at(ordinal: usize) -> Result<Device> {
     #[cfg(feature = "cuda")]
     if candle_core::utils::cuda_is_available() {
-        let dev = Device::new_cuda(0)?;
+        let dev = Device::new_cuda(ordinal)?;
         // Everything runs on the device's one stream, so the two CUDA events candle records per
         // allocation for cross-stream safety are pure overhead (candle's CudaDevice::disable_event_tracking).
         // SAFETY: no tensor of this device is ever used from another stream.
         unsafe { dev.as_cuda_device()?.disable_event_tracking() };
         return Ok(dev);
     }
+    let _ = ordinal;
     Ok(Device::Cpu)
 }
 

@@ -2,19 +2,46 @@ use anyhow::Result;
 use gemmaclip::cli::{self, Command};
 use gemmaclip::train::args::TrainArgs;
 
+/// `train --nproc-per-node N` outside a worker: start the workers and wait for them.
+fn launch(args: &TrainArgs) -> Result<()> {
+    ctrlc::set_handler(|| {
+        let presses = gemmaclip::dist::launch::INTERRUPTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if presses == 0 {
+            eprintln!("\ninterrupt: the workers save a checkpoint after this step (Ctrl-C again to quit now)");
+        }
+    })?;
+    let code = gemmaclip::dist::launch::run(&args.launch)?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
 fn train(args: TrainArgs) -> Result<()> {
+    if args.launch.nproc_per_node.is_some() && std::env::var_os("WORLD_SIZE").is_none() {
+        return launch(&args);
+    }
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = interrupted.clone();
+    // of the workers of a run of several, rank 0 speaks for the run
+    let speaks = std::env::var("RANK").map_or(true, |r| r.trim() == "0");
     ctrlc::set_handler(move || {
         if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(130); // a second Ctrl-C does not wait for the checkpoint
         }
-        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        if speaks {
+            eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        }
     })?;
     let (done, total) = gemmaclip::train::run::train(&args, interrupted.clone())?;
     if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-        eprintln!("stopped at step {done}; continue with --resume");
+        if speaks {
+            eprintln!("stopped at step {done}; continue with --resume");
+        }
         std::process::exit(130);
+    }
+    if !speaks {
+        return Ok(());
     }
     if done == total {
         println!("wrote {}", args.output_dir.display());

@@ -228,6 +228,7 @@ fn a_failed_checkpoint_leaves_no_temporary_directory() {
         per_device_train_batch_size: 1,
         gradient_accumulation_steps: 1,
         train_rows: 1,
+        world_size: 1,
     };
     let out = tempfile::tempdir().unwrap();
     let ckpt = state::checkpoint_dir(out.path(), 1);

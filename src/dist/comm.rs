@@ -1,8 +1,9 @@
 //! The collectives data-parallel training needs, behind a small trait: every rank sums its
-//! gradients and its loss with the others, and takes the starting weights from rank 0. The
-//! in-process implementation here (threads of one process) is what CPU tests run; a NCCL one is to
-//! come for GPUs. A rank that fails tells the others (`abort`, or an `AbortOnDrop` guard that does
-//! it on an error return or a panic), which then stop with an error naming it instead of waiting.
+//! gradients and its loss with the others, and takes the starting weights from rank 0. Three
+//! implementations: NCCL between GPU processes (`nccl.rs`), TCP through rank 0 between CPU
+//! processes (`tcp.rs`), and threads of one process here (what in-process tests run). A rank that
+//! fails tells the others (`abort`, or an `AbortOnDrop` guard that does it on an error return or a
+//! panic), which then stop with an error naming it instead of waiting.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -18,6 +19,19 @@ pub trait Communicator: Send + Sync {
     fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()>;
     /// Tells the other ranks that this one failed with `why`; their collectives then fail too.
     fn abort(&self, why: &str);
+    /// The elementwise sum over the ranks of an f32 tensor, on its device. By default through
+    /// the host; NCCL reduces device memory directly.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let mut v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut v)?;
+        Ok(Tensor::from_vec(v, t.shape(), t.device())?)
+    }
+    /// Rank `root`'s copy of an f32 tensor, on every rank.
+    fn broadcast_tensor(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        let mut v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.broadcast(&mut v, root)?;
+        Ok(Tensor::from_vec(v, t.shape(), t.device())?)
+    }
 }
 
 /// Calls `abort` on the communicator when dropped unless `disarm`ed: a rank that returns an error
@@ -47,31 +61,52 @@ impl Drop for AbortOnDrop<'_> {
 }
 
 /// Sums gradients over the ranks in place (None where no rank has one: a tensor this step did not
-/// reach anywhere; a rank without a gradient where others have one adds zeros).
+/// reach anywhere; a rank without a gradient where others have one adds zeros). The sums are f32
+/// (a bf16 gradient is widened exactly first), views of one flat buffer reduced in one collective.
 pub fn all_reduce_grads(comm: &dyn Communicator, grads: &mut [Option<Tensor>], like: &[Tensor]) -> Result<()> {
     // which tensors have a gradient anywhere: one flag per tensor, summed
     let mut has: Vec<f32> = grads.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }).collect();
     comm.all_reduce_sum(&mut has)?;
-    let mut flat = vec![];
+    let mut parts = vec![];
     for ((g, t), &h) in grads.iter().zip(like).zip(&has) {
         if h > 0.0 {
-            match g {
-                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-                None => flat.extend(std::iter::repeat_n(0f32, t.elem_count())),
-            }
+            parts.push(match g {
+                Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+                None => Tensor::zeros(t.elem_count(), DType::F32, t.device())?,
+            });
         }
     }
-    comm.all_reduce_sum(&mut flat)?;
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let flat = comm.all_reduce_sum_tensor(&Tensor::cat(&parts, 0)?)?;
     let mut at = 0;
     for ((g, t), &h) in grads.iter_mut().zip(like).zip(&has) {
         if h > 0.0 {
             let n = t.elem_count();
-            let summed = Tensor::from_slice(&flat[at..at + n], t.dims(), &candle_core::Device::Cpu)?;
-            *g = Some(summed.to_device(t.device())?.to_dtype(g.as_ref().map_or(t.dtype(), |g| g.dtype()))?);
+            *g = Some(flat.narrow(0, at, n)?.reshape(t.dims())?);
             at += n;
         }
     }
     Ok(())
+}
+
+/// Every rank's `tensors` replaced by rank `root`'s (one collective over their concatenation).
+pub fn broadcast_tensors(comm: &dyn Communicator, tensors: &[Tensor], root: usize) -> Result<Vec<Tensor>> {
+    if tensors.is_empty() {
+        return Ok(vec![]);
+    }
+    let parts =
+        tensors.iter().map(|t| t.to_dtype(DType::F32)?.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    let flat = comm.broadcast_tensor(&Tensor::cat(&parts, 0)?, root)?;
+    let mut at = 0;
+    let mut out = vec![];
+    for t in tensors {
+        let n = t.elem_count();
+        out.push(flat.narrow(0, at, n)?.reshape(t.dims())?.to_dtype(t.dtype())?);
+        at += n;
+    }
+    Ok(out)
 }
 
 /// Ranks as threads of one process.

@@ -120,6 +120,9 @@ pub struct TrainArgs {
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sources: Option<serde_json::Value>,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub launch: crate::dist::env::LaunchArgs,
     /// Stop (with a checkpoint) after this many optimizer steps of this invocation.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -261,7 +264,12 @@ impl TrainArgs {
         let (Some(now), Some(was)) = (now.as_object(), was.as_object()) else { return Ok(vec![]) };
         let mut out = vec![];
         for (k, v) in now {
-            if RESUMABLE_CHANGES.contains(&k.as_str()) || RUN_LENGTH.contains(&k.as_str()) {
+            // the per-device batch may change with the number of ranks: the trainer state judges
+            // the global micro-batch (check_resume_settings)
+            if RESUMABLE_CHANGES.contains(&k.as_str())
+                || RUN_LENGTH.contains(&k.as_str())
+                || k == "per_device_train_batch_size"
+            {
                 continue;
             }
             let old = was.get(k).unwrap_or(&serde_json::Value::Null);

@@ -2,6 +2,7 @@
 //! optimizer, the schedule, run checkpoints, metrics and the loop that ties them together.
 
 pub mod args;
+pub mod data_parallel;
 #[cfg(feature = "cuda")]
 pub mod fused;
 #[cfg(feature = "cuda")]

@@ -13,6 +13,7 @@ use crate::model::vlm::Vlm;
 use crate::peft::adapter;
 use crate::peft::lora::LoraSpec;
 pub use crate::train::args::TrainArgs;
+use crate::train::data_parallel::Ranks;
 use crate::train::metrics::{self, Record};
 use crate::train::optimizer::{AdamW, AdamWConfig, GradSum};
 use crate::train::schedule::{factor, warmup_steps};
@@ -295,7 +296,25 @@ fn check_resume_settings(
             a.warmup_ratio
         );
     }
-    let same = TrainerState { global_step: saved.global_step, ..now.clone() };
+    let (was, is) =
+        (saved.world_size * saved.per_device_train_batch_size, now.world_size * now.per_device_train_batch_size);
+    if was != is {
+        bail!(
+            "--resume {}: the run read micro-batches of {was} rows ({} rank(s) x {} per device); this run has {is} ({} x {}); the data order and the batches would differ; resume with ranks x --per-device-train-batch-size = {was}",
+            dir.display(),
+            saved.world_size,
+            saved.per_device_train_batch_size,
+            now.world_size,
+            now.per_device_train_batch_size
+        );
+    }
+    // the global micro-batch decides the data order, not how the ranks share it
+    let same = TrainerState {
+        global_step: saved.global_step,
+        world_size: saved.world_size,
+        per_device_train_batch_size: saved.per_device_train_batch_size,
+        ..now.clone()
+    };
     if *saved != same {
         bail!("--resume {}: saved with other batch settings (batch {} x {} accumulation, seed {}); this run has {} x {}, seed {}", dir.display(),
             saved.per_device_train_batch_size, saved.gradient_accumulation_steps, saved.seed,
@@ -304,30 +323,73 @@ fn check_resume_settings(
     Ok(())
 }
 
+/// What every rank of a run must agree on: the training settings, without where things are on
+/// each host.
+fn settings_fingerprint(a: &TrainArgs) -> Result<[u8; 32]> {
+    use sha2::Digest;
+    let mut v = serde_json::to_value(a)?;
+    if let Some(o) = v.as_object_mut() {
+        for k in ["output_dir", "model", "vision_model", "data"] {
+            o.remove(k);
+        }
+    }
+    Ok(sha2::Sha256::digest(v.to_string().as_bytes()).into())
+}
+
 /// Runs training (or continues it with `a.resume`). Returns (optimizer steps done, steps the run has in all).
+/// As a worker of a run of several (WORLD_SIZE set), it first meets the others; if it then fails,
+/// they stop too, naming it.
 pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usize)> {
     a.validate()?;
-    if a.resume.is_none() {
+    let env = crate::dist::env::WorkerEnv::from_env()?;
+    let dev = device::best_device_at(env.as_ref().map_or(0, |e| e.cuda_ordinal()))?;
+    let worker = match env {
+        Some(env) => {
+            let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
+            Some(crate::dist::worker::Worker::join(env, &dev, settings_fingerprint(a)?, timeout)?)
+        }
+        None => None,
+    };
+    let done = run(a, interrupted, dev, Ranks { worker: worker.as_ref() });
+    if let Some(w) = &worker {
+        match &done {
+            Ok(_) => w.finish(),
+            Err(e) => w.abort(&format!("{e:#}")),
+        }
+    }
+    done
+}
+
+fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -> Result<(usize, usize)> {
+    let main = ranks.is_main();
+    if a.resume.is_none() && main {
         check_output_dir(a)?;
     }
-    let dev = device::best_device()?;
     // candle's CPU matmul has no bf16: --bf16 (the Trainer's flag) is what a GPU does anyway
     let dtype = device::default_dtype(&dev);
     device::keep_pool_memory(&dev)?;
-    std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
+    if main {
+        std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
+    }
     let data_dir = if a.preset_tiny() { hub::sample_dataset()? } else { hub::resolve_dataset(&a.data, "--data")? };
     let split = read_split(&split_file(&data_dir, "train")?, "train")?;
-    split.report_skipped();
+    if main {
+        split.report_skipped();
+    }
     let mut m = load(a, &dev, dtype)?;
     let (mut problems, too_long) = trainable_rows(&m, split.problems, a)?;
-    report_skipped(&too_long, "cut by --max-seq-len");
+    if main {
+        report_skipped(&too_long, "cut by --max-seq-len");
+    }
     if let Some(n) = a.max_train_samples {
         problems.truncate(n);
     }
     if problems.is_empty() {
         bail!("no training rows left (skipped {})", split.skipped.len() + too_long.len());
     }
-    let n_batches = problems.len().div_ceil(a.per_device_train_batch_size);
+    // micro-batches of the global batch: each rank reads its share of every one
+    let (world, rank) = (ranks.world(), ranks.rank());
+    let n_batches = problems.len().div_ceil(world * a.per_device_train_batch_size);
     let total = a.max_steps.unwrap_or_else(|| {
         ((a.num_train_epochs * n_batches as f64) / a.gradient_accumulation_steps as f64).ceil().max(1.0) as usize
     });
@@ -341,12 +403,13 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         per_device_train_batch_size: a.per_device_train_batch_size,
         gradient_accumulation_steps: a.gradient_accumulation_steps,
         train_rows: problems.len(),
+        world_size: world,
     };
     let metrics_path = a.output_dir.join("metrics.jsonl");
     let steps_path = a.output_dir.join("steps.jsonl");
     let recorded = recorded_args(a, &m, &data_dir)?;
     let args_json = serde_json::to_value(&recorded)?;
-    if let Some(which) = &a.resume {
+    if let (Some(which), true) = (&a.resume, main) {
         let (dir, loaded) = restore(a, which, &mut m, &mut opt)?;
         opt.refresh_work()?;
         check_resume_settings(&recorded, &dir, loaded.args, &loaded.state, &state)?;
@@ -358,18 +421,21 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         }
         metrics::truncate_after(&metrics_path, state.global_step)?;
         metrics::truncate_after(&steps_path, state.global_step)?;
-    } else {
+    } else if main {
         claim_output_dir(a)?;
         crate::safetensors_out::write_atomic(&metrics_path, b"")?;
         crate::safetensors_out::write_atomic(&steps_path, b"")?;
     }
-    let args_path = a.output_dir.join("args.json");
-    crate::safetensors_out::write_atomic(&args_path, (serde_json::to_string_pretty(&recorded)? + "\n").as_bytes())?;
-    let skipped = split.skipped.len() + too_long.len();
-    print_summary(a, &m, &dev, dtype, (problems.len(), skipped), (total, n_batches));
+    ranks.share_start(&mut opt, &mut state)?;
+    if main {
+        let args_path = a.output_dir.join("args.json");
+        crate::safetensors_out::write_atomic(&args_path, (serde_json::to_string_pretty(&recorded)? + "\n").as_bytes())?;
+        let skipped = split.skipped.len() + too_long.len();
+        print_summary(a, &m, &dev, dtype, (problems.len(), skipped), (total, n_batches), world);
+    }
 
     let graph_vars = opt.graph_vars();
-    let bar = device::progress_bar(total, state.global_step);
+    let bar = if main { device::progress_bar(total, state.global_step) } else { indicatif::ProgressBar::hidden() };
     let ga = a.gradient_accumulation_steps;
     let mut grad_sum = GradSum::new(&opt, ga)?;
     // --max-grad-norm 0 turns clipping off, as in the Trainer
@@ -388,20 +454,31 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         // The step's loss is the mean over the supervised tokens of all its micro-batches, so the
         // batches are built first to count them.
         let mut micro_batches = vec![];
+        // this rank's supervised tokens, tokens and rows, then summed over the ranks
+        let mut counts = [0f32; 3];
         for micro in 0..ga {
             let k = step * ga + micro;
-            let rows = crate::data::order::micro_batch_rows(k, problems.len(), a.per_device_train_batch_size, a.seed);
+            let rows =
+                crate::data::order::rank_rows(k, problems.len(), a.per_device_train_batch_size, a.seed, world, rank);
+            // an epoch's last micro-batch may leave a rank without rows: it adds nothing
+            if rows.is_empty() {
+                continue;
+            }
             let picked: Vec<&Problem> = rows.iter().map(|&i| &problems[i]).collect();
             let (batch, tokens) = make_batch(&m, &picked, a, &dev)?;
-            window_samples += picked.len();
-            window_tokens += tokens;
+            counts[0] += batch.supervised.rows.len() as f32;
+            counts[1] += tokens as f32;
+            counts[2] += picked.len() as f32;
             micro_batches.push((k, batch));
         }
-        let supervised: usize = micro_batches.iter().map(|(_, b)| b.supervised.rows.len()).sum();
+        ranks.sum(&mut counts)?;
+        let supervised = counts[0] as usize;
+        window_tokens += counts[1] as usize;
+        window_samples += counts[2] as usize;
         for (k, batch) in micro_batches {
             let opts = StepOptions {
                 checkpointing: a.gradient_checkpointing,
-                dropout_seed: Some(a.seed ^ (k as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407)),
+                dropout_seed: Some(ranks.dropout_seed(a.seed, k)),
                 loss_chunk: a.loss_chunk,
                 loss_denominator: Some(supervised),
                 phases: false,
@@ -411,6 +488,12 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
             grad_sum.add(g.grads)?;
         }
         let mut grads = grad_sum.take();
+        if ranks.world() > 1 {
+            ranks.sum_grads(&mut grads, &opt)?;
+            let mut l = [step_loss as f32];
+            ranks.sum(&mut l)?;
+            step_loss = l[0] as f64;
+        }
         let clip = opt.grad_norm(&mut grads, max_norm)?;
         let grad_norm = clip.norm;
         if !(step_loss.is_finite() && grad_norm.is_finite()) {
@@ -433,26 +516,28 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         let step_tokens_per_s = *step_tokens.last().unwrap_or(&0) as f64 / secs;
         let epoch = (state.global_step * ga) as f64 / n_batches as f64;
         // every step goes to steps.jsonl (the loss curve); metrics.jsonl keeps the logging windows
-        metrics::append(
-            &steps_path,
-            &Record {
-                step: state.global_step,
-                epoch,
-                loss: step_loss,
-                lr,
-                grad_norm,
-                samples_per_s: (ga * a.per_device_train_batch_size) as f64 / secs,
-                tokens_per_s: step_tokens_per_s,
-                peak_memory_gib: None,
-            },
-        )?;
+        if main {
+            metrics::append(
+                &steps_path,
+                &Record {
+                    step: state.global_step,
+                    epoch,
+                    loss: step_loss,
+                    lr,
+                    grad_norm,
+                    samples_per_s: (ga * world * a.per_device_train_batch_size) as f64 / secs,
+                    tokens_per_s: step_tokens_per_s,
+                    peak_memory_gib: None,
+                },
+            )?;
+        }
         bar.set_position(state.global_step as u64);
         bar.set_message(format!(
             "loss {step_loss:.4} lr {lr:.2e} grad-norm {grad_norm:.3} {step_tokens_per_s:.0} tokens/s {secs:.2} s/step"
         ));
 
         let last = state.global_step == total;
-        if state.global_step.is_multiple_of(a.logging_steps) || last {
+        if main && (state.global_step.is_multiple_of(a.logging_steps) || last) {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let mem = device::memory(&dev)?;
             peak_bytes = peak_bytes.max(mem.peak.unwrap_or(0));
@@ -477,9 +562,12 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
             window_start = Instant::now();
             device::reset_peak_memory(&dev)?;
         }
-        let stop = interrupted.load(Ordering::SeqCst);
-        if (a.save_steps > 0 && state.global_step.is_multiple_of(a.save_steps)) || stop || state.global_step == stop_at
-        {
+        // every rank stops at the same step when any was interrupted
+        let stop = ranks.any(interrupted.load(Ordering::SeqCst))?;
+        let save = (a.save_steps > 0 && state.global_step.is_multiple_of(a.save_steps))
+            || stop
+            || state.global_step == stop_at;
+        if save && main {
             let dir = state::checkpoint_dir(&a.output_dir, state.global_step);
             let snap = Snapshot { opt: &opt, names: &m.names, state: &state, args: &args_json };
             state::save(&dir, &mut m.vlm.llm, &m.vlm.projector, &m.spec, &base_model_name(a), &snap)?;
@@ -493,6 +581,9 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         }
     }
     bar.finish_and_clear();
+    if !main {
+        return Ok((state.global_step, total));
+    }
     if !step_times.is_empty() {
         let mut sorted = step_times.clone();
         sorted.sort_by(f64::total_cmp);
@@ -500,9 +591,10 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         let tokens: usize = step_tokens.iter().sum();
         let secs: f64 = step_times.iter().sum();
         eprintln!(
-            "{} steps on {}: median step {:.1} ms, {:.0} tokens/s{}",
+            "{} steps on {}{}: median step {:.1} ms, {:.0} tokens/s{}",
             step_times.len(),
             device::device_name(&dev),
+            if world > 1 { format!(" x {world} ranks") } else { String::new() },
             med * 1e3,
             tokens as f64 / secs,
             if dev.is_cuda() {
@@ -547,12 +639,21 @@ fn recorded_args(a: &TrainArgs, m: &Loaded, data_dir: &Path) -> Result<TrainArgs
 }
 
 /// One paragraph before the first step: what is trained on what, and how.
-fn print_summary(a: &TrainArgs, m: &Loaded, dev: &Device, dtype: DType, rows: (usize, usize), steps: (usize, usize)) {
+fn print_summary(
+    a: &TrainArgs,
+    m: &Loaded,
+    dev: &Device,
+    dtype: DType,
+    rows: (usize, usize),
+    steps: (usize, usize),
+    world: usize,
+) {
     let ((used, skipped), (total, n_batches)) = (rows, steps);
     let trainable: usize = m.vars.iter().map(|v| v.elem_count()).sum();
-    let per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps;
+    let per_step = world * a.per_device_train_batch_size * a.gradient_accumulation_steps;
+    let ranks = if world > 1 { format!("{world} ranks x ") } else { String::new() };
     eprintln!(
-        "training on {used} rows ({skipped} skipped): {total} steps of {per_step} rows ({} x {} accumulation), {:.2} epochs",
+        "training on {used} rows ({skipped} skipped): {total} steps of {per_step} rows ({ranks}{} x {} accumulation), {:.2} epochs",
         a.per_device_train_batch_size,
         a.gradient_accumulation_steps,
         (total * a.gradient_accumulation_steps) as f64 / n_batches as f64

@@ -25,6 +25,14 @@ pub struct TrainerState {
     pub gradient_accumulation_steps: usize,
     /// Rows of the training split after skips: the data order depends on it.
     pub train_rows: usize,
+    /// Data-parallel ranks (checkpoints of older versions: 1). A resume may change it when the
+    /// global micro-batch, ranks x per-device batch, stays the same.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {

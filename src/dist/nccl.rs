@@ -1,0 +1,125 @@
+//! Collectives between GPU processes through NCCL (cudarc's binding; a build with the `nccl`
+//! feature links libnccl.so.2, as candle links the CUDA libraries), on the device's one stream, so they queue behind the kernels that produced their input without a
+//! host sync.
+
+use crate::dist::comm::Communicator;
+use crate::dist::control::Control;
+use anyhow::{anyhow, bail, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+pub struct NcclComm {
+    comm: Comm,
+    rank: usize,
+    world: usize,
+    dev: Device,
+    control: Arc<Control>,
+}
+
+// SAFETY: NCCL's communicator is a handle NCCL lets one thread use at a time; gemmaclip calls it
+// from the training thread only (the trait asks for Send + Sync so a run can hold it boxed).
+unsafe impl Send for NcclComm {}
+unsafe impl Sync for NcclComm {}
+
+/// Rank 0's new unique id as the bytes the rendezvous hands out.
+pub fn new_id() -> Result<Vec<u8>> {
+    let id = Id::new().map_err(|e| anyhow!("NCCL could not make a unique id: {e:?}"))?;
+    Ok(id.internal().iter().map(|&c| c as u8).collect())
+}
+
+impl NcclComm {
+    /// Joins the NCCL group `id` (from `new_id` on rank 0) as `rank` of `world`, on `dev`'s stream.
+    pub fn new(dev: &Device, rank: usize, world: usize, id: &[u8], control: Arc<Control>) -> Result<Self> {
+        let Ok(bytes) = <[u8; 128]>::try_from(id) else { bail!("rank 0 handed out a {}-byte NCCL id", id.len()) };
+        let id = Id::uninit(bytes.map(|b| b as std::ffi::c_char));
+        let stream = dev.as_cuda_device()?.cuda_stream();
+        let comm = Comm::from_rank(stream, rank, world, id)
+            .map_err(|e| anyhow!("rank {rank}: NCCL could not join the group of {world}: {e:?}"))?;
+        Ok(Self { comm, rank, world, dev: dev.clone(), control })
+    }
+
+    fn run_on(&self, values: &mut [f32], f: impl FnOnce(&Comm, &mut Tensor) -> Result<Tensor>) -> Result<()> {
+        let mut t = Tensor::from_slice(values, values.len(), &self.dev)?;
+        let out = f(&self.comm, &mut t)?;
+        values.copy_from_slice(&out.to_vec1::<f32>()?);
+        Ok(())
+    }
+}
+
+enum Collective {
+    Sum,
+    Broadcast(usize),
+}
+
+/// A collective as a candle op, so its input is read where candle keeps it and its output is a
+/// fresh tensor on the same stream.
+struct NcclOp<'a> {
+    comm: &'a Comm,
+    what: Collective,
+}
+
+impl CustomOp1 for NcclOp<'_> {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("NCCL collectives run on CUDA tensors")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        if s.dtype() != DType::F32 {
+            candle_core::bail!("NCCL collectives here take f32, got {:?}", s.dtype());
+        }
+        let Some((o1, o2)) = l.contiguous_offsets() else {
+            candle_core::bail!("NCCL collectives take contiguous tensors")
+        };
+        let src = s.as_cuda_slice::<f32>()?.slice(o1..o2);
+        // SAFETY: the collective writes every element.
+        let mut dst = unsafe { s.device.alloc::<f32>(o2 - o1)? };
+        let done = match self.what {
+            Collective::Sum => self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum),
+            Collective::Broadcast(root) => self.comm.broadcast(Some(&src), &mut dst, root as i32),
+        };
+        done.map_err(|e| candle_core::Error::Msg(format!("NCCL: {e:?}")))?;
+        Ok((CudaStorage::wrap_cuda_slice(dst, s.device.clone()), l.shape().clone()))
+    }
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()> {
+        self.run_on(values, |comm, t| Ok(t.apply_op1_no_bwd(&NcclOp { comm, what: Collective::Sum })?))
+    }
+
+    fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.world {
+            bail!("broadcast from rank {root} in a world of {}", self.world);
+        }
+        self.run_on(values, |comm, t| Ok(t.apply_op1_no_bwd(&NcclOp { comm, what: Collective::Broadcast(root) })?))
+    }
+
+    fn abort(&self, why: &str) {
+        self.control.abort(why)
+    }
+
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let t = t.to_dtype(DType::F32)?.contiguous()?;
+        Ok(t.apply_op1_no_bwd(&NcclOp { comm: &self.comm, what: Collective::Sum })?)
+    }
+
+    fn broadcast_tensor(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        let t = t.to_dtype(DType::F32)?.contiguous()?;
+        Ok(t.apply_op1_no_bwd(&NcclOp { comm: &self.comm, what: Collective::Broadcast(root) })?)
+    }
+}

@@ -1,0 +1,64 @@
+//! This process as one rank of a data-parallel run: the rendezvous, the control links that stop
+//! the run together, and the communicator (NCCL between GPUs where the build has it, else TCP
+//! through rank 0).
+
+use crate::dist::comm::Communicator;
+use crate::dist::control::Control;
+use crate::dist::env::WorkerEnv;
+use crate::dist::rendezvous::rendezvous;
+use anyhow::Result;
+use candle_core::Device;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Worker {
+    pub env: WorkerEnv,
+    pub comm: Box<dyn Communicator>,
+    control: Arc<Control>,
+}
+
+impl Worker {
+    /// Meets the other ranks (they must bring the same `fingerprint` of their training settings)
+    /// and sets up the collectives on `dev`.
+    pub fn join(env: WorkerEnv, dev: &Device, fingerprint: [u8; 32], timeout: Duration) -> Result<Self> {
+        let nccl = cfg!(feature = "nccl") && dev.is_cuda();
+        let payload = || -> Result<Vec<u8>> {
+            #[cfg(feature = "nccl")]
+            if nccl {
+                return crate::dist::nccl::new_id();
+            }
+            Ok(vec![])
+        };
+        let links = rendezvous(&env, fingerprint, payload, timeout)?;
+        let control = Control::start(env.rank, links.control)?;
+        let comm: Box<dyn Communicator> = if nccl {
+            #[cfg(feature = "nccl")]
+            {
+                Box::new(crate::dist::nccl::NcclComm::new(dev, env.rank, env.world, &links.payload, control.clone())?)
+            }
+            #[cfg(not(feature = "nccl"))]
+            unreachable!("nccl is false without the feature")
+        } else {
+            if dev.is_cuda() && env.rank == 0 {
+                eprintln!("note: this build has no NCCL, so gradients travel through rank 0 over TCP (slow); build with --features nccl for GPUs");
+            }
+            Box::new(crate::dist::tcp::TcpComm::new(env.rank, env.world, links.data, control.clone()))
+        };
+        Ok(Self { env, comm, control })
+    }
+
+    /// Rank 0 writes the run's files and prints its progress.
+    pub fn is_main(&self) -> bool {
+        self.env.rank == 0
+    }
+
+    /// This rank is done; the others may see its links close.
+    pub fn finish(&self) {
+        self.control.finish()
+    }
+
+    /// This rank failed with `why`: every other rank stops, naming it.
+    pub fn abort(&self, why: &str) {
+        self.control.abort(why)
+    }
+}

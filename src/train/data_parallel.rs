@@ -1,0 +1,87 @@
+//! What the training loop does differently as one rank of several: the run is the single-GPU run
+//! with the same global batch. Rank 0 decides where training starts (a fresh init or a checkpoint)
+//! and hands its weights and optimizer state to the others; every micro-batch is split across the
+//! ranks; the loss is divided by the supervised tokens of the whole step on every rank, so summing
+//! the ranks' losses and gradients gives the global mean; every rank then takes the same optimizer
+//! step on the same summed gradients.
+
+use crate::dist::comm::{all_reduce_grads, broadcast_tensors};
+use crate::dist::worker::Worker;
+use crate::train::optimizer::AdamW;
+use crate::train::state::TrainerState;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// One rank of a run, or the whole run (`worker` None).
+#[derive(Clone, Copy)]
+pub struct Ranks<'a> {
+    pub worker: Option<&'a Worker>,
+}
+
+impl Ranks<'_> {
+    pub fn world(&self) -> usize {
+        self.worker.map_or(1, |w| w.env.world)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.worker.map_or(0, |w| w.env.rank)
+    }
+
+    /// Rank 0 (or a run of one) writes the files and prints progress.
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Elementwise sums over the ranks.
+    pub fn sum(&self, values: &mut [f32]) -> Result<()> {
+        match self.worker {
+            Some(w) => w.comm.all_reduce_sum(values),
+            None => Ok(()),
+        }
+    }
+
+    /// True on every rank when it is true on any.
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        let mut v = [if flag { 1.0 } else { 0.0 }];
+        self.sum(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// The step's gradients summed over the ranks.
+    pub fn sum_grads(&self, grads: &mut [Option<Tensor>], opt: &AdamW) -> Result<()> {
+        let Some(w) = self.worker else { return Ok(()) };
+        let like: Vec<Tensor> = opt.vars.iter().map(|v| v.as_tensor().clone()).collect();
+        all_reduce_grads(w.comm.as_ref(), grads, &like)
+    }
+
+    /// Every rank takes rank 0's weights, optimizer moments and position: whatever rank 0 started
+    /// from (its seed or a checkpoint only it read) is where the run starts.
+    pub fn share_start(&self, opt: &mut AdamW, state: &mut TrainerState) -> Result<()> {
+        let Some(w) = self.worker else { return Ok(()) };
+        let comm = w.comm.as_ref();
+        let n = opt.vars.len();
+        let mut all: Vec<Tensor> = opt.vars.iter().map(|v| v.as_tensor().clone()).collect();
+        all.extend(opt.m.iter().cloned());
+        all.extend(opt.v.iter().cloned());
+        let got = broadcast_tensors(comm, &all, 0)?;
+        for (var, t) in opt.vars.iter().zip(&got[..n]) {
+            var.set(t)?;
+        }
+        opt.m = got[n..2 * n].to_vec();
+        opt.v = got[2 * n..].to_vec();
+        let mut pos = [opt.step as f32, state.global_step as f32];
+        comm.broadcast(&mut pos, 0)?;
+        if pos.iter().any(|&p| p >= (1u32 << 24) as f32) {
+            bail!("rank 0's step counter {} is past what the ranks exchange exactly", pos[0]);
+        }
+        (opt.step, state.global_step) = (pos[0] as u64, pos[1] as usize);
+        opt.refresh_work()
+    }
+
+    /// A per-rank dropout seed: rank 0 keeps the single-GPU seed of the micro-batch, the others
+    /// draw other masks, as other samples of one batch would.
+    pub fn dropout_seed(&self, seed: u64, micro_batch: usize) -> u64 {
+        let s = seed ^ (micro_batch as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+        s ^ (self.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+}
