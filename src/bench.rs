@@ -255,7 +255,7 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
             })
         );
     }
-    Ok(())
+    ranks.barrier()
 }
 
 /// `gemmaclip bench generate`'s flags.

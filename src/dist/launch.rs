@@ -113,16 +113,22 @@ pub fn run(l: &LaunchArgs) -> Result<i32> {
                 }
             }
         }
+        let mut failed_now = vec![];
         for (i, (rank, c)) in children.iter_mut().enumerate() {
             if status[i].is_none() {
                 if let Some(s) = c.try_wait()? {
                     status[i] = Some(s);
-                    if !s.success() && s.code() != Some(130) && first_failure.is_none() {
-                        first_failure = Some((*rank, s));
-                        failed_at = Some(Instant::now());
+                    if !s.success() && s.code() != Some(130) {
+                        failed_now.push((*rank, s));
                     }
                 }
             }
+        }
+        // of workers ending together, one ended by a signal is the cause, the others its echo
+        failed_now.sort_by_key(|(rank, s)| (s.signal().is_none(), *rank));
+        if first_failure.is_none() && !failed_now.is_empty() {
+            first_failure = Some(failed_now[0]);
+            failed_at = Some(Instant::now());
         }
         if failed_at.is_some_and(|t| t.elapsed() > GRACE) {
             for (i, (rank, c)) in children.iter_mut().enumerate() {

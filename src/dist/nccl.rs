@@ -12,7 +12,10 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use std::sync::Arc;
 
 pub struct NcclComm {
-    comm: Comm,
+    /// Never destroyed: ncclCommAbort and ncclCommDestroy must run on every rank together or they
+    /// hang or break the peers still using the group; the process ends right after its run (the
+    /// ranks leave together, `Ranks::barrier`) and the driver reclaims what NCCL holds.
+    comm: std::mem::ManuallyDrop<Comm>,
     rank: usize,
     world: usize,
     dev: Device,
@@ -38,7 +41,7 @@ impl NcclComm {
         let stream = dev.as_cuda_device()?.cuda_stream();
         let comm = Comm::from_rank(stream, rank, world, id)
             .map_err(|e| anyhow!("rank {rank}: NCCL could not join the group of {world}: {e:?}"))?;
-        Ok(Self { comm, rank, world, dev: dev.clone(), control })
+        Ok(Self { comm: std::mem::ManuallyDrop::new(comm), rank, world, dev: dev.clone(), control })
     }
 
     fn run_on(&self, values: &mut [f32], f: impl FnOnce(&Comm, &mut Tensor) -> Result<Tensor>) -> Result<()> {

@@ -183,7 +183,8 @@ fn join(env: &WorkerEnv, fingerprint: [u8; 32], deadline: Instant, timeout: Dura
     let data = connect(env, deadline, timeout)?;
     write_frame(&data, HELLO, &hello_bytes(env, DATA, &fingerprint))?;
     data.set_nodelay(true)?;
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+    // rank 0 gives up at its own deadline and then says why: wait a little past ours for that word
+    let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(10);
     control.set_read_timeout(Some(left))?;
     let reply = read_frame(&control).map_err(|e| {
         anyhow::anyhow!("rank {}: no word from rank 0 within {} s of the rendezvous ({e})", env.rank, timeout.as_secs())
@@ -195,5 +196,75 @@ fn join(env: &WorkerEnv, fingerprint: [u8; 32], deadline: Instant, timeout: Dura
         }
         Some((FAIL, why)) => bail!("{}", String::from_utf8_lossy(&why)),
         _ => bail!("rank {}: rank 0 closed the link during the rendezvous", env.rank),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rendezvous;
+    use crate::dist::env::WorkerEnv;
+    use std::time::Duration;
+
+    fn env(rank: usize, world: usize, port: u16) -> WorkerEnv {
+        WorkerEnv { rank, world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+    }
+
+    /// Runs ranks `present` of a world of `world`, rank r bringing fingerprint `fp(r)`; each
+    /// rank's payload or error.
+    fn meet(
+        world: usize,
+        present: &[usize],
+        fp: impl Fn(usize) -> u8 + Sync,
+        timeout: u64,
+    ) -> Vec<Result<Vec<u8>, String>> {
+        let port = free_port();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = present
+                .iter()
+                .map(|&r| {
+                    let fp = &fp;
+                    s.spawn(move || {
+                        rendezvous(
+                            &env(r, world, port),
+                            [fp(r); 32],
+                            || Ok(vec![7, 8, 9]),
+                            Duration::from_secs(timeout),
+                        )
+                        .map(|l| l.payload)
+                        .map_err(|e| format!("{e:#}"))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn every_rank_gets_rank_zeros_payload() {
+        for got in meet(3, &[0, 1, 2], |_| 1, 20) {
+            assert_eq!(got.unwrap(), vec![7, 8, 9]);
+        }
+    }
+
+    #[test]
+    fn a_rank_that_never_comes_is_named_on_every_rank() {
+        let got = meet(3, &[0, 1], |_| 1, 1);
+        for g in got {
+            let e = g.unwrap_err();
+            assert!(e.contains("rank(s) 2 did not arrive"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_rank_with_other_settings_is_refused() {
+        let got = meet(2, &[0, 1], |r| r as u8, 20);
+        for g in got {
+            let e = g.unwrap_err();
+            assert!(e.contains("rank 1 was started with other training settings"), "{e}");
+        }
     }
 }

@@ -40,6 +40,11 @@ impl Ranks<'_> {
         }
     }
 
+    /// Returns once every rank got here: no rank leaves the run while rank 0 still writes.
+    pub fn barrier(&self) -> Result<()> {
+        self.sum(&mut [0.0])
+    }
+
     /// True on every rank when it is true on any.
     pub fn any(&self, flag: bool) -> Result<bool> {
         let mut v = [if flag { 1.0 } else { 0.0 }];

@@ -577,15 +577,31 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
         }
         if stop {
             bar.abandon_with_message(format!("interrupted at step {}; resume with --resume", state.global_step));
+            ranks.barrier()?;
             return Ok((state.global_step, total));
         }
     }
     bar.finish_and_clear();
-    if !main {
-        return Ok((state.global_step, total));
+    if main {
+        report_and_write(a, &mut m, &dev, &state, total, (&step_times, &step_tokens, peak_bytes, world), &steps_path)?;
     }
+    ranks.barrier()?;
+    Ok((state.global_step, total))
+}
+
+/// Rank 0 at the end of a run: the speed summary, and the outputs once the run is complete.
+fn report_and_write(
+    a: &TrainArgs,
+    m: &mut Loaded,
+    dev: &Device,
+    state: &TrainerState,
+    total: usize,
+    timing: (&[f64], &[usize], u64, usize),
+    steps_path: &Path,
+) -> Result<()> {
+    let (step_times, step_tokens, peak_bytes, world) = timing;
     if !step_times.is_empty() {
-        let mut sorted = step_times.clone();
+        let mut sorted = step_times.to_vec();
         sorted.sort_by(f64::total_cmp);
         let med = sorted[sorted.len() / 2];
         let tokens: usize = step_tokens.iter().sum();
@@ -593,7 +609,7 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
         eprintln!(
             "{} steps on {}{}: median step {:.1} ms, {:.0} tokens/s{}",
             step_times.len(),
-            device::device_name(&dev),
+            device::device_name(dev),
             if world > 1 { format!(" x {world} ranks") } else { String::new() },
             med * 1e3,
             tokens as f64 / secs,
@@ -605,9 +621,9 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
         );
     }
     if state.global_step == total {
-        write_outputs(&mut m, a)?;
+        write_outputs(m, a)?;
         let curve = a.output_dir.join("loss_curve.png");
-        crate::train::plot::loss_curve(&metrics::read(&steps_path)?, &curve)?;
+        crate::train::plot::loss_curve(&metrics::read(steps_path)?, &curve)?;
         let o = |f: &str| a.output_dir.join(f).display().to_string();
         eprintln!("adapter (PEFT): {}", o("lora_adapter"));
         eprintln!("projector:      {}", o("projector.safetensors"));
@@ -618,7 +634,7 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
             eprintln!("checkpoint:     {}", c.display());
         }
     }
-    Ok((state.global_step, total))
+    Ok(())
 }
 
 /// The arguments as the run really used them: the tiny preset's model and data directories in
