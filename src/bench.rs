@@ -142,7 +142,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
             use sha2::Digest;
             let fingerprint = sha2::Sha256::digest(format!("{a:?}").as_bytes()).into();
             let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
-            Some(crate::dist::worker::Worker::join(env, &dev, fingerprint, timeout)?)
+            Some(crate::dist::worker::Worker::join(env, &dev, fingerprint, timeout, true)?)
         }
         None => None,
     };

@@ -3,9 +3,11 @@
 use anyhow::Result;
 use candle_core::{DType, Device};
 
-/// The first CUDA device when this build has CUDA and one is present, else the CPU.
+/// The CUDA device this process should use when this build has CUDA and one is present (the
+/// first, or a worker's own: `WorkerEnv::cuda_ordinal`), else the CPU.
 pub fn best_device() -> Result<Device> {
-    best_device_at(0)
+    let env = crate::dist::env::WorkerEnv::from_env()?;
+    best_device_at(env.map_or(0, |e| e.cuda_ordinal()))
 }
 
 /// CUDA device `ordinal` when this build has CUDA and a GPU is present, else the CPU.

@@ -161,3 +161,33 @@ fn a_run_trained_on_the_bf16_base_is_evaluated_on_it() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(json(&out.path().join("eval.json"))["fingerprint"]["sources"]["four_bit"], false);
 }
+
+#[test]
+fn two_workers_answer_as_one_and_take_in_what_an_interrupted_worker_left() {
+    let cache = tempfile::tempdir().unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let (one, two, resumed) = (dirs.path().join("one"), dirs.path().join("two"), dirs.path().join("resumed"));
+    let c = cache.path();
+    let nine = ["--limit", "9", "--batch-size", "1"];
+    assert_eq!(eval(c, &one, &nine).0, Some(0));
+    let (code, err) = eval(c, &two, &[&nine[..], &["--nproc-per-node", "2"]].concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("answered 9 questions by 2 workers"), "{err}");
+    let read = |d: &Path| std::fs::read_to_string(d.join("predictions.jsonl")).unwrap();
+    // greedy answers of one question at a time: the same text, in the same (pid) order
+    assert_eq!(read(&one), read(&two));
+    assert!(std::fs::read_dir(&two).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".rank")));
+    assert_eq!(json(&one.join("results.json"))["results"], json(&two.join("results.json"))["results"]);
+
+    // a run of three questions whose last answer sits in a worker's file, as a run cut short leaves it
+    assert_eq!(eval(c, &resumed, &["--limit", "3", "--batch-size", "1"]).0, Some(0));
+    let text = read(&resumed);
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(resumed.join("predictions.jsonl"), lines[..2].join("\n") + "\n").unwrap();
+    std::fs::write(resumed.join("predictions.rank1.jsonl"), lines[2].to_string() + "\n").unwrap();
+    let (code, err) = eval(c, &resumed, &[&nine[..], &["--nproc-per-node", "2"]].concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("resuming: 3 of 9 questions already answered"), "{err}");
+    assert_eq!(read(&one), read(&resumed));
+    assert!(!resumed.join("predictions.rank1.jsonl").exists());
+}

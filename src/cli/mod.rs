@@ -209,6 +209,9 @@ pub struct EvalCli {
     pub overwrite_output_dir: bool,
     #[command(flatten)]
     pub sampling: SamplingCli,
+    /// `--nproc-per-node N`: N workers (one GPU each) answer the questions between them.
+    #[command(flatten)]
+    pub launch: crate::dist::env::LaunchArgs,
 }
 
 /// How `infer` and `eval` pick each token.
@@ -321,6 +324,13 @@ fn infer(i: InferCli) -> Result<()> {
 }
 
 fn eval(e: EvalCli) -> Result<()> {
+    if e.launch.nproc_per_node.is_some() && std::env::var_os("WORLD_SIZE").is_none() {
+        let code = crate::dist::launch::run(&e.launch)?;
+        if code != 0 {
+            std::process::exit(code);
+        }
+        return Ok(());
+    }
     if e.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -355,6 +365,7 @@ fn eval(e: EvalCli) -> Result<()> {
             batch_size: e.batch_size,
             max_new_tokens: e.max_new_tokens,
             output_dir: e.output_dir,
+            rendezvous_timeout: e.launch.rendezvous_timeout,
         },
         &crate::eval::Generation {
             temperature: e.sampling.temperature,

@@ -18,10 +18,16 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Meets the other ranks (they must bring the same `fingerprint` of their training settings)
-    /// and sets up the collectives on `dev`.
-    pub fn join(env: WorkerEnv, dev: &Device, fingerprint: [u8; 32], timeout: Duration) -> Result<Self> {
-        let nccl = cfg!(feature = "nccl") && dev.is_cuda();
+    /// Meets the other ranks (they must bring the same `fingerprint` of their settings) and sets
+    /// up the collectives on `dev`: NCCL where `want_nccl`, the build has it and `dev` is a GPU.
+    pub fn join(
+        env: WorkerEnv,
+        dev: &Device,
+        fingerprint: [u8; 32],
+        timeout: Duration,
+        want_nccl: bool,
+    ) -> Result<Self> {
+        let nccl = want_nccl && cfg!(feature = "nccl") && dev.is_cuda();
         let payload = || -> Result<Vec<u8>> {
             #[cfg(feature = "nccl")]
             if nccl {
@@ -39,7 +45,7 @@ impl Worker {
             #[cfg(not(feature = "nccl"))]
             unreachable!("nccl is false without the feature")
         } else {
-            if dev.is_cuda() && env.rank == 0 {
+            if want_nccl && dev.is_cuda() && env.rank == 0 {
                 eprintln!("note: this build has no NCCL, so gradients travel through rank 0 over TCP (slow); build with --features nccl for GPUs");
             }
             Box::new(crate::dist::tcp::TcpComm::new(env.rank, env.world, links.data, control.clone()))

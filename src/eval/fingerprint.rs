@@ -84,7 +84,9 @@ pub fn claim(dir: &Path, fingerprint: &Value, start_over: bool) -> Result<f64> {
     let manifest = dir.join("eval.json");
     let predictions = dir.join("predictions.jsonl");
     if start_over {
-        for p in [&manifest, &predictions, &dir.join("results.json"), &dir.join("breakdown.txt")] {
+        let mut old = vec![manifest.clone(), predictions.clone(), dir.join("results.json"), dir.join("breakdown.txt")];
+        old.extend(crate::eval::rank_files(dir));
+        for p in &old {
             if p.exists() {
                 std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
             }

@@ -1,5 +1,8 @@
 //! `gemmaclip eval`: every question of a ScienceQA split answered (batched, resumable through
-//! predictions.jsonl), then scored with the official breakdown (`score`).
+//! predictions.jsonl), then scored with the official breakdown (`score`). With several workers
+//! (`eval --nproc-per-node N`), each answers every N-th open question into its own
+//! predictions.rank<R>.jsonl, and rank 0 merges them into predictions.jsonl in pid order (a run
+//! cut short leaves them behind, and the next run, with any number of workers, takes them in).
 
 mod chart;
 pub mod fingerprint;
@@ -42,6 +45,8 @@ pub struct EvalArgs {
     pub batch_size: usize,
     pub max_new_tokens: usize,
     pub output_dir: PathBuf,
+    /// Seconds the workers of a run of several wait for each other at the start.
+    pub rendezvous_timeout: u64,
 }
 
 /// How the answers are generated and what they come from.
@@ -90,17 +95,94 @@ fn read_predictions(path: &Path) -> Result<BTreeMap<String, Prediction>> {
     Ok(done)
 }
 
+/// The answers of the workers of a run of several, before rank 0 merges them.
+pub fn rank_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.strip_prefix("predictions.rank")
+                    .and_then(|r| r.strip_suffix(".jsonl"))
+                    .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// predictions.jsonl with every worker's answers taken in, in pid order, written whole (no torn
+/// last line); the workers' files are removed once it is written. Returns the answers.
+fn merge_predictions(dir: &Path) -> Result<BTreeMap<String, Prediction>> {
+    let pred_path = dir.join("predictions.jsonl");
+    let mut done = read_predictions(&pred_path)?;
+    let ranks = rank_files(dir);
+    for r in &ranks {
+        done.extend(read_predictions(r)?);
+    }
+    let mut ordered: Vec<&Prediction> = done.values().collect();
+    ordered.sort_by_key(|p| pid_order(&p.pid));
+    let mut text = String::new();
+    for p in ordered {
+        text.push_str(&serde_json::to_string(p)?);
+        text.push('\n');
+    }
+    crate::safetensors_out::write_atomic(&pred_path, text.as_bytes())?;
+    for r in &ranks {
+        std::fs::remove_file(r).with_context(|| format!("cannot remove {}", r.display()))?;
+    }
+    Ok(done)
+}
+
 /// Runs every question of the split (resuming from predictions.jsonl when it holds answers of the
 /// same model, settings and split), then writes results.json (`{"results": {pid: index}}` as the
-/// official scorer reads it, plus the breakdown) and prints it.
+/// official scorer reads it, plus the breakdown) and prints it. As a worker of several
+/// (WORLD_SIZE set), it answers its share and rank 0 scores them all; the others return no columns.
 pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs, g: &Generation) -> Result<Vec<Column>> {
+    let worker = match crate::dist::env::WorkerEnv::from_env()? {
+        Some(env) => {
+            use sha2::Digest;
+            let who =
+                format!("{:?} {:?} {:?} {} {} {}", a.split, a.limit, a.output_dir, a.max_new_tokens, g.sources, g.seed);
+            let fingerprint = sha2::Sha256::digest(who.as_bytes()).into();
+            let timeout = std::time::Duration::from_secs(a.rendezvous_timeout);
+            // answers need no collective: the TCP links carry the two waits
+            Some(crate::dist::worker::Worker::join(env, &model.vlm.llm.device().clone(), fingerprint, timeout, false)?)
+        }
+        None => None,
+    };
+    let done = eval_ranked(model, data_dir, a, g, worker.as_ref());
+    if let Some(w) = &worker {
+        match &done {
+            Ok(_) => w.finish(),
+            Err(e) => w.abort(&format!("{e:#}")),
+        }
+    }
+    done
+}
+
+fn eval_ranked(
+    model: &Answerer,
+    data_dir: &Path,
+    a: &EvalArgs,
+    g: &Generation,
+    worker: Option<&crate::dist::worker::Worker>,
+) -> Result<Vec<Column>> {
+    let ranks = crate::train::data_parallel::Ranks { worker };
+    let (main, rank, world) = (ranks.is_main(), ranks.rank(), ranks.world());
     let split = read_split(&split_file(data_dir, &a.split)?, &a.split)?;
-    split.report_skipped();
+    if main {
+        split.report_skipped();
+    }
     let mut problems = split.problems;
     if let Some(n) = a.limit {
         problems.truncate(n);
     }
-    std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
+    if main {
+        std::fs::create_dir_all(&a.output_dir).with_context(|| format!("cannot create {}", a.output_dir.display()))?;
+    }
     let split_path = split_file(data_dir, &a.split)?;
     let fp = serde_json::json!({
         "split": a.split,
@@ -115,10 +197,16 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs, g: &Generation) -> 
         },
     });
     let fp_id = fingerprint::short_id(&fp);
-    let earlier_seconds = fingerprint::claim(&a.output_dir, &fp, g.start_over)?;
-    let mut manifest = fingerprint::Manifest { fingerprint: fp, seconds: earlier_seconds };
-    fingerprint::save(&a.output_dir, &manifest)?;
     let pred_path = a.output_dir.join("predictions.jsonl");
+    // rank 0 claims the directory and takes in what earlier workers left; then everyone reads it
+    let mut earlier_seconds = 0.0;
+    if main {
+        earlier_seconds = fingerprint::claim(&a.output_dir, &fp, g.start_over)?;
+        fingerprint::save(&a.output_dir, &fingerprint::Manifest { fingerprint: fp.clone(), seconds: earlier_seconds })?;
+        merge_predictions(&a.output_dir)?;
+    }
+    ranks.barrier()?;
+    let mut manifest = fingerprint::Manifest { fingerprint: fp, seconds: earlier_seconds };
     let mut done = read_predictions(&pred_path)?;
     if let Some(stale) = done.values().find(|p| p.fingerprint != fp_id) {
         bail!(
@@ -127,25 +215,26 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs, g: &Generation) -> 
             stale.pid
         );
     }
-    // rewrite in pid order without a torn last line, then append
-    let mut ordered: Vec<&Prediction> = done.values().collect();
-    ordered.sort_by_key(|p| pid_order(&p.pid));
-    let mut text = String::new();
-    for p in ordered {
-        text.push_str(&serde_json::to_string(p)?);
-        text.push('\n');
-    }
-    crate::safetensors_out::write_atomic(&pred_path, text.as_bytes())?;
     let mut todo: Vec<_> = problems.iter().filter(|p| !done.contains_key(&p.pid)).collect();
     todo.sort_by_key(|p| pid_order(&p.pid));
-    if !done.is_empty() {
+    if !done.is_empty() && main {
         eprintln!("resuming: {} of {} questions already answered", problems.len() - todo.len(), problems.len());
     }
-    let bar = device::progress_bar(problems.len(), problems.len() - todo.len());
+    let open = todo.len();
+    // every world-th open question, so each worker gets a like mix of the split
+    let todo: Vec<_> = todo.into_iter().skip(rank).step_by(world).collect();
+    let bar = if main {
+        device::progress_bar(problems.len(), problems.len() - open)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let out_path =
+        if world > 1 { a.output_dir.join(format!("predictions.rank{rank}.jsonl")) } else { pred_path.clone() };
     let mut file = std::fs::OpenOptions::new()
+        .create(true)
         .append(true)
-        .open(&pred_path)
-        .with_context(|| format!("cannot open {}", pred_path.display()))?;
+        .open(&out_path)
+        .with_context(|| format!("cannot open {}", out_path.display()))?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         temperature: g.temperature,
@@ -190,24 +279,37 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs, g: &Generation) -> 
             };
             writeln!(file, "{}", serde_json::to_string(&pred)?)
                 .and_then(|()| file.flush())
-                .with_context(|| format!("cannot write {}", pred_path.display()))?;
+                .with_context(|| format!("cannot write {}", out_path.display()))?;
             done.insert(pred.pid.clone(), pred);
+        }
+        if !main {
+            continue;
         }
         manifest.seconds = earlier_seconds + started.elapsed().as_secs_f64();
         fingerprint::save(&a.output_dir, &manifest)?;
         let correct = done.values().filter(|p| p.correct).count();
-        bar.set_position(done.len().min(problems.len()) as u64);
+        // rank 0 sees its own answers; the others answer as many
+        let answered = (problems.len() - open) + (done.len() - (problems.len() - open)) * world;
+        bar.set_position(answered.min(problems.len()) as u64);
         bar.set_message(format!("accuracy {:.1}%", correct as f64 / done.len().max(1) as f64 * 100.0));
         if bar.is_hidden() {
             eprintln!(
                 "{}/{} answered, running accuracy {:.2}%",
-                done.len(),
+                answered.min(problems.len()),
                 problems.len(),
                 correct as f64 / done.len().max(1) as f64 * 100.0
             );
         }
     }
     bar.finish_and_clear();
+    drop(file);
+    ranks.barrier()?;
+    if !main {
+        return Ok(vec![]);
+    }
+    if world > 1 {
+        done = merge_predictions(&a.output_dir)?;
+    }
     let scored: Vec<Scored> = problems
         .iter()
         .map(|p| Scored::of(p, done.get(&p.pid).and_then(|d| usize::try_from(d.predicted_index).ok())))
@@ -234,9 +336,10 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs, g: &Generation) -> 
     chart::accuracy_by_category(&cols, &a.split, &chart)?;
     print!("{t}");
     let secs = started.elapsed().as_secs_f64();
+    let workers = if world > 1 { format!(" by {world} workers") } else { String::new() };
+    let rate = if world > 1 { "new tokens/s on rank 0" } else { "new tokens/s" };
     eprintln!(
-        "answered {} questions in {secs:.1} s ({:.0} new tokens/s; {:.1} s in all over every run)",
-        todo.len(),
+        "answered {open} questions{workers} in {secs:.1} s ({:.0} {rate}; {:.1} s in all over every run)",
         new_tokens as f64 / secs.max(1e-9),
         manifest.seconds
     );

@@ -346,7 +346,7 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     let worker = match env {
         Some(env) => {
             let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
-            Some(crate::dist::worker::Worker::join(env, &dev, settings_fingerprint(a)?, timeout)?)
+            Some(crate::dist::worker::Worker::join(env, &dev, settings_fingerprint(a)?, timeout, true)?)
         }
         None => None,
     };
