@@ -185,6 +185,7 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
         opt.refresh_work()?;
         let graph_vars = opt.graph_vars();
         let world = ranks.world();
+        let mut grad_sum = crate::train::optimizer::GradSum::new(&opt, 1, world > 1)?;
         // each rank's loss is its part of the mean over every rank's supervised tokens
         let opts = StepOptions {
             checkpointing: ckpt,
@@ -203,12 +204,10 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
             let seed = step as u64 ^ (ranks.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let opts = StepOptions { dropout_seed: Some(seed), ..opts.clone() };
             let mut g = loss_and_grads(&vlm, &batch, &graph_vars, &opts)?;
-            if world > 1 {
-                ranks.sum_grads(&mut g.grads, &opt)?;
-                let mut l = [g.loss];
-                ranks.sum(&mut l)?;
-                g.loss = l[0];
-            }
+            // as `train` does: one rank's sums in a flat buffer, reduced across the ranks
+            grad_sum.add(std::mem::take(&mut g.grads))?;
+            let (grads, summed) = ranks.reduce_step(&mut grad_sum, &opt, g.loss as f64)?;
+            (g.grads, g.loss) = (grads, summed as f32);
             let clip = opt.grad_norm(&mut g.grads, 1.0)?;
             if step == 0 {
                 // the first step starts from the same weights and dropout seed in every build and

@@ -7,7 +7,7 @@
 
 use crate::dist::comm::{all_reduce_grads, broadcast_tensors};
 use crate::dist::worker::Worker;
-use crate::train::optimizer::AdamW;
+use crate::train::optimizer::{AdamW, GradSum};
 use crate::train::state::TrainerState;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -50,6 +50,34 @@ impl Ranks<'_> {
         let mut v = [if flag { 1.0 } else { 0.0 }];
         self.sum(&mut v)?;
         Ok(v[0] > 0.0)
+    }
+
+    /// The step's gradients (`grad_sum`'s sums) and loss (this rank's part, `loss`) summed over
+    /// the ranks. On GPUs the sums sit in one flat f32 buffer, reduced by one NCCL all-reduce; the
+    /// loss and which tensors got a gradient anywhere travel together in one small collective.
+    pub fn reduce_step(&self, grad_sum: &mut GradSum, opt: &AdamW, loss: f64) -> Result<(Vec<Option<Tensor>>, f64)> {
+        if self.world() == 1 {
+            return Ok((grad_sum.take(), loss));
+        }
+        #[cfg(feature = "cuda")]
+        if let (Some(w), Some(acc)) = (self.worker, grad_sum.flat()) {
+            let mut small = vec![loss as f32];
+            small.extend(acc.written().iter().map(|&x| if x { 1f32 } else { 0.0 }));
+            w.comm.all_reduce_sum(&mut small)?;
+            let has: Vec<bool> = small[1..].iter().map(|&c| c > 0.0).collect();
+            let dev = opt.vars[0].device().as_cuda_device()?.clone();
+            acc.fill_missing(&has, &dev)?;
+            let summed = w.comm.all_reduce_sum_tensor(&acc.take_flat())?;
+            let params: Vec<&Tensor> = opt.vars.iter().map(|v| v.as_tensor()).collect();
+            let views = crate::train::fused::views(&summed, &params)?;
+            let grads = views.into_iter().zip(&has).map(|(v, &h)| h.then_some(v)).collect();
+            return Ok((grads, small[0] as f64));
+        }
+        let mut grads = grad_sum.take();
+        self.sum_grads(&mut grads, opt)?;
+        let mut l = [loss as f32];
+        self.sum(&mut l)?;
+        Ok((grads, l[0] as f64))
     }
 
     /// The step's gradients summed over the ranks.

@@ -153,8 +153,10 @@ pub fn adamw(table: &Table, norm_and_clip: &Tensor, s: &AdamWScalars, dev: &Cuda
 /// Gradient accumulation on the GPU: one f32 buffer per trainable tensor, kept for the whole run,
 /// and one launch per micro-batch that widens and adds every gradient into it (instead of a cast
 /// and an add per tensor). The sums are the same f32 additions in the same order as the composed
-/// `acc + g`, so the result is bit-identical.
+/// `acc + g`, so the result is bit-identical. The buffers are views of one flat buffer, which a
+/// data-parallel run reduces across ranks in one collective.
 pub struct Accumulator {
+    flat: Tensor,
     acc: Vec<Tensor>,
     /// Whether the tensor got a gradient in this step yet (a text-only micro-batch gives the
     /// projector none).
@@ -164,12 +166,35 @@ pub struct Accumulator {
 impl Accumulator {
     /// Buffers shaped like `params` (f32).
     pub fn new(params: &[&Tensor]) -> Result<Self> {
-        let acc: Vec<Tensor> = params
-            .iter()
-            .map(|p| Tensor::zeros(p.dims(), DType::F32, p.device()))
-            .collect::<candle_core::Result<_>>()?;
+        let Some(first) = params.first() else { bail!("no trainable tensors") };
+        let total: usize = params.iter().map(|p| p.elem_count()).sum();
+        let flat = Tensor::zeros(total, DType::F32, first.device())?;
+        let acc = views(&flat, params)?;
         let written = vec![false; acc.len()];
-        Ok(Self { acc, written })
+        Ok(Self { flat, acc, written })
+    }
+
+    /// Which tensors got a gradient in this step so far.
+    pub fn written(&self) -> &[bool] {
+        &self.written
+    }
+
+    /// Zeros for the tensors `want` names that got no gradient in this step (so a reduction
+    /// across ranks adds nothing stale for them).
+    pub fn fill_missing(&mut self, want: &[bool], dev: &CudaDevice) -> Result<()> {
+        let zeros: Vec<Option<Tensor>> = self
+            .acc
+            .iter()
+            .zip(want.iter().zip(&self.written))
+            .map(|(a, (&w, &done))| if w && !done { a.zeros_like().map(Some) } else { Ok(None) })
+            .collect::<candle_core::Result<_>>()?;
+        self.add(&zeros, dev)
+    }
+
+    /// The whole flat buffer (every tensor's sum, in order), and a fresh start for the next step.
+    pub fn take_flat(&mut self) -> Tensor {
+        self.written.iter_mut().for_each(|w| *w = false);
+        self.flat.clone()
     }
 
     /// Adds one micro-batch's gradients (f32 or bf16; None where the batch does not reach).
@@ -224,6 +249,21 @@ impl Accumulator {
         Ok(())
     }
 
+}
+
+/// `params`-shaped views of consecutive stretches of the 1-D `flat`.
+pub fn views(flat: &Tensor, params: &[&Tensor]) -> Result<Vec<Tensor>> {
+    let mut at = 0;
+    let mut out = vec![];
+    for p in params {
+        let n = p.elem_count();
+        out.push(flat.narrow(0, at, n)?.reshape(p.dims())?);
+        at += n;
+    }
+    Ok(out)
+}
+
+impl Accumulator {
     /// The step's summed gradients (the buffers themselves: use them before the next `add`),
     /// and a fresh start for the next step.
     pub fn take(&mut self) -> Vec<Option<Tensor>> {

@@ -190,10 +190,13 @@ pub struct GradSum {
 }
 
 impl GradSum {
-    /// For `opt`'s tensors and `micro_batches` micro-batches a step.
-    pub fn new(opt: &AdamW, micro_batches: usize) -> Result<Self> {
+    /// For `opt`'s tensors and `micro_batches` micro-batches a step; `flat`: keep the sums in one
+    /// flat buffer even for one micro-batch (a data-parallel run reduces it in one collective).
+    pub fn new(opt: &AdamW, micro_batches: usize, flat: bool) -> Result<Self> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = flat;
         #[cfg(feature = "cuda")]
-        let fused = if opt.fused && micro_batches > 1 {
+        let fused = if opt.fused && (micro_batches > 1 || flat) {
             let params: Vec<&Tensor> = opt.vars.iter().map(|v| v.as_tensor()).collect();
             Some(crate::train::fused::Accumulator::new(&params)?)
         } else {
@@ -227,6 +230,12 @@ impl GradSum {
             }
         }
         Ok(())
+    }
+
+    /// The GPU accumulator, when the sums are kept in one flat buffer.
+    #[cfg(feature = "cuda")]
+    pub fn flat(&mut self) -> Option<&mut crate::train::fused::Accumulator> {
+        self.fused.as_mut()
     }
 
     /// The step's summed gradients, and a fresh start for the next step.

@@ -437,7 +437,7 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
     let graph_vars = opt.graph_vars();
     let bar = if main { device::progress_bar(total, state.global_step) } else { indicatif::ProgressBar::hidden() };
     let ga = a.gradient_accumulation_steps;
-    let mut grad_sum = GradSum::new(&opt, ga)?;
+    let mut grad_sum = GradSum::new(&opt, ga, world > 1)?;
     // --max-grad-norm 0 turns clipping off, as in the Trainer
     let max_norm = if a.max_grad_norm > 0.0 { a.max_grad_norm } else { f64::INFINITY };
     let (mut window_loss, mut window_n, mut window_samples, mut window_tokens) = (0f64, 0usize, 0usize, 0usize);
@@ -450,7 +450,7 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
         let step_start = Instant::now();
         let tokens_before = window_tokens;
         let lr = a.learning_rate * factor(a.lr_scheduler_type, step, warmup, total);
-        let mut step_loss = 0f64;
+        let mut local_loss = 0f64;
         // The step's loss is the mean over the supervised tokens of all its micro-batches, so the
         // batches are built first to count them.
         let mut micro_batches = vec![];
@@ -484,16 +484,10 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
                 phases: false,
             };
             let g = loss_and_grads(&m.vlm, &batch, &graph_vars, &opts)?;
-            step_loss += g.loss as f64;
+            local_loss += g.loss as f64;
             grad_sum.add(g.grads)?;
         }
-        let mut grads = grad_sum.take();
-        if ranks.world() > 1 {
-            ranks.sum_grads(&mut grads, &opt)?;
-            let mut l = [step_loss as f32];
-            ranks.sum(&mut l)?;
-            step_loss = l[0] as f64;
-        }
+        let (mut grads, step_loss) = ranks.reduce_step(&mut grad_sum, &opt, local_loss)?;
         let clip = opt.grad_norm(&mut grads, max_norm)?;
         let grad_norm = clip.norm;
         if !(step_loss.is_finite() && grad_norm.is_finite()) {
