@@ -100,8 +100,10 @@ impl Ranks<'_> {
         for (var, t) in opt.vars.iter().zip(&got[..n]) {
             var.set(t)?;
         }
-        opt.m = got[n..2 * n].to_vec();
-        opt.v = got[2 * n..].to_vec();
+        // each moment gets its own storage: a view keeps the whole broadcast buffer alive, and
+        // candle copies a view's entire storage when it moves it to the host (checkpoints)
+        opt.m = got[n..2 * n].iter().map(Tensor::copy).collect::<candle_core::Result<_>>()?;
+        opt.v = got[2 * n..].iter().map(Tensor::copy).collect::<candle_core::Result<_>>()?;
         let mut pos = [opt.step as f32, state.global_step as f32];
         comm.broadcast(&mut pos, 0)?;
         if pos.iter().any(|&p| p >= (1u32 << 24) as f32) {
