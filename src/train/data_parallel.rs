@@ -100,10 +100,11 @@ impl Ranks<'_> {
         for (var, t) in opt.vars.iter().zip(&got[..n]) {
             var.set(t)?;
         }
-        // each moment gets its own storage: a view keeps the whole broadcast buffer alive, and
-        // candle copies a view's entire storage when it moves it to the host (checkpoints)
-        opt.m = got[n..2 * n].iter().map(Tensor::copy).collect::<candle_core::Result<_>>()?;
-        opt.v = got[2 * n..].iter().map(Tensor::copy).collect::<candle_core::Result<_>>()?;
+        // each moment gets storage of its own size: candle's `copy` and host transfers of a view
+        // take its whole storage (the broadcast buffer), once per tensor
+        let own = |t: &Tensor| t.broadcast_mul(&Tensor::new(1f32, t.device())?);
+        opt.m = got[n..2 * n].iter().map(own).collect::<candle_core::Result<_>>()?;
+        opt.v = got[2 * n..].iter().map(own).collect::<candle_core::Result<_>>()?;
         let mut pos = [opt.step as f32, state.global_step as f32];
         comm.broadcast(&mut pos, 0)?;
         if pos.iter().any(|&p| p >= (1u32 << 24) as f32) {
