@@ -248,7 +248,6 @@ impl Accumulator {
         }
         Ok(())
     }
-
 }
 
 /// `params`-shaped views of consecutive stretches of the 1-D `flat`.
