@@ -1,5 +1,5 @@
 //! `train --nproc-per-node` end to end on the CPU (worker processes over TCP): two ranks of one
-//! row train as one process of two rows; a run resumes with another number of ranks when the
+//! row train as one process of two rows, on one "host" or two; a run resumes with another number of ranks when the
 //! global micro-batch is the same; a killed worker stops the run, naming it, and `--resume`
 //! continues it.
 
@@ -101,6 +101,26 @@ fn two_ranks_of_one_row_train_as_one_process_of_two_and_resume_across_world_size
     // f32 sums in another order (each rank's rows, then across ranks) are the only difference;
     // AdamW divides each gradient by its own running RMS, so near-zero gradients turn that rounding
     // into weight differences of a few 1e-5 of a tensor's largest weight (measured: 3.0e-5)
+    assert!(w <= 1e-4 && l <= 1e-6, "weights {w:.2e}, losses {l:.2e}");
+
+    // two "hosts" of one worker each, as several machines would run it
+    let hosts = dirs.path().join("hosts");
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port().to_string();
+    let nodes: Vec<_> = ["0", "1"]
+        .iter()
+        .map(|rank| {
+            let mut args: Vec<&str> = TRAIN.to_vec();
+            args.extend(["--output-dir", hosts.to_str().unwrap(), "--per-device-train-batch-size", "1"]);
+            args.extend(["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", rank, "--master-port", &port]);
+            gemmaclip(cache.path(), &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for n in nodes {
+        let o = n.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    let (w, l) = differences(&one, &hosts);
+    println!("2 hosts x 1 worker vs 1 process x 2 rows: weights {w:.1e}, losses {l:.1e} (relative)");
     assert!(w <= 1e-4 && l <= 1e-6, "weights {w:.2e}, losses {l:.2e}");
 
     // one step on one process of two rows, the rest on two ranks of one row each
