@@ -83,12 +83,45 @@ fn resolve(arg: &str, flag: &str, repo_type: RepoType) -> Result<PathBuf> {
             ),
         }
     }
+    let _lock = download_lock(arg, repo_type)?;
+    // another process may have fetched it while this one waited
+    if let Some(snap) = cached_snapshot(&Repo::new(arg.to_string(), repo_type)) {
+        if missing(&snap, repo_type).is_empty() {
+            return Ok(snap);
+        }
+    }
     let snap = download::fetch(arg, repo_type).map_err(|f| anyhow!("{flag} {arg}: {f}"))?;
     let lacking = missing(&snap, repo_type);
     if !lacking.is_empty() {
         bail!("{flag} {arg}: the repository has no {} (fetched the rest into {})", lacking.join(", "), snap.display());
     }
     Ok(snap)
+}
+
+/// Holds the cache's lock on `repo` while this process downloads it: the workers of a run of several
+/// resolve the same ids at once, and hf-hub waits only seconds for its own per-file locks. Released
+/// when the file is dropped.
+fn download_lock(repo: &str, repo_type: RepoType) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let dir = env::hub_cache();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let kind = if matches!(repo_type, RepoType::Dataset) { "datasets" } else { "models" };
+    let path = dir.join(format!(".gemmaclip-{kind}--{}.lock", repo.replace('/', "--")));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!("waiting for another process downloading {repo}");
+        // SAFETY: as above
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!("cannot lock {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+    }
+    Ok(f)
 }
 
 /// The tiny preset's model directories (`<cache>/tiny-seed0/{llm,vision}`), written on first use.

@@ -27,7 +27,13 @@ fn train(args: TrainArgs) -> Result<()> {
     let speaks = std::env::var("RANK").map_or(true, |r| r.trim() == "0");
     ctrlc::set_handler(move || {
         if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130); // a second Ctrl-C does not wait for the checkpoint
+            // a second Ctrl-C does not wait for the checkpoint; a worker of several skips exit
+            // handlers, which could wait on a collective whose peers are gone
+            if std::env::var_os("WORLD_SIZE").is_some() {
+                // SAFETY: ends the process without running anything more of it
+                unsafe { libc::_exit(130) }
+            }
+            std::process::exit(130);
         }
         if speaks {
             eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");

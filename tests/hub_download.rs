@@ -221,6 +221,22 @@ fn a_dataset_downloads_its_parquet_files() {
 }
 
 #[test]
+fn workers_resolving_one_repository_at_once_download_it_once() {
+    let hub = FakeHub::start();
+    hub.add_repo(&format!("models/{GEMMA}"), SHA, gemma_files());
+    let _e = env(&hub.endpoint);
+    // the workers of `train --nproc-per-node 4` resolve the same id at the same moment
+    let dirs: Vec<PathBuf> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| resolve_model(GEMMA, "--model").unwrap())).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(dirs.iter().all(|d| d == &dirs[0]), "{dirs:?}");
+    let fetched = hub.fetched();
+    let once: BTreeSet<&String> = fetched.iter().collect();
+    assert_eq!(once.len(), fetched.len(), "a file was downloaded twice: {fetched:?}");
+}
+
+#[test]
 fn hub_failures_each_say_what_to_do_once() {
     let hub = FakeHub::start();
     hub.add_repo(&format!("models/{GEMMA}"), SHA, gemma_files());

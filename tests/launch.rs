@@ -139,7 +139,8 @@ fn two_ranks_of_one_row_train_as_one_process_of_two_and_resume_across_world_size
     let o = run(cache.path(), &args);
     assert!(!o.status.success());
     let err = text(&o.stderr);
-    assert!(err.contains("micro-batches of 2 rows (1 rank(s) x 2 per device); this run has 4 (2 x 2)"), "{err}");
+    // (the last checkpoint records the layout of the run that wrote it: 2 ranks of 1)
+    assert!(err.contains("micro-batches of 2 rows (2 rank(s) x 1 per device); this run has 4 (2 x 2)"), "{err}");
 }
 
 /// The worker processes the launcher `pid` started, by rank.

@@ -18,12 +18,15 @@ pub struct Control {
     quiet: AtomicBool,
 }
 
+/// The exit status of a rank that stops because another failed (the launcher names the other).
+pub const STOPPED_FOR_ANOTHER: i32 = 3;
+
 /// Ends this process at once: exit handlers could wait forever on a NCCL kernel that waits for
 /// the dead rank (the driver reclaims the GPU either way).
 fn stop(rank: usize, msg: &str) -> ! {
     eprintln!("error: {msg}; stopping rank {rank}");
     // SAFETY: ends the process without running anything more of it
-    unsafe { libc::_exit(1) }
+    unsafe { libc::_exit(STOPPED_FOR_ANOTHER) }
 }
 
 impl Control {

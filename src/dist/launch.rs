@@ -4,6 +4,7 @@
 //! checkpoint and stop together); a worker that fails stops the others (they notice through the
 //! control links; any still running 30 s later are killed), and the launcher says which it was.
 
+use crate::dist::control::STOPPED_FOR_ANOTHER;
 use crate::dist::env::{LaunchArgs, DEFAULT_PORT};
 use anyhow::{bail, Context, Result};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -106,10 +107,12 @@ pub fn run(l: &LaunchArgs) -> Result<i32> {
         let presses = INTERRUPTS.load(Ordering::SeqCst);
         while forwarded < presses {
             forwarded += 1;
+            // twice: the workers quit without a checkpoint; a third time: killed
+            let signal = if forwarded >= 3 { libc::SIGKILL } else { libc::SIGINT };
             for ((_, c), s) in children.iter().zip(&status) {
                 if s.is_none() {
                     // SAFETY: signals a child this process started and has not reaped
-                    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+                    unsafe { libc::kill(c.id() as i32, signal) };
                 }
             }
         }
@@ -124,8 +127,9 @@ pub fn run(l: &LaunchArgs) -> Result<i32> {
                 }
             }
         }
-        // of workers ending together, one ended by a signal is the cause, the others its echo
-        failed_now.sort_by_key(|(rank, s)| (s.signal().is_none(), *rank));
+        // of workers ending together, one ended by a signal or by its own error is the cause; the
+        // others stopped because of it
+        failed_now.sort_by_key(|(rank, s)| (s.signal().is_none(), s.code() == Some(STOPPED_FOR_ANOTHER), *rank));
         if first_failure.is_none() && !failed_now.is_empty() {
             first_failure = Some(failed_now[0]);
             failed_at = Some(Instant::now());
@@ -140,6 +144,10 @@ pub fn run(l: &LaunchArgs) -> Result<i32> {
             }
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // after Ctrl-C twice, workers end as they may: that was asked for
+    if forwarded >= 2 {
+        return Ok(130);
     }
     if let Some((rank, s)) = first_failure {
         bail!("worker rank {rank} {}; the run stopped", describe(s));

@@ -309,6 +309,15 @@ fn eval_ranked(
     }
     if world > 1 {
         done = merge_predictions(&a.output_dir)?;
+        let lost: Vec<&str> = problems.iter().filter(|p| !done.contains_key(&p.pid)).map(|p| p.pid.as_str()).collect();
+        if !lost.is_empty() {
+            bail!(
+                "{} of the workers' answers (e.g. {}) are not in {}: workers on several hosts need --output-dir on a disk they all share; run eval again to answer them",
+                lost.len(),
+                lost[0],
+                a.output_dir.display()
+            );
+        }
     }
     let scored: Vec<Scored> = problems
         .iter()

@@ -114,6 +114,23 @@ impl Ranks<'_> {
         opt.refresh_work()
     }
 
+    /// Stops with an error on a rank whose `plan` (what decides how many collectives it will make:
+    /// steps, rows, the optimizer's path) differs from rank 0's, instead of a hang later.
+    pub fn same_plan(&self, plan: &[(&str, usize)]) -> Result<()> {
+        let Some(w) = self.worker else { return Ok(()) };
+        let mut theirs: Vec<f32> = plan.iter().map(|(_, v)| *v as f32).collect();
+        w.comm.broadcast(&mut theirs, 0)?;
+        for ((name, mine), &t) in plan.iter().zip(&theirs) {
+            if *mine as f32 != t {
+                bail!(
+                    "rank {}: {name} is {mine} here and {t} on rank 0; every rank must see the same data and settings (the same --data snapshot, flags and GEMMACLIP_* variables)",
+                    self.rank()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// A per-rank dropout seed: rank 0 keeps the single-GPU seed of the micro-batch, the others
     /// draw other masks, as other samples of one batch would.
     pub fn dropout_seed(&self, seed: u64, micro_batch: usize) -> u64 {

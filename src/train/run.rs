@@ -413,7 +413,12 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
         let (dir, loaded) = restore(a, which, &mut m, &mut opt)?;
         opt.refresh_work()?;
         check_resume_settings(&recorded, &dir, loaded.args, &loaded.state, &state)?;
-        state = loaded.state;
+        // the layout may change with the number of ranks (checked above); later checkpoints record this one's
+        state = TrainerState {
+            world_size: state.world_size,
+            per_device_train_batch_size: state.per_device_train_batch_size,
+            ..loaded.state
+        };
         if state.global_step == total {
             eprintln!("{}: the run is finished ({total} of {total} steps); writing its outputs again", dir.display());
         } else {
@@ -444,6 +449,12 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
     let mut window_start = Instant::now();
     device::reset_peak_memory(&dev)?;
     let stop_at = a.stop_after.map_or(total, |s| (state.global_step + s).min(total));
+    ranks.same_plan(&[
+        ("the number of steps", total),
+        ("the step to stop at", stop_at),
+        ("the number of usable training rows", problems.len()),
+        ("the fused optimizer (0 or 1)", opt.fused as usize),
+    ])?;
     let (mut step_times, mut step_tokens, mut peak_bytes) = (vec![], vec![], 0u64);
     while state.global_step < stop_at {
         let step = state.global_step;
