@@ -223,6 +223,18 @@ fn eval_ranked(
     let open = todo.len();
     // every world-th open question, so each worker gets a like mix of the split
     let todo: Vec<_> = todo.into_iter().skip(rank).step_by(world).collect();
+    // prompts encoded once; with batches, questions of like length go together, so little of a
+    // batch is padding (predictions.jsonl is put back in pid order at the end)
+    let mut todo: Vec<(&crate::data::scienceqa::Problem, Vec<u32>)> = todo
+        .into_iter()
+        .map(|p| {
+            let image = p.image.as_ref().map(|_| model.image_tokens());
+            Ok((p, model.encode(&user_turn(&p.question, &p.hint, &p.choices, image))?))
+        })
+        .collect::<Result<_>>()?;
+    if a.batch_size > 1 {
+        todo.sort_by_key(|(_, ids)| ids.len());
+    }
     let bar = if main {
         device::progress_bar(problems.len(), problems.len() - open)
     } else {
@@ -248,23 +260,16 @@ fn eval_ranked(
     for chunk in todo.chunks(a.batch_size.max(1)) {
         let mut prompts = vec![];
         let mut images = vec![];
-        for p in chunk {
-            let img = match &p.image {
-                Some(b) => Some(model.images.process_bytes(b).with_context(|| format!("row {}", p.pid))?),
-                None => None,
-            };
-            prompts.push(model.encode(&user_turn(
-                &p.question,
-                &p.hint,
-                &p.choices,
-                img.as_ref().map(|_| model.image_tokens()),
-            ))?);
-            images.extend(img);
+        for (p, ids) in chunk {
+            if let Some(b) = &p.image {
+                images.push(model.images.process_bytes(b).with_context(|| format!("row {}", p.pid))?);
+            }
+            prompts.push(ids.clone());
         }
         let pixels = model.pixels(&images)?;
         let (gen, _) = generate(&model.vlm, &prompts, pixels.as_ref(), &opts, &mut |_, _| {})?;
         new_tokens += gen.iter().map(|g| g.tokens.len()).sum::<usize>();
-        for (p, g) in chunk.iter().zip(gen) {
+        for ((p, _), g) in chunk.iter().zip(gen) {
             let text = model.decode(&g.tokens)?;
             let idx = parse_answer(&text, p.choices.len());
             let pred = Prediction {
@@ -307,8 +312,8 @@ fn eval_ranked(
     if !main {
         return Ok(vec![]);
     }
+    done = merge_predictions(&a.output_dir)?;
     if world > 1 {
-        done = merge_predictions(&a.output_dir)?;
         let lost: Vec<&str> = problems.iter().filter(|p| !done.contains_key(&p.pid)).map(|p| p.pid.as_str()).collect();
         if !lost.is_empty() {
             bail!(

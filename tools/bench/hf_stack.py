@@ -25,9 +25,9 @@ are active), then backward, `clip_grad_norm_(1.0)` and `torch.optim.AdamW(lr=1e-
 per checkpointing setting; `both` measures without, then with, as gemmaclip does.
 
 generate: <bos> <start_of_image> 576 image positions <end_of_image> + text up to `--prompt` tokens,
-greedy, exactly `--new` tokens (no early stop), batch 1. Time to first token = best of 3 one-token
-runs (vision tower, projector and prefill included); decode speed = (new - 1) / (best of 2 full
-runs - first token). `--lora-r N` attaches fresh unmerged LoRA adapters of rank N.
+greedy, exactly `--new` tokens (no early stop), `--batch-size` copies (1 by default, each with its
+own image). Time to first token = best of 3 one-token runs (vision tower, projector and prefill
+included); decode speed = batch x (new - 1) / (best of 2 full runs - first token). `--lora-r N` attaches fresh unmerged LoRA adapters of rank N.
 
 Needs a CUDA GPU. Pinned versions: tools/bench/requirements.txt.
 """
@@ -199,8 +199,8 @@ def generate(args):
     lm.eval()
     g = torch.Generator().manual_seed(7)
     ids = [BOS, BOI] + [IMAGE_TOKEN] * IMAGE_TOKENS + [EOI]
-    ids = torch.tensor([ids + random_text(args.prompt - len(ids), g)], device="cuda")
-    pixels = torch.randn(1, 3, 336, 336, generator=g).to("cuda", torch.bfloat16)
+    ids = torch.tensor([ids + random_text(args.prompt - len(ids), g)] * args.batch_size, device="cuda")
+    pixels = torch.randn(args.batch_size, 3, 336, 336, generator=g).to("cuda", torch.bfloat16)
 
     def run(n):
         sync()
@@ -217,9 +217,9 @@ def generate(args):
     full = min(run(args.new) for _ in range(2))
     print(json.dumps({
         "what": "hf_generate", "four_bit": args.four_bit, "attn": args.attn, "lora_r": args.lora_r,
-        "prompt_tokens": args.prompt, "new_tokens": args.new,
+        "prompt_tokens": args.prompt, "new_tokens": args.new, "batch_size": args.batch_size,
         "time_to_first_token_ms": round(first * 1e3, 1),
-        "decode_tokens_per_s": round((args.new - 1) / (full - first), 1),
+        "decode_tokens_per_s": round(args.batch_size * (args.new - 1) / (full - first), 1),
         "gpu": torch.cuda.get_device_name(), "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()),
         "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()), "layers": args.layers,
     }), flush=True)
@@ -247,11 +247,12 @@ def main():
     t.add_argument("--lora-alpha", type=float, default=128.0)
     t.add_argument("--lora-dropout", type=float, default=0.05)
 
-    gp = sub.add_parser("generate", help="time to first token and decode speed at batch 1; one JSON line")
+    gp = sub.add_parser("generate", help="time to first token and decode speed (batch 1 by default); one JSON line")
     common(gp)
     gp.add_argument("--prompt", type=int, default=800, help="prompt tokens, image block included")
     gp.add_argument("--new", type=int, default=256, help="new tokens (at least 2)")
     gp.add_argument("--lora-r", type=int, default=0, help="attach fresh LoRA adapters of this rank (0: the base alone)")
+    gp.add_argument("--batch-size", type=int, default=1, help="prompts generated together; decode tokens/s counts every row")
 
     args = ap.parse_args()
     global torch, nn
