@@ -350,7 +350,12 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
         }
         None => None,
     };
+    // a panic on this rank still tells the others why they stop
+    let guard = worker.as_ref().map(|w| crate::dist::comm::AbortOnDrop::new(w.comm.as_ref()));
     let done = run(a, interrupted, dev, Ranks { worker: worker.as_ref() });
+    if let Some(g) = guard {
+        g.disarm();
+    }
     if let Some(w) = &worker {
         match &done {
             Ok(_) => w.finish(),
