@@ -204,3 +204,35 @@ fn a_killed_worker_stops_the_run_naming_it_and_resume_continues() {
     // the checkpoint may be a step behind what steps.jsonl had: the resume rewinds to it
     assert!(after >= 2 && after <= done + 1, "{done} steps before, {after} after");
 }
+
+#[test]
+fn sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut args: Vec<&str> = TRAIN.iter().copied().filter(|a| !["--max-steps", "3"].contains(a)).collect();
+    args.extend(["--output-dir", out.path().to_str().unwrap(), "--nproc-per-node", "2"]);
+    args.extend(["--max-steps", "100000", "--save-steps", "0", "--per-device-train-batch-size", "1"]);
+    let mut launcher = gemmaclip(cache.path(), &args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    let steps = || std::fs::read_to_string(out.path().join("steps.jsonl")).map_or(0, |s| s.lines().count());
+    while steps() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // what a scheduler sends before it preempts the job
+    Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(s) = launcher.try_wait().unwrap() {
+            break s;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(60), "still running 60 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped at step"), "{err}");
+    let done = steps();
+    assert!(out.path().join(format!("checkpoints/step-{done}")).is_dir(), "no checkpoint of step {done}: {err}");
+}
