@@ -10,6 +10,7 @@ pub mod fused_ce;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;
+mod resume;
 pub mod run;
 pub mod schedule;
 pub mod state;

@@ -16,6 +16,7 @@ pub use crate::train::args::TrainArgs;
 use crate::train::data_parallel::Ranks;
 use crate::train::metrics::{self, Record};
 use crate::train::optimizer::{AdamW, AdamWConfig, GradSum};
+use crate::train::resume::{check_output_dir, check_resume_settings, claim_output_dir, restore};
 use crate::train::schedule::{factor, warmup_steps};
 use crate::train::state::{self, Snapshot, TrainerState};
 use crate::train::step::{loss_and_grads, Batch, StepOptions};
@@ -154,175 +155,6 @@ fn base_model_name(a: &TrainArgs) -> String {
     }
 }
 
-/// What a run directory holds that a fresh run would overwrite.
-const RUN_FILES: [&str; 8] = [
-    "args.json",
-    "metrics.jsonl",
-    "steps.jsonl",
-    "checkpoints",
-    "lora_adapter",
-    "projector.safetensors",
-    "tokenizer",
-    "loss_curve.png",
-];
-
-/// A fresh run never writes over an earlier one unless told to: the files `claim_output_dir`
-/// would delete, checked before anything is loaded.
-fn check_output_dir(a: &TrainArgs) -> Result<()> {
-    let dir = &a.output_dir;
-    let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| dir.join(f).exists()).collect();
-    if present.is_empty() || a.overwrite_output_dir {
-        return Ok(());
-    }
-    let resumable = !state::candidates(dir).is_empty();
-    if resumable {
-        bail!(
-            "--output-dir {} holds a run ({}): continue it with --resume, or start over with --overwrite-output-dir",
-            dir.display(),
-            present.join(", ")
-        );
-    }
-    bail!(
-        "--output-dir {} holds an earlier run that saved no checkpoint ({}), so there is nothing to resume: start over with --overwrite-output-dir, or use another directory",
-        dir.display(),
-        present.join(", ")
-    )
-}
-
-/// With --overwrite-output-dir, deletes the earlier run's files; called once the new run has
-/// loaded, so a typo in a flag never costs the old run.
-fn claim_output_dir(a: &TrainArgs) -> Result<()> {
-    if !a.overwrite_output_dir {
-        return Ok(());
-    }
-    for f in RUN_FILES {
-        let p = a.output_dir.join(f);
-        if !p.exists() {
-            continue;
-        }
-        let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-        removed.with_context(|| format!("--overwrite-output-dir: cannot remove {}", p.display()))?;
-    }
-    Ok(())
-}
-
-/// Restores the checkpoint `--resume` names, or else the newest one in the output directory that
-/// loads and validates (saying which were passed over and why). Returns its directory and contents.
-fn restore(
-    a: &TrainArgs,
-    which: &Option<PathBuf>,
-    m: &mut Loaded,
-    opt: &mut AdamW,
-) -> Result<(PathBuf, state::Loaded)> {
-    if let Some(dir) = which {
-        let loaded = state::load(dir, &mut m.vlm.llm, &m.vlm.projector, opt, &m.names)
-            .with_context(|| format!("--resume {}", dir.display()))?;
-        return Ok((dir.clone(), loaded));
-    }
-    let candidates = state::candidates(&a.output_dir);
-    if candidates.is_empty() {
-        bail!("--resume: no checkpoint in {}", a.output_dir.join("checkpoints").display());
-    }
-    let mut unusable = vec![];
-    for dir in &candidates {
-        match state::load(dir, &mut m.vlm.llm, &m.vlm.projector, opt, &m.names) {
-            Ok(loaded) => {
-                // set aside what was passed over, so neither pruning nor a later resume counts it
-                for bad in unusable {
-                    let to = state::set_aside(bad)?;
-                    eprintln!("warning: set aside as {}", to.display());
-                }
-                return Ok((dir.clone(), loaded));
-            }
-            Err(e) => {
-                let why: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-                eprintln!("warning: skipping checkpoint {}: {}", dir.display(), why.join(": "));
-                unusable.push(dir);
-            }
-        }
-    }
-    bail!(
-        "--resume: none of the {} checkpoints in {} is usable (see the warnings above)",
-        candidates.len(),
-        a.output_dir.join("checkpoints").display()
-    )
-}
-
-/// The checkpoint must come from a run with the same model, data and schedule settings.
-fn check_resume_settings(
-    a: &TrainArgs,
-    dir: &Path,
-    saved_args: Option<serde_json::Value>,
-    saved: &TrainerState,
-    now: &TrainerState,
-) -> Result<()> {
-    let saved_args: Option<TrainArgs> = match saved_args {
-        Some(v) => Some(serde_json::from_value(v).with_context(|| {
-            format!("{}: the saved arguments are unreadable", dir.join("trainer_state.json").display())
-        })?),
-        // Checkpoints of older versions carry no arguments; the run's args.json stands in when
-        // it is of this version's shape (the trainer state below is checked either way).
-        None => {
-            let path = a.output_dir.join("args.json");
-            let parsed = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
-            if parsed.is_none() {
-                eprintln!("warning: {} carries no arguments to compare with this run's", dir.display());
-            }
-            parsed
-        }
-    };
-    if let Some(saved_args) = saved_args {
-        // the length of the run is judged by the steps it comes to, below
-        let diff = a.resume_conflicts(&saved_args)?;
-        if !diff.is_empty() {
-            bail!(
-                "--resume {}: the run was started with other settings ({}); resume with the same ones (only {} may change) or start a new run",
-                dir.display(),
-                diff.join(", "),
-                crate::train::args::RESUMABLE_CHANGES.iter().map(|f| format!("--{}", f.replace('_', "-"))).collect::<Vec<_>>().join(", ")
-            );
-        }
-    }
-    if saved.train_rows != now.train_rows {
-        bail!("--resume {}: the checkpoint was trained on {} usable rows, the data now gives {}; the data order would differ", dir.display(), saved.train_rows, now.train_rows);
-    }
-    if saved.total_steps != now.total_steps {
-        bail!(
-            "--resume {}: the run was planned for {} steps and these settings give {}; a run cannot be lengthened or shortened, because its learning-rate schedule ({}, warmup ratio {}) is laid out over the planned steps and would change under the steps already taken; resume with the original --num-train-epochs/--max-steps, or start a new run",
-            dir.display(),
-            saved.total_steps,
-            now.total_steps,
-            format!("{:?}", a.lr_scheduler_type).to_lowercase(),
-            a.warmup_ratio
-        );
-    }
-    let (was, is) =
-        (saved.world_size * saved.per_device_train_batch_size, now.world_size * now.per_device_train_batch_size);
-    if was != is {
-        bail!(
-            "--resume {}: the run read micro-batches of {was} rows ({} rank(s) x {} per device); this run has {is} ({} x {}); the data order and the batches would differ; resume with ranks x --per-device-train-batch-size = {was}",
-            dir.display(),
-            saved.world_size,
-            saved.per_device_train_batch_size,
-            now.world_size,
-            now.per_device_train_batch_size
-        );
-    }
-    // the global micro-batch decides the data order, not how the ranks share it
-    let same = TrainerState {
-        global_step: saved.global_step,
-        world_size: saved.world_size,
-        per_device_train_batch_size: saved.per_device_train_batch_size,
-        ..now.clone()
-    };
-    if *saved != same {
-        bail!("--resume {}: saved with other batch settings (batch {} x {} accumulation, seed {}); this run has {} x {}, seed {}", dir.display(),
-            saved.per_device_train_batch_size, saved.gradient_accumulation_steps, saved.seed,
-            now.per_device_train_batch_size, now.gradient_accumulation_steps, now.seed);
-    }
-    Ok(())
-}
-
 /// What every rank of a run must agree on: the training settings, without where things are on
 /// each host.
 fn settings_fingerprint(a: &TrainArgs) -> Result<[u8; 32]> {
@@ -415,7 +247,7 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
     let recorded = recorded_args(a, &m, &data_dir)?;
     let args_json = serde_json::to_value(&recorded)?;
     if let (Some(which), true) = (&a.resume, main) {
-        let (dir, loaded) = restore(a, which, &mut m, &mut opt)?;
+        let (dir, loaded) = restore(a, which, (&mut m.vlm.llm, &m.vlm.projector, &m.names), &mut opt)?;
         opt.refresh_work()?;
         check_resume_settings(&recorded, &dir, loaded.args, &loaded.state, &state)?;
         // the layout may change with the number of ranks (checked above); later checkpoints record this one's
