@@ -140,7 +140,9 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
     let worker = match env {
         Some(env) => {
             use sha2::Digest;
-            let fingerprint = sha2::Sha256::digest(format!("{a:?}").as_bytes()).into();
+            // the settings, not where each host sits in the launch
+            let settings = TrainStepArgs { launch: Default::default(), ..a.clone() };
+            let fingerprint = sha2::Sha256::digest(format!("{settings:?}").as_bytes()).into();
             let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
             Some(crate::dist::worker::Worker::join(env, &dev, fingerprint, timeout, true)?)
         }
