@@ -236,3 +236,28 @@ fn sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint() {
     let done = steps();
     assert!(out.path().join(format!("checkpoints/step-{done}")).is_dir(), "no checkpoint of step {done}: {err}");
 }
+
+#[test]
+fn workers_started_by_hand_meet_through_the_environment_and_refuse_other_settings() {
+    // torchrun's way: every worker started with WORLD_SIZE, RANK and MASTER_PORT, no launcher
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port().to_string();
+    let workers: Vec<_> = [("0", "1e-4"), ("1", "2e-4")]
+        .iter()
+        .map(|(rank, lr)| {
+            let mut args: Vec<&str> = TRAIN.to_vec();
+            args.extend(["--output-dir", out.path().to_str().unwrap(), "--learning-rate", lr]);
+            let mut c = gemmaclip(cache.path(), &args);
+            c.env("WORLD_SIZE", "2").env("RANK", rank).env("MASTER_PORT", &port).env("MASTER_ADDR", "127.0.0.1");
+            c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for w in workers {
+        let o = w.wait_with_output().unwrap();
+        assert!(!o.status.success());
+        let err = text(&o.stderr);
+        assert!(err.contains("rank 1 was started with other training settings than rank 0"), "{err}");
+    }
+    assert!(!out.path().join("steps.jsonl").exists(), "nothing trained");
+}
