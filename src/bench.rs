@@ -149,6 +149,7 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
         None => None,
     };
     let ranks = Ranks { worker: worker.as_ref() };
+    ranks.start_watch(std::time::Duration::from_secs(a.launch.collective_timeout))?;
     let done = train_steps(a, &dev, base, load_s, ranks);
     if let Some(w) = &worker {
         match &done {
@@ -210,6 +211,7 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
             grad_sum.add(std::mem::take(&mut g.grads))?;
             let (grads, summed) = ranks.reduce_step(&mut grad_sum, &opt, g.loss as f64)?;
             (g.grads, g.loss) = (grads, summed as f32);
+            ranks.progress();
             let clip = opt.grad_norm(&mut g.grads, 1.0)?;
             if step == 0 {
                 // the first step starts from the same weights and dropout seed in every build and

@@ -261,3 +261,37 @@ fn workers_started_by_hand_meet_through_the_environment_and_refuse_other_setting
     }
     assert!(!out.path().join("steps.jsonl").exists(), "nothing trained");
 }
+
+#[test]
+fn a_worker_that_hangs_without_dying_stops_the_run_after_the_collective_timeout() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut args: Vec<&str> = TRAIN.iter().copied().filter(|a| !["--max-steps", "3"].contains(a)).collect();
+    args.extend(["--output-dir", out.path().to_str().unwrap(), "--nproc-per-node", "2"]);
+    args.extend(["--max-steps", "100000", "--save-steps", "0", "--per-device-train-batch-size", "1"]);
+    args.extend(["--collective-timeout", "3"]);
+    let mut launcher = gemmaclip(cache.path(), &args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    let steps = || std::fs::read_to_string(out.path().join("steps.jsonl")).map_or(0, |s| s.lines().count());
+    while steps() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // stopped, not dead: its links stay open and rank 0 waits in the next collective
+    let rank1 = workers(launcher.id())[&1];
+    Command::new("kill").args(["-STOP", &rank1.to_string()]).status().unwrap();
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(s) = launcher.try_wait().unwrap() {
+            break s;
+        }
+        // 3 s of waiting, then the launcher's 10 s for the others to end before it kills them
+        assert!(stopped.elapsed() < Duration::from_secs(60), "still running 60 s after rank 1 hung");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("for 3 s: a rank hangs"), "{err}");
+    println!("rank 1 stopped (SIGSTOP): the run ended after {:.1} s", stopped.elapsed().as_secs_f64());
+}

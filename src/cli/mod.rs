@@ -366,6 +366,7 @@ fn eval(e: EvalCli) -> Result<()> {
             max_new_tokens: e.max_new_tokens,
             output_dir: e.output_dir,
             rendezvous_timeout: e.launch.rendezvous_timeout,
+            collective_timeout: e.launch.collective_timeout,
         },
         &crate::eval::Generation {
             temperature: e.sampling.temperature,

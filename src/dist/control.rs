@@ -2,12 +2,15 @@
 //! process dies (killed, crashed) closes its links; a rank that fails with an error says why
 //! first. Rank 0 watches every other rank and they watch rank 0; whoever learns of a failure
 //! prints one line naming the rank and exits, and rank 0 passes the word on. This matters because
-//! a rank waiting inside a NCCL collective for a dead peer would otherwise wait forever.
+//! a rank waiting inside a NCCL collective for a dead peer would otherwise wait forever. A rank
+//! that stops making progress without dying (a hung disk, a stopped process) is caught by a
+//! timeout on each rank's progress (`watch_progress`), as torch's NCCL watchdog does.
 
 use crate::dist::wire::{read_frame, write_frame, DONE, FAIL};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub struct Control {
     rank: usize,
@@ -16,6 +19,9 @@ pub struct Control {
     peers: Mutex<Vec<(usize, TcpStream)>>,
     /// This rank finished or already reported its own failure: closed links are expected now.
     quiet: AtomicBool,
+    started: Instant,
+    /// Milliseconds from `started` to this rank's last `progress`.
+    last_progress: AtomicU64,
 }
 
 /// The exit status of a rank that stops because another failed (the launcher names the other).
@@ -39,7 +45,13 @@ impl Control {
             readers.push((r, s.try_clone()?));
             peers.push((r, s));
         }
-        let me = Arc::new(Self { rank, peers: Mutex::new(peers), quiet: AtomicBool::new(false) });
+        let me = Arc::new(Self {
+            rank,
+            peers: Mutex::new(peers),
+            quiet: AtomicBool::new(false),
+            started: Instant::now(),
+            last_progress: AtomicU64::new(0),
+        });
         for (r, s) in readers {
             let me = me.clone();
             std::thread::Builder::new().name(format!("watch-rank-{r}")).spawn(move || me.watch(r, s))?;
@@ -89,6 +101,39 @@ impl Control {
         }
         let msg = if self.rank == 0 { format!("rank 0 failed: {why}") } else { why.to_string() };
         self.tell_all_but(usize::MAX, &msg);
+    }
+
+    /// This rank finished a unit of work (a training step, an eval batch).
+    pub fn progress(&self) {
+        self.last_progress.store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, `timeout` without `progress` stops the run as hung: the others are told, and
+    /// this rank ends. Counted from this call.
+    pub fn watch_progress(self: &Arc<Self>, timeout: Duration) -> std::io::Result<()> {
+        self.progress();
+        let me = self.clone();
+        let tick = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        std::thread::Builder::new().name("watch-progress".into()).spawn(move || loop {
+            std::thread::sleep(tick);
+            if me.quiet.load(Ordering::SeqCst) {
+                return;
+            }
+            let idle =
+                me.started.elapsed().saturating_sub(Duration::from_millis(me.last_progress.load(Ordering::SeqCst)));
+            if idle > timeout {
+                let why = format!(
+                    "no progress on rank {} for {} s: a rank hangs (or --collective-timeout is too short)",
+                    me.rank,
+                    timeout.as_secs()
+                );
+                me.abort(&why);
+                eprintln!("error: {why}");
+                // SAFETY: ends the process without running anything more of it
+                unsafe { libc::_exit(1) }
+            }
+        })?;
+        Ok(())
     }
 
     /// This rank finished its part normally; its links closing is not a failure.

@@ -28,6 +28,10 @@ pub struct LaunchArgs {
     /// Seconds the ranks wait for each other at the start before giving up.
     #[arg(long, default_value_t = 300)]
     pub rendezvous_timeout: u64,
+    /// Seconds a rank may go without finishing a training step (or an eval batch) before the run
+    /// stops as hung, naming the rank (0: wait forever).
+    #[arg(long, default_value_t = 1800)]
+    pub collective_timeout: u64,
 }
 
 /// torchrun's default port.

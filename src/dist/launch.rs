@@ -2,7 +2,7 @@
 //! host, one GPU each, with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 //! MASTER_PORT), and waits for them. Ctrl-C is passed on to every worker once (they save a
 //! checkpoint and stop together); a worker that fails stops the others (they notice through the
-//! control links; any still running 30 s later are killed), and the launcher says which it was.
+//! control links; any still running 10 s later are killed), and the launcher says which it was.
 
 use crate::dist::control::STOPPED_FOR_ANOTHER;
 use crate::dist::env::{LaunchArgs, DEFAULT_PORT};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 pub static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
 
 /// How long the other workers get to stop on their own after one fails.
-const GRACE: Duration = Duration::from_secs(30);
+const GRACE: Duration = Duration::from_secs(10);
 
 fn describe(s: ExitStatus) -> String {
     match (s.code(), s.signal()) {

@@ -58,6 +58,19 @@ impl Worker {
         self.env.rank == 0
     }
 
+    /// This rank finished a unit of work (see `start_watch`).
+    pub fn progress(&self) {
+        self.control.progress()
+    }
+
+    /// From now on a rank that makes no progress for `timeout` stops the run (0: never).
+    pub fn start_watch(&self, timeout: Duration) -> Result<()> {
+        if !timeout.is_zero() {
+            self.control.watch_progress(timeout)?;
+        }
+        Ok(())
+    }
+
     /// This rank is done; the others may see its links close.
     pub fn finish(&self) {
         self.control.finish()

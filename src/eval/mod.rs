@@ -47,6 +47,8 @@ pub struct EvalArgs {
     pub output_dir: PathBuf,
     /// Seconds the workers of a run of several wait for each other at the start.
     pub rendezvous_timeout: u64,
+    /// Seconds a worker may go without finishing a batch before the run stops as hung (0: never).
+    pub collective_timeout: u64,
 }
 
 /// How the answers are generated and what they come from.
@@ -206,6 +208,7 @@ fn eval_ranked(
         merge_predictions(&a.output_dir)?;
     }
     ranks.barrier()?;
+    ranks.start_watch(std::time::Duration::from_secs(a.collective_timeout))?;
     let mut manifest = fingerprint::Manifest { fingerprint: fp, seconds: earlier_seconds };
     let mut done = read_predictions(&pred_path)?;
     if let Some(stale) = done.values().find(|p| p.fingerprint != fp_id) {
@@ -287,6 +290,7 @@ fn eval_ranked(
                 .with_context(|| format!("cannot write {}", out_path.display()))?;
             done.insert(pred.pid.clone(), pred);
         }
+        ranks.progress();
         if !main {
             continue;
         }

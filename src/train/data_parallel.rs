@@ -40,6 +40,18 @@ impl Ranks<'_> {
         }
     }
 
+    /// From now on a rank that finishes no step for `timeout` stops the run as hung.
+    pub fn start_watch(&self, timeout: std::time::Duration) -> Result<()> {
+        self.worker.map_or(Ok(()), |w| w.start_watch(timeout))
+    }
+
+    /// This rank finished a step (or an eval batch).
+    pub fn progress(&self) {
+        if let Some(w) = self.worker {
+            w.progress()
+        }
+    }
+
     /// Returns once every rank got here: no rank leaves the run while rank 0 still writes.
     pub fn barrier(&self) -> Result<()> {
         self.sum(&mut [0.0])

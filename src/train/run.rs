@@ -292,6 +292,8 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
         ("the number of usable training rows", problems.len()),
         ("the fused optimizer (0 or 1)", opt.fused as usize),
     ])?;
+    // every rank has loaded and agreed: from here a step that never ends is a hang
+    ranks.start_watch(std::time::Duration::from_secs(a.launch.collective_timeout))?;
     let (mut step_times, mut step_tokens, mut peak_bytes) = (vec![], vec![], 0u64);
     while state.global_step < stop_at {
         let step = state.global_step;
@@ -406,6 +408,7 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
         }
         // every rank stops at the same step when any was interrupted
         let stop = ranks.any(interrupted.load(Ordering::SeqCst))?;
+        ranks.progress();
         let save = (a.save_steps > 0 && state.global_step.is_multiple_of(a.save_steps))
             || stop
             || state.global_step == stop_at;
