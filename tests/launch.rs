@@ -157,84 +157,109 @@ fn workers(pid: u32) -> HashMap<usize, u32> {
         .collect()
 }
 
+/// A two-rank run of the tiny model that would go on for 100,000 steps, started by the launcher.
+struct LongRun {
+    launcher: std::process::Child,
+    out: tempfile::TempDir,
+    cache: tempfile::TempDir,
+}
+
+/// The run's flags, `extra` appended.
+fn long_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args: Vec<&str> = TRAIN.iter().copied().filter(|a| !["--max-steps", "3"].contains(a)).collect();
+    args.extend(["--output-dir", out, "--nproc-per-node", "2", "--max-steps", "100000"]);
+    args.extend(["--per-device-train-batch-size", "1"]);
+    args.extend(extra);
+    args
+}
+
+impl LongRun {
+    /// Started, and past its second step.
+    fn start(extra: &[&str]) -> Self {
+        let (cache, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let args = long_args(out.path().to_str().unwrap(), extra);
+        let launcher = gemmaclip(cache.path(), &args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let mut run = Self { launcher, out, cache };
+        let start = Instant::now();
+        while run.steps() < 2 {
+            assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+            assert!(run.launcher.try_wait().unwrap().is_none(), "the run ended early");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        run
+    }
+
+    fn steps(&self) -> usize {
+        std::fs::read_to_string(self.out.path().join("steps.jsonl")).map_or(0, |s| s.lines().count())
+    }
+
+    /// Sends `signal` to the worker of `rank` (None: the launcher).
+    fn signal(&self, rank: Option<usize>, signal: &str) {
+        let pid = rank.map_or(self.launcher.id(), |r| workers(self.launcher.id())[&r]);
+        Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    }
+
+    /// Waits (at most `limit`) for the launcher to end: its status, how long it took, its stderr.
+    fn wait(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration, String) {
+        let since = Instant::now();
+        let status = loop {
+            if let Some(s) = self.launcher.try_wait().unwrap() {
+                break s;
+            }
+            assert!(since.elapsed() < limit, "the run still runs {} s later", limit.as_secs());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let took = since.elapsed();
+        let mut err = String::new();
+        std::io::Read::read_to_string(self.launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
+        (status, took, err)
+    }
+}
+
 #[test]
 fn a_killed_worker_stops_the_run_naming_it_and_resume_continues() {
-    let cache = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let out_s = out.path().to_str().unwrap();
-    let long = ["--max-steps", "100000", "--save-steps", "1", "--per-device-train-batch-size", "1"];
-    let mut args: Vec<&str> = TRAIN.iter().copied().filter(|a| !["--max-steps", "3"].contains(a)).collect();
-    args.extend(["--output-dir", out_s, "--nproc-per-node", "2"]);
-    args.extend(long);
-    let mut launcher = gemmaclip(cache.path(), &args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-    let start = Instant::now();
-    let steps = || std::fs::read_to_string(out.path().join("steps.jsonl")).map_or(0, |s| s.lines().count());
-    while steps() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
-        assert!(launcher.try_wait().unwrap().is_none(), "the run ended early");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let rank1 = workers(launcher.id())[&1];
-    Command::new("kill").args(["-9", &rank1.to_string()]).status().unwrap();
-    let killed = Instant::now();
-    let status = loop {
-        if let Some(s) = launcher.try_wait().unwrap() {
-            break s;
-        }
-        assert!(killed.elapsed() < Duration::from_secs(60), "the run still runs 60 s after rank 1 was killed");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stopped_in = killed.elapsed();
-    let mut err = String::new();
-    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let mut long = LongRun::start(&["--save-steps", "1"]);
+    long.signal(Some(1), "-9");
+    let (status, took, err) = long.wait(Duration::from_secs(60));
     assert!(!status.success());
     assert!(err.contains("rank 1 stopped without finishing"), "{err}");
     assert!(err.contains("worker rank 1 was killed (SIGKILL)"), "{err}");
-    println!("rank 1 killed: the run stopped in {:.2} s", stopped_in.as_secs_f64());
-    let done = steps();
+    println!("rank 1 killed: the run stopped in {:.2} s", took.as_secs_f64());
+    let done = long.steps();
 
-    let mut args: Vec<&str> =
-        TRAIN.iter().copied().filter(|a| !["--max-steps", "3", "--overwrite-output-dir"].contains(a)).collect();
-    args.extend(["--output-dir", out_s, "--nproc-per-node", "2", "--resume", "--stop-after", "1"]);
-    args.extend(long);
-    let o = run(cache.path(), &args);
+    let out = long.out.path().to_str().unwrap();
+    let mut args = long_args(out, &["--save-steps", "1", "--resume", "--stop-after", "1"]);
+    args.retain(|a| *a != "--overwrite-output-dir");
+    let o = run(long.cache.path(), &args);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("resumed from"), "{}", text(&o.stderr));
-    let after = steps();
+    let after = long.steps();
     // the checkpoint may be a step behind what steps.jsonl had: the resume rewinds to it
     assert!(after >= 2 && after <= done + 1, "{done} steps before, {after} after");
 }
 
 #[test]
 fn sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint() {
-    let cache = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let mut args: Vec<&str> = TRAIN.iter().copied().filter(|a| !["--max-steps", "3"].contains(a)).collect();
-    args.extend(["--output-dir", out.path().to_str().unwrap(), "--nproc-per-node", "2"]);
-    args.extend(["--max-steps", "100000", "--save-steps", "0", "--per-device-train-batch-size", "1"]);
-    let mut launcher = gemmaclip(cache.path(), &args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-    let start = Instant::now();
-    let steps = || std::fs::read_to_string(out.path().join("steps.jsonl")).map_or(0, |s| s.lines().count());
-    while steps() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut long = LongRun::start(&["--save-steps", "0"]);
     // what a scheduler sends before it preempts the job
-    Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
-    let sent = Instant::now();
-    let status = loop {
-        if let Some(s) = launcher.try_wait().unwrap() {
-            break s;
-        }
-        assert!(sent.elapsed() < Duration::from_secs(60), "still running 60 s after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
+    long.signal(None, "-TERM");
+    let (status, _, err) = long.wait(Duration::from_secs(60));
     assert_eq!(status.code(), Some(130), "{err}");
     assert!(err.contains("stopped at step"), "{err}");
-    let done = steps();
-    assert!(out.path().join(format!("checkpoints/step-{done}")).is_dir(), "no checkpoint of step {done}: {err}");
+    let done = long.steps();
+    assert!(long.out.path().join(format!("checkpoints/step-{done}")).is_dir(), "no checkpoint of step {done}: {err}");
+}
+
+#[test]
+fn a_worker_that_hangs_without_dying_stops_the_run_after_the_collective_timeout() {
+    let mut long = LongRun::start(&["--save-steps", "0", "--collective-timeout", "3"]);
+    // stopped, not dead: its links stay open and rank 0 waits in the next collective
+    long.signal(Some(1), "-STOP");
+    // 3 s of waiting, then the launcher's 10 s for the others to end before it kills them
+    let (status, took, err) = long.wait(Duration::from_secs(60));
+    assert!(!status.success());
+    assert!(err.contains("for 3 s: a rank hangs"), "{err}");
+    println!("rank 1 stopped (SIGSTOP): the run ended after {:.1} s", took.as_secs_f64());
 }
 
 #[test]
@@ -260,38 +285,4 @@ fn workers_started_by_hand_meet_through_the_environment_and_refuse_other_setting
         assert!(err.contains("rank 1 was started with other training settings than rank 0"), "{err}");
     }
     assert!(!out.path().join("steps.jsonl").exists(), "nothing trained");
-}
-
-#[test]
-fn a_worker_that_hangs_without_dying_stops_the_run_after_the_collective_timeout() {
-    let cache = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let mut args: Vec<&str> = TRAIN.iter().copied().filter(|a| !["--max-steps", "3"].contains(a)).collect();
-    args.extend(["--output-dir", out.path().to_str().unwrap(), "--nproc-per-node", "2"]);
-    args.extend(["--max-steps", "100000", "--save-steps", "0", "--per-device-train-batch-size", "1"]);
-    args.extend(["--collective-timeout", "3"]);
-    let mut launcher = gemmaclip(cache.path(), &args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-    let start = Instant::now();
-    let steps = || std::fs::read_to_string(out.path().join("steps.jsonl")).map_or(0, |s| s.lines().count());
-    while steps() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // stopped, not dead: its links stay open and rank 0 waits in the next collective
-    let rank1 = workers(launcher.id())[&1];
-    Command::new("kill").args(["-STOP", &rank1.to_string()]).status().unwrap();
-    let stopped = Instant::now();
-    let status = loop {
-        if let Some(s) = launcher.try_wait().unwrap() {
-            break s;
-        }
-        // 3 s of waiting, then the launcher's 10 s for the others to end before it kills them
-        assert!(stopped.elapsed() < Duration::from_secs(60), "still running 60 s after rank 1 hung");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
-    assert!(err.contains("for 3 s: a rank hangs"), "{err}");
-    println!("rank 1 stopped (SIGSTOP): the run ended after {:.1} s", stopped.elapsed().as_secs_f64());
 }
