@@ -284,8 +284,9 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub lora_r: usize,
     /// Prompts generated together (each with its own image); decode tokens/s counts every row.
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
+    /// Several (`1,8,32`) give one JSON line each from one load of the model.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch_size: Vec<usize>,
 }
 
 /// Time to first token for `--batch-size` `prompt`-token prompts (<bos> + image block + text) and
@@ -295,10 +296,9 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     if a.new < 2 {
         bail!("--new must be at least 2");
     }
-    if a.batch_size == 0 {
+    if a.batch_size.is_empty() || a.batch_size.contains(&0) {
         bail!("--batch-size must be at least 1");
     }
-    use crate::generate::{generate, GenerateOptions};
     let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, !a.no_4bit, 0)?;
     if a.lora_r > 0 {
         let spec = LoraSpec {
@@ -327,31 +327,41 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     while ids.len() < a.prompt {
         ids.push((10 + rng.next_u64() % (hi - 10)) as u32);
     }
-    let pixels = Tensor::randn(0f32, 1.0, (a.batch_size, 3, vcfg.image_size, vcfg.image_size), &dev)?;
-    let prompts = vec![ids; a.batch_size];
+    for &batch in &a.batch_size {
+        let pixels = Tensor::randn(0f32, 1.0, (batch, 3, vcfg.image_size, vcfg.image_size), &dev)?;
+        let prompts = vec![ids.clone(); batch];
+        time_generation(&vlm, &prompts, &pixels, a, &dev)?;
+    }
+    Ok(())
+}
+
+/// One JSON line: time to first token and decode tokens/s (every row) for `prompts`.
+fn time_generation(vlm: &Vlm, prompts: &[Vec<u32>], pixels: &Tensor, a: &GenerateArgs, dev: &Device) -> Result<()> {
+    use crate::generate::{generate, GenerateOptions};
+    let batch = prompts.len();
     let run = |n: usize| -> Result<(f64, f64, usize)> {
         let o =
             GenerateOptions { max_new_tokens: n, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids: vec![] };
         synchronize(&dev)?;
         let t = Instant::now();
-        let (_, tm) = generate(&vlm, &prompts, Some(&pixels), &o, &mut |_, _| {})?;
-        synchronize(&dev)?;
+        let (_, tm) = generate(vlm, prompts, Some(pixels), &o, &mut |_, _| {})?;
+        synchronize(dev)?;
         Ok((t.elapsed().as_secs_f64(), tm.time_to_first_token_s, tm.decode_steps))
     };
     run(4)?;
-    reset_peak_memory(&dev)?;
+    reset_peak_memory(dev)?;
     let first = (0..3).map(|_| run(1).map(|r| r.0)).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
     let full =
         (0..2).map(|_| run(a.new).map(|r| r.0)).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
-    let mem = memory(&dev)?;
+    let mem = memory(dev)?;
     println!(
         "{}",
         json!({
             "what": "gemmaclip_generate", "four_bit": !a.no_4bit, "lora_r": a.lora_r,
-            "prompt_tokens": a.prompt, "new_tokens": a.new, "batch_size": a.batch_size,
+            "prompt_tokens": a.prompt, "new_tokens": a.new, "batch_size": batch,
             "time_to_first_token_ms": (first * 1e4).round() / 10.0,
-            "decode_tokens_per_s": ((a.batch_size * (a.new - 1)) as f64 / (full - first) * 10.0).round() / 10.0,
-            "gpu": device::device_name(&dev), "peak_alloc_gib": gib(mem.peak),
+            "decode_tokens_per_s": ((batch * (a.new - 1)) as f64 / (full - first) * 10.0).round() / 10.0,
+            "gpu": device::device_name(dev), "peak_alloc_gib": gib(mem.peak),
         })
     );
     Ok(())

@@ -26,8 +26,9 @@ per checkpointing setting; `both` measures without, then with, as gemmaclip does
 
 generate: <bos> <start_of_image> 576 image positions <end_of_image> + text up to `--prompt` tokens,
 greedy, exactly `--new` tokens (no early stop), `--batch-size` copies (1 by default, each with its
-own image). Time to first token = best of 3 one-token runs (vision tower, projector and prefill
-included); decode speed = batch x (new - 1) / (best of 2 full runs - first token). `--lora-r N` attaches fresh unmerged LoRA adapters of rank N.
+own image; several, `1,8,32`, give a line each). Time to first token = best of 3 one-token runs
+(vision tower, projector and prefill included); decode speed = batch x (new - 1) / (best of 2 full
+runs - first token). `--lora-r N` attaches fresh unmerged LoRA adapters of rank N.
 
 Needs a CUDA GPU. Pinned versions: tools/bench/requirements.txt.
 """
@@ -198,9 +199,17 @@ def generate(args):
         lm = get_peft_model(lm, lora_config(args.lora_r, 2 * args.lora_r, 0.0))
     lm.eval()
     g = torch.Generator().manual_seed(7)
-    ids = [BOS, BOI] + [IMAGE_TOKEN] * IMAGE_TOKENS + [EOI]
-    ids = torch.tensor([ids + random_text(args.prompt - len(ids), g)] * args.batch_size, device="cuda")
-    pixels = torch.randn(args.batch_size, 3, 336, 336, generator=g).to("cuda", torch.bfloat16)
+    prompt = [BOS, BOI] + [IMAGE_TOKEN] * IMAGE_TOKENS + [EOI]
+    prompt = prompt + random_text(args.prompt - len(prompt), g)
+    for batch in args.batch_size:
+        ids = torch.tensor([prompt] * batch, device="cuda")
+        pixels = torch.randn(batch, 3, 336, 336, generator=g).to("cuda", torch.bfloat16)
+        time_generation(args, lm, clip, projector, ids, pixels)
+
+
+def time_generation(args, lm, clip, projector, ids, pixels):
+    """One JSON line: time to first token and decode tokens/s (every row) for the batch `ids`."""
+    batch = ids.shape[0]
 
     def run(n):
         sync()
@@ -217,9 +226,9 @@ def generate(args):
     full = min(run(args.new) for _ in range(2))
     print(json.dumps({
         "what": "hf_generate", "four_bit": args.four_bit, "attn": args.attn, "lora_r": args.lora_r,
-        "prompt_tokens": args.prompt, "new_tokens": args.new, "batch_size": args.batch_size,
+        "prompt_tokens": args.prompt, "new_tokens": args.new, "batch_size": batch,
         "time_to_first_token_ms": round(first * 1e3, 1),
-        "decode_tokens_per_s": round(args.batch_size * (args.new - 1) / (full - first), 1),
+        "decode_tokens_per_s": round(batch * (args.new - 1) / (full - first), 1),
         "gpu": torch.cuda.get_device_name(), "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()),
         "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()), "layers": args.layers,
     }), flush=True)
@@ -252,7 +261,8 @@ def main():
     gp.add_argument("--prompt", type=int, default=800, help="prompt tokens, image block included")
     gp.add_argument("--new", type=int, default=256, help="new tokens (at least 2)")
     gp.add_argument("--lora-r", type=int, default=0, help="attach fresh LoRA adapters of this rank (0: the base alone)")
-    gp.add_argument("--batch-size", type=int, default=1, help="prompts generated together; decode tokens/s counts every row")
+    gp.add_argument("--batch-size", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                    help="prompts generated together, e.g. 1,8,32 (a JSON line each); decode tokens/s counts every row")
 
     args = ap.parse_args()
     global torch, nn
