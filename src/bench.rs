@@ -109,8 +109,8 @@ fn batch(cfg: &LlmConfig, n_image: usize, image_size: usize, a: &TrainStepArgs, 
 }
 
 /// The device (pool kept cached) and the frozen base, as train and infer load it.
-fn load(model: &Path, vision_model: &Path, four_bit: bool, ordinal: usize) -> Result<(Device, Base)> {
-    let dev = device::best_device_at(ordinal)?;
+fn load(model: &Path, vision_model: &Path, four_bit: bool) -> Result<(Device, Base)> {
+    let dev = device::best_device()?;
     device::keep_pool_memory(&dev)?;
     let args = ModelArgs {
         preset_tiny: false,
@@ -132,32 +132,17 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let env = crate::dist::env::WorkerEnv::from_env()?;
     let t = Instant::now();
-    let ordinal = env.as_ref().map_or(0, |e| e.cuda_ordinal());
-    let (dev, base) = load(&a.model, &a.vision_model, !a.no_4bit, ordinal)?;
+    let (dev, base) = load(&a.model, &a.vision_model, !a.no_4bit)?;
     let load_s = t.elapsed().as_secs_f64();
-    let worker = match env {
-        Some(env) => {
-            use sha2::Digest;
-            // the settings, not where each host sits in the launch
-            let settings = TrainStepArgs { launch: Default::default(), ..a.clone() };
-            let fingerprint = sha2::Sha256::digest(format!("{settings:?}").as_bytes()).into();
-            let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
-            Some(crate::dist::worker::Worker::join(env, &dev, fingerprint, timeout, true)?)
-        }
-        None => None,
-    };
-    let ranks = Ranks { worker: worker.as_ref() };
-    ranks.start_watch(std::time::Duration::from_secs(a.launch.collective_timeout))?;
-    let done = train_steps(a, &dev, base, load_s, ranks);
-    if let Some(w) = &worker {
-        match &done {
-            Ok(()) => w.finish(),
-            Err(e) => w.abort(&format!("{e:#}")),
-        }
-    }
-    done
+    // the settings, not where each host sits in the launch
+    let settings = format!("{:?}", TrainStepArgs { launch: Default::default(), ..a.clone() });
+    let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
+    crate::dist::worker::as_worker(&dev, &settings, timeout, true, |worker| {
+        let ranks = Ranks { worker };
+        ranks.start_watch(std::time::Duration::from_secs(a.launch.collective_timeout))?;
+        train_steps(a, &dev, base, load_s, ranks)
+    })
 }
 
 /// The timed steps of `train_step`, as one rank of `ranks`.
@@ -299,7 +284,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     if a.batch_size.is_empty() || a.batch_size.contains(&0) {
         bail!("--batch-size must be at least 1");
     }
-    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, !a.no_4bit, 0)?;
+    let (dev, Base { mut llm, vision, cfg, vcfg, .. }) = load(&a.model, &a.vision_model, !a.no_4bit)?;
     if a.lora_r > 0 {
         let spec = LoraSpec {
             r: a.lora_r,

@@ -11,7 +11,7 @@ pub fn best_device() -> Result<Device> {
 }
 
 /// CUDA device `ordinal` when this build has CUDA and a GPU is present, else the CPU.
-pub fn best_device_at(ordinal: usize) -> Result<Device> {
+fn best_device_at(ordinal: usize) -> Result<Device> {
     #[cfg(feature = "cuda")]
     if candle_core::utils::cuda_is_available() {
         let dev = Device::new_cuda(ordinal)?;

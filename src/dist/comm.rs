@@ -80,15 +80,27 @@ pub fn all_reduce_grads(comm: &dyn Communicator, grads: &mut [Option<Tensor>], l
         return Ok(());
     }
     let flat = comm.all_reduce_sum_tensor(&Tensor::cat(&parts, 0)?)?;
-    let mut at = 0;
-    for ((g, t), &h) in grads.iter_mut().zip(like).zip(&has) {
+    let reached: Vec<&Tensor> = like.iter().zip(&has).filter(|(_, &h)| h > 0.0).map(|(t, _)| t).collect();
+    let mut summed = views(&flat, &reached)?.into_iter();
+    for (g, &h) in grads.iter_mut().zip(&has) {
         if h > 0.0 {
-            let n = t.elem_count();
-            *g = Some(flat.narrow(0, at, n)?.reshape(t.dims())?);
-            at += n;
+            *g = summed.next();
         }
     }
     Ok(())
+}
+
+/// `like`-shaped views of consecutive stretches of the 1-D `flat` (a buffer that crossed the ranks
+/// whole), in order.
+pub fn views(flat: &Tensor, like: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    let mut at = 0;
+    let mut out = vec![];
+    for t in like {
+        let n = t.elem_count();
+        out.push(flat.narrow(0, at, n)?.reshape(t.dims())?);
+        at += n;
+    }
+    Ok(out)
 }
 
 /// Every rank's `tensors` replaced by rank `root`'s (one collective over their concatenation).
@@ -99,14 +111,9 @@ pub fn broadcast_tensors(comm: &dyn Communicator, tensors: &[Tensor], root: usiz
     let parts =
         tensors.iter().map(|t| t.to_dtype(DType::F32)?.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
     let flat = comm.broadcast_tensor(&Tensor::cat(&parts, 0)?, root)?;
-    let mut at = 0;
-    let mut out = vec![];
-    for t in tensors {
-        let n = t.elem_count();
-        out.push(flat.narrow(0, at, n)?.reshape(t.dims())?.to_dtype(t.dtype())?);
-        at += n;
-    }
-    Ok(out)
+    let like: Vec<&Tensor> = tensors.iter().collect();
+    let got = views(&flat, &like)?.into_iter().zip(tensors).map(|(v, t)| v.to_dtype(t.dtype()));
+    Ok(got.collect::<candle_core::Result<_>>()?)
 }
 
 /// Ranks as threads of one process.

@@ -2,7 +2,7 @@
 //! the run together, and the communicator (NCCL between GPUs where the build has it, else TCP
 //! through rank 0).
 
-use crate::dist::comm::Communicator;
+use crate::dist::comm::{AbortOnDrop, Communicator};
 use crate::dist::control::Control;
 use crate::dist::env::WorkerEnv;
 use crate::dist::rendezvous::rendezvous;
@@ -15,6 +15,31 @@ pub struct Worker {
     pub env: WorkerEnv,
     pub comm: Box<dyn Communicator>,
     control: Arc<Control>,
+}
+
+/// Runs `work` as this process's part of a run of several when WORLD_SIZE says so, else alone
+/// (`None`). A worker first meets the others, who must bring the same `settings` (what they must
+/// agree on, paths excluded), with NCCL on `dev` where `want_nccl` allows; how `work` ends (an
+/// error, a panic) reaches the others, so they stop naming this rank instead of waiting.
+pub fn as_worker<T>(
+    dev: &Device,
+    settings: &str,
+    rendezvous_timeout: Duration,
+    want_nccl: bool,
+    work: impl FnOnce(Option<&Worker>) -> Result<T>,
+) -> Result<T> {
+    use sha2::Digest;
+    let Some(env) = WorkerEnv::from_env()? else { return work(None) };
+    let fingerprint = sha2::Sha256::digest(settings.as_bytes()).into();
+    let w = Worker::join(env, dev, fingerprint, rendezvous_timeout, want_nccl)?;
+    let guard = AbortOnDrop::new(w.comm.as_ref());
+    let done = work(Some(&w));
+    guard.disarm();
+    match &done {
+        Ok(_) => w.finish(),
+        Err(e) => w.abort(&format!("{e:#}")),
+    }
+    done
 }
 
 impl Worker {

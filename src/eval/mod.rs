@@ -143,26 +143,13 @@ fn merge_predictions(dir: &Path) -> Result<BTreeMap<String, Prediction>> {
 /// official scorer reads it, plus the breakdown) and prints it. As a worker of several
 /// (WORLD_SIZE set), it answers its share and rank 0 scores them all; the others return no columns.
 pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs, g: &Generation) -> Result<Vec<Column>> {
-    let worker = match crate::dist::env::WorkerEnv::from_env()? {
-        Some(env) => {
-            use sha2::Digest;
-            let who =
-                format!("{:?} {:?} {:?} {} {} {}", a.split, a.limit, a.output_dir, a.max_new_tokens, g.sources, g.seed);
-            let fingerprint = sha2::Sha256::digest(who.as_bytes()).into();
-            let timeout = std::time::Duration::from_secs(a.rendezvous_timeout);
-            // answers need no collective: the TCP links carry the two waits
-            Some(crate::dist::worker::Worker::join(env, &model.vlm.llm.device().clone(), fingerprint, timeout, false)?)
-        }
-        None => None,
-    };
-    let done = eval_ranked(model, data_dir, a, g, worker.as_ref());
-    if let Some(w) = &worker {
-        match &done {
-            Ok(_) => w.finish(),
-            Err(e) => w.abort(&format!("{e:#}")),
-        }
-    }
-    done
+    let settings =
+        format!("{:?} {:?} {:?} {} {} {}", a.split, a.limit, a.output_dir, a.max_new_tokens, g.sources, g.seed);
+    let timeout = std::time::Duration::from_secs(a.rendezvous_timeout);
+    // answers need no collective: the TCP links carry the two waits
+    crate::dist::worker::as_worker(model.vlm.llm.device(), &settings, timeout, false, |worker| {
+        eval_ranked(model, data_dir, a, g, worker)
+    })
 }
 
 fn eval_ranked(

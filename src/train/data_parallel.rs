@@ -5,7 +5,7 @@
 //! the ranks' losses and gradients gives the global mean; every rank then takes the same optimizer
 //! step on the same summed gradients.
 
-use crate::dist::comm::{all_reduce_grads, broadcast_tensors};
+use crate::dist::comm::{all_reduce_grads, broadcast_tensors, Communicator};
 use crate::dist::worker::Worker;
 use crate::train::optimizer::{AdamW, GradSum};
 use crate::train::state::TrainerState;
@@ -81,7 +81,7 @@ impl Ranks<'_> {
             acc.fill_missing(&has, &dev)?;
             let summed = w.comm.all_reduce_sum_tensor(&acc.take_flat())?;
             let params: Vec<&Tensor> = opt.vars.iter().map(|v| v.as_tensor()).collect();
-            let views = crate::train::fused::views(&summed, &params)?;
+            let views = crate::dist::comm::views(&summed, &params)?;
             let grads = views.into_iter().zip(&has).map(|(v, &h)| h.then_some(v)).collect();
             return Ok((grads, small[0] as f64));
         }
@@ -92,8 +92,8 @@ impl Ranks<'_> {
         Ok((grads, l[0] as f64))
     }
 
-    /// The step's gradients summed over the ranks.
-    pub fn sum_grads(&self, grads: &mut [Option<Tensor>], opt: &AdamW) -> Result<()> {
+    /// The step's gradients summed over the ranks (CPU tensors, or no flat accumulator).
+    fn sum_grads(&self, grads: &mut [Option<Tensor>], opt: &AdamW) -> Result<()> {
         let Some(w) = self.worker else { return Ok(()) };
         let like: Vec<Tensor> = opt.vars.iter().map(|v| v.as_tensor().clone()).collect();
         all_reduce_grads(w.comm.as_ref(), grads, &like)
@@ -102,45 +102,13 @@ impl Ranks<'_> {
     /// Every rank takes rank 0's weights, optimizer moments and position: whatever rank 0 started
     /// from (its seed or a checkpoint only it read) is where the run starts.
     pub fn share_start(&self, opt: &mut AdamW, state: &mut TrainerState) -> Result<()> {
-        let Some(w) = self.worker else { return Ok(()) };
-        let comm = w.comm.as_ref();
-        let n = opt.vars.len();
-        let mut all: Vec<Tensor> = opt.vars.iter().map(|v| v.as_tensor().clone()).collect();
-        all.extend(opt.m.iter().cloned());
-        all.extend(opt.v.iter().cloned());
-        let got = broadcast_tensors(comm, &all, 0)?;
-        for (var, t) in opt.vars.iter().zip(&got[..n]) {
-            var.set(t)?;
-        }
-        // each moment gets storage of its own size: candle's `copy` and host transfers of a view
-        // take its whole storage (the broadcast buffer), once per tensor
-        let own = |t: &Tensor| t.broadcast_mul(&Tensor::new(1f32, t.device())?);
-        opt.m = got[n..2 * n].iter().map(own).collect::<candle_core::Result<_>>()?;
-        opt.v = got[2 * n..].iter().map(own).collect::<candle_core::Result<_>>()?;
-        let mut pos = [opt.step as f32, state.global_step as f32];
-        comm.broadcast(&mut pos, 0)?;
-        if pos.iter().any(|&p| p >= (1u32 << 24) as f32) {
-            bail!("rank 0's step counter {} is past what the ranks exchange exactly", pos[0]);
-        }
-        (opt.step, state.global_step) = (pos[0] as u64, pos[1] as usize);
-        opt.refresh_work()
+        self.worker.map_or(Ok(()), |w| share_start(w.comm.as_ref(), opt, state))
     }
 
     /// Stops with an error on a rank whose `plan` (what decides how many collectives it will make:
     /// steps, rows, the optimizer's path) differs from rank 0's, instead of a hang later.
     pub fn same_plan(&self, plan: &[(&str, usize)]) -> Result<()> {
-        let Some(w) = self.worker else { return Ok(()) };
-        let mut theirs: Vec<f32> = plan.iter().map(|(_, v)| *v as f32).collect();
-        w.comm.broadcast(&mut theirs, 0)?;
-        for ((name, mine), &t) in plan.iter().zip(&theirs) {
-            if *mine as f32 != t {
-                bail!(
-                    "rank {}: {name} is {mine} here and {t} on rank 0; every rank must see the same data and settings (the same --data snapshot, flags and GEMMACLIP_* variables)",
-                    self.rank()
-                );
-            }
-        }
-        Ok(())
+        self.worker.map_or(Ok(()), |w| same_plan(w.comm.as_ref(), plan))
     }
 
     /// A per-rank dropout seed: rank 0 keeps the single-GPU seed of the micro-batch, the others
@@ -150,3 +118,43 @@ impl Ranks<'_> {
         s ^ (self.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 }
+
+/// Every rank takes rank 0's weights, optimizer moments and position (see `Ranks::share_start`).
+pub fn share_start(comm: &dyn Communicator, opt: &mut AdamW, state: &mut TrainerState) -> Result<()> {
+    let n = opt.vars.len();
+    let mut all: Vec<Tensor> = opt.vars.iter().map(|v| v.as_tensor().clone()).collect();
+    all.extend(opt.m.iter().cloned());
+    all.extend(opt.v.iter().cloned());
+    let got = broadcast_tensors(comm, &all, 0)?;
+    for (var, t) in opt.vars.iter().zip(&got[..n]) {
+        var.set(t)?;
+    }
+    // each moment gets storage of its own size: candle's `copy` and host transfers of a view
+    // take its whole storage (the broadcast buffer), once per tensor
+    let own = |t: &Tensor| t.broadcast_mul(&Tensor::new(1f32, t.device())?);
+    opt.m = got[n..2 * n].iter().map(own).collect::<candle_core::Result<_>>()?;
+    opt.v = got[2 * n..].iter().map(own).collect::<candle_core::Result<_>>()?;
+    let mut pos = [opt.step as f32, state.global_step as f32];
+    comm.broadcast(&mut pos, 0)?;
+    if pos.iter().any(|&p| p >= (1u32 << 24) as f32) {
+        bail!("rank 0's step counter {} is past what the ranks exchange exactly", pos[0]);
+    }
+    (opt.step, state.global_step) = (pos[0] as u64, pos[1] as usize);
+    opt.refresh_work()
+}
+
+/// Rank 0's `plan` against this rank's (see `Ranks::same_plan`).
+pub fn same_plan(comm: &dyn Communicator, plan: &[(&str, usize)]) -> Result<()> {
+    let mut theirs: Vec<f32> = plan.iter().map(|(_, v)| *v as f32).collect();
+    comm.broadcast(&mut theirs, 0)?;
+    for ((name, mine), &t) in plan.iter().zip(&theirs) {
+        if *mine as f32 != t {
+            bail!(
+                "rank {}: {name} is {mine} here and {t} on rank 0; every rank must see the same data and settings (the same --data snapshot, flags and GEMMACLIP_* variables)",
+                comm.rank()
+            );
+        }
+    }
+    Ok(())
+}
+

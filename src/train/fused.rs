@@ -169,7 +169,7 @@ impl Accumulator {
         let Some(first) = params.first() else { bail!("no trainable tensors") };
         let total: usize = params.iter().map(|p| p.elem_count()).sum();
         let flat = Tensor::zeros(total, DType::F32, first.device())?;
-        let acc = views(&flat, params)?;
+        let acc = crate::dist::comm::views(&flat, params)?;
         let written = vec![false; acc.len()];
         Ok(Self { flat, acc, written })
     }
@@ -248,21 +248,7 @@ impl Accumulator {
         }
         Ok(())
     }
-}
 
-/// `params`-shaped views of consecutive stretches of the 1-D `flat`.
-pub fn views(flat: &Tensor, params: &[&Tensor]) -> Result<Vec<Tensor>> {
-    let mut at = 0;
-    let mut out = vec![];
-    for p in params {
-        let n = p.elem_count();
-        out.push(flat.narrow(0, at, n)?.reshape(p.dims())?);
-        at += n;
-    }
-    Ok(out)
-}
-
-impl Accumulator {
     /// The step's summed gradients (the buffers themselves: use them before the next `add`),
     /// and a fresh start for the next step.
     pub fn take(&mut self) -> Vec<Option<Tensor>> {

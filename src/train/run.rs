@@ -157,15 +157,14 @@ fn base_model_name(a: &TrainArgs) -> String {
 
 /// What every rank of a run must agree on: the training settings, without where things are on
 /// each host.
-fn settings_fingerprint(a: &TrainArgs) -> Result<[u8; 32]> {
-    use sha2::Digest;
+fn rank_settings(a: &TrainArgs) -> Result<String> {
     let mut v = serde_json::to_value(a)?;
     if let Some(o) = v.as_object_mut() {
         for k in ["output_dir", "model", "vision_model", "data"] {
             o.remove(k);
         }
     }
-    Ok(sha2::Sha256::digest(v.to_string().as_bytes()).into())
+    Ok(v.to_string())
 }
 
 /// Runs training (or continues it with `a.resume`). Returns (optimizer steps done, steps the run has in all).
@@ -173,28 +172,11 @@ fn settings_fingerprint(a: &TrainArgs) -> Result<[u8; 32]> {
 /// they stop too, naming it.
 pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usize)> {
     a.validate()?;
-    let env = crate::dist::env::WorkerEnv::from_env()?;
-    let dev = device::best_device_at(env.as_ref().map_or(0, |e| e.cuda_ordinal()))?;
-    let worker = match env {
-        Some(env) => {
-            let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
-            Some(crate::dist::worker::Worker::join(env, &dev, settings_fingerprint(a)?, timeout, true)?)
-        }
-        None => None,
-    };
-    // a panic on this rank still tells the others why they stop
-    let guard = worker.as_ref().map(|w| crate::dist::comm::AbortOnDrop::new(w.comm.as_ref()));
-    let done = run(a, interrupted, dev, Ranks { worker: worker.as_ref() });
-    if let Some(g) = guard {
-        g.disarm();
-    }
-    if let Some(w) = &worker {
-        match &done {
-            Ok(_) => w.finish(),
-            Err(e) => w.abort(&format!("{e:#}")),
-        }
-    }
-    done
+    let dev = device::best_device()?;
+    let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
+    crate::dist::worker::as_worker(&dev, &rank_settings(a)?, timeout, true, |worker| {
+        run(a, interrupted, dev.clone(), Ranks { worker })
+    })
 }
 
 fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -> Result<(usize, usize)> {
