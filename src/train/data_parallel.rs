@@ -158,3 +158,87 @@ pub fn same_plan(comm: &dyn Communicator, plan: &[(&str, usize)]) -> Result<()> 
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::{same_plan, share_start};
+    use crate::dist::comm::{Communicator, ThreadComm};
+    use crate::train::optimizer::{AdamW, AdamWConfig};
+    use crate::train::state::TrainerState;
+    use candle_core::{Device, Storage, Tensor, Var};
+
+    fn state(step: usize) -> TrainerState {
+        TrainerState {
+            global_step: step,
+            total_steps: 10,
+            seed: 0,
+            per_device_train_batch_size: 1,
+            gradient_accumulation_steps: 1,
+            train_rows: 4,
+            world_size: 2,
+        }
+    }
+
+    /// Elements in the storage behind `t` (a view may hold much more than itself).
+    fn storage_len(t: &Tensor) -> usize {
+        let (s, _) = t.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => c.as_slice::<f32>().unwrap().len(),
+            _ => unreachable!("CPU tensors"),
+        }
+    }
+
+    #[test]
+    fn every_rank_starts_from_rank_zeros_weights_moments_and_step_in_storage_of_its_own() {
+        let comms = ThreadComm::group(2);
+        let got: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let r = c.rank() as f32;
+                        let vars = vec![
+                            Var::from_tensor(&Tensor::full(r, (2, 3), &Device::Cpu).unwrap()).unwrap(),
+                            Var::from_tensor(&Tensor::full(r, 5, &Device::Cpu).unwrap()).unwrap(),
+                        ];
+                        let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+                        opt.m = opt.m.iter().map(|m| (m + (r as f64 + 1.0)).unwrap()).collect();
+                        opt.step = 7 - c.rank() as u64;
+                        let mut st = state(3 + c.rank());
+                        share_start(c, &mut opt, &mut st).unwrap();
+                        (opt, st)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (opt, st) in &got {
+            assert_eq!((opt.step, st.global_step), (7, 3));
+            for v in &opt.vars {
+                assert!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&x| x == 0.0));
+            }
+            for (m, v) in opt.m.iter().zip(&opt.v) {
+                assert!(m.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&x| x == 1.0));
+                // not views of the one broadcast buffer: a checkpoint would copy all of it per tensor
+                assert_eq!(storage_len(m), m.elem_count());
+                assert_eq!(storage_len(v), v.elem_count());
+            }
+        }
+    }
+
+    #[test]
+    fn a_rank_planning_other_steps_than_rank_zero_is_stopped() {
+        let comms = ThreadComm::group(2);
+        let got: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    s.spawn(move || same_plan(c, &[("the number of steps", 10 + c.rank())]).map_err(|e| e.to_string()))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(got[0].is_ok());
+        let e = got[1].as_ref().unwrap_err();
+        assert!(e.contains("rank 1: the number of steps is 11 here and 10 on rank 0"), "{e}");
+    }
+}
