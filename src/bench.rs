@@ -272,6 +272,10 @@ pub struct GenerateArgs {
     /// Several (`1,8,32`) give one JSON line each from one load of the model.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub batch_size: Vec<usize>,
+    /// Also check exactness over this many greedy tokens (0: no check): one prompt answered with
+    /// the captured decode step, with eager steps, and by recomputing the sequence every token.
+    #[arg(long, default_value_t = 0)]
+    pub compare: usize,
 }
 
 /// Time to first token for `--batch-size` `prompt`-token prompts (<bos> + image block + text) and
@@ -317,6 +321,35 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         let prompts = vec![ids.clone(); batch];
         time_generation(&vlm, &prompts, &pixels, a, &dev)?;
     }
+    if a.compare > 0 {
+        let pixels = Tensor::randn(0f32, 1.0, (1, 3, vcfg.image_size, vcfg.image_size), &dev)?;
+        compare_paths(&vlm, &ids, &pixels, a.compare)?;
+    }
+    Ok(())
+}
+
+/// One JSON line: how many of `n` greedy tokens the captured decode step, eager decode steps and
+/// recomputation without a cache agree on (the first difference ends the count).
+fn compare_paths(vlm: &Vlm, prompt: &[u32], pixels: &Tensor, n: usize) -> Result<()> {
+    use crate::fused_ops::{force_composed, FusedOp};
+    use crate::generate::{generate, greedy_without_cache, GenerateOptions};
+    let o = GenerateOptions { max_new_tokens: n, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids: vec![] };
+    let cached = |graph: bool| -> Result<Vec<u32>> {
+        force_composed(FusedOp::DecodeGraph, !graph);
+        let r = generate(vlm, std::slice::from_ref(&prompt.to_vec()), Some(pixels), &o, &mut |_, _| {});
+        force_composed(FusedOp::DecodeGraph, false);
+        Ok(r?.0.remove(0).tokens)
+    };
+    let (replayed, eager) = (cached(true)?, cached(false)?);
+    let recomputed = greedy_without_cache(vlm, prompt, Some(pixels), n, &[])?;
+    let agree = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    println!(
+        "{}",
+        json!({
+            "what": "gemmaclip_generate_exactness", "tokens": n, "graph_vs_eager": agree(&replayed, &eager),
+            "graph_vs_recomputed": agree(&replayed, &recomputed), "eager_vs_recomputed": agree(&eager, &recomputed),
+        })
+    );
     Ok(())
 }
 

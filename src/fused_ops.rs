@@ -1,5 +1,5 @@
 //! Which fused GPU ops may run. Each has a composed counterpart (the CPU path, and the reference it
-//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope,mlp,loss` (or `all`, or `1`) makes a whole run use the
+//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope,mlp,loss,graph` (or `all`, or `1`) makes a whole run use the
 //! composed forms instead, for comparisons, and `force_composed` does the same from code (tests).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,8 @@ pub enum FusedOp {
     GeluMul,
     /// The training loss from bf16 logits, one op each way (src/train/fused_ce.rs)
     CrossEntropy,
+    /// Generation's greedy decode step captured once and replayed as a CUDA graph (src/model/cuda_graph.rs)
+    DecodeGraph,
 }
 
 impl FusedOp {
@@ -26,6 +28,7 @@ impl FusedOp {
             FusedOp::NormRope => "rope",
             FusedOp::GeluMul => "mlp",
             FusedOp::CrossEntropy => "loss",
+            FusedOp::DecodeGraph => "graph",
         }
     }
     fn flag(self) -> &'static AtomicBool {
@@ -34,12 +37,14 @@ impl FusedOp {
         static NORM_ROPE: AtomicBool = AtomicBool::new(false);
         static GELU_MUL: AtomicBool = AtomicBool::new(false);
         static CROSS_ENTROPY: AtomicBool = AtomicBool::new(false);
+        static DECODE_GRAPH: AtomicBool = AtomicBool::new(false);
         match self {
             FusedOp::Attention => &ATTENTION,
             FusedOp::Lora => &LORA,
             FusedOp::NormRope => &NORM_ROPE,
             FusedOp::GeluMul => &GELU_MUL,
             FusedOp::CrossEntropy => &CROSS_ENTROPY,
+            FusedOp::DecodeGraph => &DECODE_GRAPH,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Generation with a KV cache: prompts left-padded into one batch, prefill, then one token per
-//! step until `<end_of_turn>`/`<eos>` or the token budget. Greedy at temperature 0, otherwise
-//! temperature / top-k / top-p sampling from a seeded generator.
+//! step until `<end_of_turn>`/`<eos>` or the token budget. Greedy at temperature 0 (chosen on the
+//! device), otherwise temperature / top-k / top-p sampling from a seeded generator on the host.
 
+use crate::model::decode::first_max;
 use crate::model::vlm::Vlm;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -83,8 +84,20 @@ fn last_logits(vlm: &Vlm, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(vlm.llm.logits(&last)?.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
+/// Whether the greedy decode step may be captured and replayed as a CUDA graph.
+fn graph_allowed(vlm: &Vlm, o: &GenerateOptions) -> bool {
+    vlm.llm.device().is_cuda()
+        && cfg!(feature = "cuda")
+        && o.temperature <= 0.0
+        && o.max_new_tokens >= 3
+        && crate::fused_ops::allowed(crate::fused_ops::FusedOp::DecodeGraph)
+}
+
 /// Generates for a batch of prompts (token ids with their image-token blocks; `pixels` holds the
-/// batch's images in order). `on_token(row, token)` sees each new token as it comes.
+/// batch's images in order). `on_token(row, token)` sees each new token as it comes. Prompts are
+/// left-padded into one block; the KV cache is allocated once for the block and the new tokens.
+/// Greedy decoding chooses on the device and, on a GPU, replays its step as a CUDA graph;
+/// sampling brings each step's logits to the host.
 pub fn generate(
     vlm: &Vlm,
     prompts: &[Vec<u32>],
@@ -100,6 +113,11 @@ pub fn generate(
     if l == 0 {
         bail!("empty prompt");
     }
+    let max_pos = vlm.cfg.text.max_position_embeddings;
+    let too_long = |n: usize| anyhow::anyhow!("{n} positions exceed the model's max_position_embeddings ({max_pos})");
+    if l > max_pos {
+        return Err(too_long(l));
+    }
     let pad = vlm.cfg.text.pad_token_id;
     let mut ids = vec![];
     let mut valid = vec![];
@@ -109,43 +127,79 @@ pub fn generate(
         valid.push((0..l).map(|t| t >= n).collect::<Vec<_>>());
     }
     let start = Instant::now();
-    let mut cache = vlm.llm.new_cache(b);
+    let greedy = o.temperature <= 0.0;
+    // the last new token is never fed back
+    let capacity = (l + o.max_new_tokens.saturating_sub(1)).min(max_pos);
+    let mut cache = vlm.llm.new_cache(b, capacity)?;
     // answering builds no graph: the projector's Vars stop here
     let embeds = vlm.input_embeds(&ids, pixels)?.detach();
-    let hidden = vlm.llm.forward_cached(&embeds, &valid, &mut cache)?;
-    let mut logits = last_logits(vlm, &hidden)?;
+    let hidden = vlm.llm.prefill(&embeds, &valid, &mut cache)?;
+    let logits = vlm.llm.logits(&hidden.narrow(1, l - 1, 1)?.squeeze(1)?)?;
     let mut out: Vec<Generated> =
         prompts.iter().map(|p| Generated { prompt_tokens: p.len(), ..Default::default() }).collect();
     let mut rng = SplitMix64::new(o.seed);
+    let finished = |g: &Generated| g.stopped || g.tokens.len() >= o.max_new_tokens;
+    // the next token of every row (a finished row's is fed on, unread: rows never mix)
+    let mut choose = |logits: &Tensor, out: &[Generated], cache: &crate::model::kv_cache::KvCache| -> Result<Vec<u32>> {
+        if greedy {
+            let next = first_max(logits, &cache.vocab_index)?;
+            cache.ids.slice_set(&next.reshape((b, 1))?, 0, 0)?;
+            return Ok(next.to_vec1::<u32>()?);
+        }
+        let rows = logits.to_vec2::<f32>()?;
+        let next: Vec<u32> =
+            rows.iter().zip(out).map(|(row, g)| if finished(g) { pad } else { sample(row, o, &mut rng) }).collect();
+        cache.ids.slice_set(&Tensor::from_vec(next.clone(), (b, 1), logits.device())?, 0, 0)?;
+        Ok(next)
+    };
+    let mut next = choose(&logits, &out, &cache)?;
+    drop((logits, hidden, embeds));
+    let use_graph = graph_allowed(vlm, o);
+    #[cfg(feature = "cuda")]
+    let mut graph: Option<crate::model::cuda_graph::DecodeGraph> = None;
     let mut timings = Timings::default();
     let mut decode_start = None;
     for step in 0..o.max_new_tokens {
-        let mut next = vec![];
         for (r, g) in out.iter_mut().enumerate() {
-            if g.stopped || g.tokens.len() >= o.max_new_tokens {
-                next.push(pad);
+            if finished(g) {
                 continue;
             }
-            let t = sample(&logits[r], o, &mut rng);
+            let t = next[r];
             if o.stop_ids.contains(&t) {
                 g.stopped = true;
             } else {
                 g.tokens.push(t);
                 on_token(r, t);
             }
-            next.push(t);
         }
         if step == 0 {
             timings.time_to_first_token_s = start.elapsed().as_secs_f64();
             decode_start = Some(Instant::now());
         }
-        if out.iter().all(|g| g.stopped || g.tokens.len() >= o.max_new_tokens) || step + 1 == o.max_new_tokens {
+        if out.iter().all(finished) || step + 1 == o.max_new_tokens {
             break;
         }
-        let tok = Tensor::from_vec(next, (b, 1), vlm.llm.device())?;
-        let embeds = vlm.llm.embed(&tok)?;
-        let hidden = vlm.llm.forward_cached(&embeds, &vec![vec![true]; b], &mut cache)?;
-        logits = last_logits(vlm, &hidden)?;
+        if l + step >= capacity {
+            return Err(too_long(l + step + 1));
+        }
+        cache.set_step(step + 1)?;
+        if greedy {
+            #[cfg(feature = "cuda")]
+            if use_graph {
+                match &graph {
+                    Some(g) => g.launch()?,
+                    // step 1 runs eagerly inside, then the step is captured for the rest
+                    None => graph = Some(crate::model::cuda_graph::DecodeGraph::warm_up_and_capture(&vlm.llm, &cache)?),
+                }
+            }
+            if !use_graph {
+                vlm.llm.greedy_step(&cache)?;
+            }
+            next = cache.ids.flatten_all()?.to_vec1::<u32>()?;
+        } else {
+            let logits = vlm.llm.decode_logits(&cache)?;
+            next = choose(&logits, &out, &cache)?;
+        }
         timings.decode_steps += 1;
     }
     timings.decode_s = decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());

@@ -7,7 +7,7 @@ use crate::model::gemma3::{load_linear, BaseFormat};
 use crate::model::kv_cache::LayerCache;
 use crate::model::layer_context::LayerMask;
 use crate::model::ops::{gemma_norm_scale, softmax_last_dim_f32};
-use crate::model::rope::{norm_rope, RopeTables};
+use crate::model::rope::{norm_rope, norm_rope_rows, RopeTables};
 use crate::peft::lora::LoraLinear;
 use crate::weights::Weights;
 use anyhow::Result;
@@ -46,41 +46,52 @@ impl Attention {
         })
     }
 
-    /// x [B, L, H] -> [B, L, H]. With a cache, k/v of the new positions are appended to it
-    /// (detached) and the queries attend over everything it holds; `mask` then covers the cache.
+    /// x [B, L, H] -> [B, L, H]. With a cache, a prompt (no write index) is attended as without
+    /// one and its keys/values written at column 0; a decode step (one position per row, the
+    /// step's write index) writes its keys/values at the step's column and attends over the whole
+    /// cache, `mask` [B, 1, 1, T] hiding what the row may not see.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &RopeTables,
         mask: LayerMask,
         seed: Option<u64>,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&LayerCache, Option<&Tensor>)>,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (hd, nq, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
-        let q = norm_rope(&self.q_proj.forward(x, seed)?, nq, &self.q_norm, self.eps, rope)?; // [B, nq, L, hd]
-        let k = norm_rope(&self.k_proj.forward(x, seed)?, nkv, &self.k_norm, self.eps, rope)?; // [B, nkv, L, hd]
+        let step = cache.and_then(|(c, index)| index.map(|i| (c, i)));
+        let nr = |x: &Tensor, heads: usize, scale: &Tensor| match step {
+            Some(_) => norm_rope_rows(x, heads, scale, self.eps, rope),
+            None => norm_rope(x, heads, scale, self.eps, rope),
+        };
+        let q = nr(&self.q_proj.forward(x, seed)?, nq, &self.q_norm)?; // [B, nq, L, hd]
+        let k = nr(&self.k_proj.forward(x, seed)?, nkv, &self.k_norm)?; // [B, nkv, L, hd]
         let v = self.v_proj.forward(x, seed)?; // [B, L, nkv*hd]
         let mask = match mask {
-            LayerMask::Fused { attn, sliding } if cache.is_none() => {
+            LayerMask::Fused { attn, sliding } if step.is_none() => {
                 // v stays in the projection's layout: cuDNN reads it through strides
                 let out = attn.attend(&q, &k, &v, self.scale, sliding)?; // [B, L, nq*hd]
+                if let Some((c, _)) = cache {
+                    c.write_prompt(&k, &v.reshape((b, l, nkv, hd))?.transpose(1, 2)?)?;
+                }
                 return self.o_proj.forward(&out, seed);
             }
-            LayerMask::Fused { .. } => candle_core::bail!("fused attention masks reached a cached forward"),
+            LayerMask::Fused { .. } => candle_core::bail!("fused attention masks reached a decode step"),
             LayerMask::Composed(m) => m,
         };
         let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (k, v, mask) = match cache {
-            Some(c) => {
-                let (k, v) = c.append(k.detach(), v.detach())?;
-                let lk = k.dim(2)?;
-                let total = mask.dim(3)?;
-                (k, v, mask.narrow(3, total - lk, lk)?)
+        let out = match (cache, step) {
+            (_, Some((c, index))) => {
+                c.write_step(&k.detach(), &v.detach(), index)?;
+                grouped_attention(&q, &c.k, &c.v, mask, self.scale)? // [B, nq, 1, hd]
             }
-            None => (k, v, mask.clone()),
+            (Some((c, None)), None) => {
+                c.write_prompt(&k.detach(), &v.detach())?;
+                grouped_attention(&q, &k, &v, mask, self.scale)?
+            }
+            _ => grouped_attention(&q, &k, &v, mask, self.scale)?, // [B, nq, L, hd]
         };
-        let out = grouped_attention(&q, &k, &v, &mask, self.scale)?; // [B, nq, L, hd]
         let out = out.transpose(1, 2)?.reshape((b, l, nq * hd))?;
         self.o_proj.forward(&out, seed)
     }

@@ -8,7 +8,7 @@
 use crate::config::{GemmaTextConfig, LayerType};
 use crate::model::attention::Attention;
 use crate::model::fused_attention::FusedAttention;
-use crate::model::kv_cache::{KvCache, LayerCache};
+use crate::model::kv_cache::LayerCache;
 use crate::model::layer_context::{attention_mask, LayerContext, Masks};
 use crate::model::ops::{gelu_tanh_mul, gemma_norm_scale, gemma_rms_norm};
 use crate::model::rope::RopeTables;
@@ -100,17 +100,12 @@ impl DecoderLayer {
         })
     }
 
-    /// x [B, L, H] -> [B, L, H]; with `cache`, a decoding/prefill pass over new positions that
-    /// attends over (and extends) this layer's KV cache.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &LayerContext,
-        cache: Option<&mut LayerCache>,
-    ) -> candle_core::Result<Tensor> {
+    /// x [B, L, H] -> [B, L, H]; with `cache`, a prompt or decode pass that writes this layer's
+    /// keys/values into it (a decode step at `ctx.write_index`) and attends over it.
+    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&LayerCache>) -> candle_core::Result<Tensor> {
         let (rope, mask) = ctx.for_layer(self.layer_type);
         let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
-        let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, cache)?;
+        let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, cache.map(|c| (c, ctx.write_index.as_ref())))?;
         let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
         let h = self.mlp.forward(&h, ctx.dropout_seed)?;
@@ -227,70 +222,8 @@ impl Gemma3Text {
             rope_local: RopeTables::new(c.head_dim, c.rope_local_base_freq, 1.0, offset, lq, dev)?,
             masks,
             dropout_seed: None,
+            write_index: None,
         })
-    }
-
-    pub fn new_cache(&self, batch: usize) -> KvCache {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| LayerCache::new((l.layer_type == LayerType::Sliding).then_some(self.cfg.sliding_window)))
-            .collect();
-        KvCache { layers, valid: vec![vec![]; batch], next_position: vec![0; batch] }
-    }
-
-    /// Runs new positions through the model with the cache: embeds [B, Lq, H], `valid[b][t]` false
-    /// on (left) padding among the new positions. Returns the last hidden state [B, Lq, H].
-    pub fn forward_cached(
-        &self,
-        embeds: &Tensor,
-        valid: &[Vec<bool>],
-        cache: &mut KvCache,
-    ) -> candle_core::Result<Tensor> {
-        let (b, lq, _) = embeds.dims3()?;
-        let offset = cache.valid.first().map_or(0, |v| v.len());
-        if offset + lq > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "{} positions exceed the model's max_position_embeddings ({})",
-                offset + lq,
-                self.cfg.max_position_embeddings
-            );
-        }
-        if valid.len() != b || cache.valid.len() != b {
-            candle_core::bail!(
-                "forward_cached: {} validity rows and a cache of {} for a batch of {b}",
-                valid.len(),
-                cache.valid.len()
-            );
-        }
-        let mut positions = vec![];
-        for (r, new) in valid.iter().enumerate() {
-            let mut row = vec![];
-            for &ok in new {
-                row.push(cache.next_position[r]);
-                if ok {
-                    cache.next_position[r] += 1;
-                }
-            }
-            cache.valid[r].extend_from_slice(new);
-            positions.push(row);
-        }
-        let c = &self.cfg;
-        let dev = self.device();
-        let ctx = LayerContext {
-            rope_global: RopeTables::for_rows(c.head_dim, c.rope_theta, c.rope_scaling_factor, &positions, dev)?,
-            rope_local: RopeTables::for_rows(c.head_dim, c.rope_local_base_freq, 1.0, &positions, dev)?,
-            masks: Masks::Composed {
-                global: attention_mask(&cache.valid, lq, offset, None, dev)?,
-                sliding: attention_mask(&cache.valid, lq, offset, Some(c.sliding_window), dev)?,
-            },
-            dropout_seed: None,
-        };
-        let mut x = embeds.clone();
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &ctx, Some(lc))?;
-        }
-        Ok(x)
     }
 
     /// embeds [B, L, H] -> last hidden state before the final norm [B, L, H]. `valid[b][t]` is

@@ -1,54 +1,129 @@
-//! The KV cache of generation: per layer the keys and values still attended (a window's worth on
-//! sliding layers), per row which positions are real and the next RoPE position.
+//! The KV cache of generation, allocated once for the whole generation and written in place:
+//! per layer keys and values [B, nkv, T, hd] for a fixed capacity T, and the device buffers a
+//! decode step reads (the column it writes, each row's left padding), so that one decode step has
+//! fixed shapes and fixed addresses and can be captured into a CUDA graph (cuda_graph.rs).
+//!
+//! Rows are left-padded: row r's prompt fills columns pad[r]..L0, the token of decode step s
+//! (s >= 1) goes to column L0 + s - 1 in every row. A column j is a real key of row r when
+//! j >= pad[r]; its RoPE position is j - pad[r]. Sliding layers keep every column too (the window
+//! is a mask, `col - j < window`), which costs memory, not exactness.
 
-use candle_core::Tensor;
+use crate::model::rope::RopeTables;
+use candle_core::{DType, Device, Tensor};
 
-/// One layer's keys and values [B, nkv, T, hd] for the positions it still needs: all of them on a
-/// global layer, the last `window` on a sliding one (older keys are outside every later query's
-/// window), so the cache never grows past what the model attends to.
+/// One layer's keys and values [B, nkv, T, hd].
 pub struct LayerCache {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-    window: Option<usize>,
+    pub k: Tensor,
+    pub v: Tensor,
 }
 
 impl LayerCache {
-    /// An empty cache; `window` for a sliding layer.
-    pub fn new(window: Option<usize>) -> Self {
-        Self { k: None, v: None, window }
+    /// Writes the prompt's keys and values [B, nkv, L, hd] at column 0.
+    pub(crate) fn write_prompt(&self, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+        self.k.slice_set(&k.contiguous()?, 2, 0)?;
+        self.v.slice_set(&v.contiguous()?, 2, 0)
     }
 
-    /// Appends new keys/values; returns the full (k, v) the new queries attend over. The trim to
-    /// the window happens after this pass, so the new queries still see their whole window.
-    pub(crate) fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let (k, v) = match (self.k.take(), self.v.take()) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            _ => (k, v),
-        };
-        let t = k.dim(2)?;
-        let (kk, vv) = match self.window {
-            Some(w) if t > w => (k.narrow(2, t - w, w)?, v.narrow(2, t - w, w)?),
-            _ => (k.clone(), v.clone()),
-        };
-        self.k = Some(kk);
-        self.v = Some(vv);
-        Ok((k, v))
-    }
-
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Writes one decode step's keys and values [B, nkv, 1, hd] at the columns in `index`
+    /// ([B, nkv, 1, hd] u32, every entry the step's column).
+    pub(crate) fn write_step(&self, k: &Tensor, v: &Tensor, index: &Tensor) -> candle_core::Result<()> {
+        self.k.scatter_set(index, &k.contiguous()?, 2)?;
+        self.v.scatter_set(index, &v.contiguous()?, 2)
     }
 }
 
-/// The KV cache of a batch being generated: per layer, plus per row which positions are real
-/// (left padding is not) and the RoPE position of the next token.
+/// The KV cache of a batch being generated, with the device-side state of a decode step.
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
-    pub valid: Vec<Vec<bool>>,
-    pub next_position: Vec<usize>,
+    pub batch: usize,
+    pub capacity: usize,
+    /// Columns filled by the prompt (L0, padding included).
+    pub prompt_len: usize,
+    /// Left padding per row (host copy of `pad`).
+    pub pad_host: Vec<usize>,
+    /// [B, 1] f32: each row's left padding.
+    pub(crate) pad: Tensor,
+    /// [1] u32: the column the running decode step writes.
+    pub(crate) col: Tensor,
+    /// [1, T] f32: 0..T, the column of each key.
+    pub(crate) columns: Tensor,
+    /// RoPE tables for positions 0..T, [T, hd/2] f32, of global and sliding layers.
+    pub(crate) rope_global: RopeTables,
+    pub(crate) rope_local: RopeTables,
+    /// [B, 1] u32: the token each row feeds into the next decode step.
+    pub ids: Tensor,
+    /// [1, V] f32: 0..V, for the greedy choice on the device (decode.rs `first_max`).
+    pub vocab_index: Tensor,
+}
+
+/// What `KvCache::new` needs of the model.
+pub struct CacheShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+}
+
+impl KvCache {
+    /// A zeroed cache for `batch` rows and `capacity` columns, with the RoPE tables it needs.
+    pub fn new(
+        s: &CacheShape,
+        batch: usize,
+        capacity: usize,
+        rope: (RopeTables, RopeTables),
+        vocab: usize,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        let layers = (0..s.layers)
+            .map(|_| {
+                let shape = (batch, s.kv_heads, capacity, s.head_dim);
+                Ok(LayerCache { k: Tensor::zeros(shape, s.dtype, dev)?, v: Tensor::zeros(shape, s.dtype, dev)? })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            batch,
+            capacity,
+            prompt_len: 0,
+            pad_host: vec![0; batch],
+            pad: Tensor::zeros((batch, 1), DType::F32, dev)?,
+            col: Tensor::zeros(1, DType::U32, dev)?,
+            columns: Tensor::arange(0u32, capacity as u32, dev)?.to_dtype(DType::F32)?.reshape((1, capacity))?,
+            rope_global: rope.0,
+            rope_local: rope.1,
+            ids: Tensor::zeros((batch, 1), DType::U32, dev)?,
+            vocab_index: Tensor::arange(0u32, vocab as u32, dev)?.to_dtype(DType::F32)?.reshape((1, vocab))?,
+        })
+    }
+
+    /// Starts a new generation: `pad[r]` columns of left padding in a prompt block of `len` columns.
+    pub(crate) fn start(&mut self, pad: &[usize], len: usize) -> candle_core::Result<()> {
+        if pad.len() != self.batch || len > self.capacity {
+            candle_core::bail!(
+                "kv cache of {} rows x {} columns given {} rows x {len}",
+                self.batch,
+                self.capacity,
+                pad.len()
+            );
+        }
+        let p: Vec<f32> = pad.iter().map(|&p| p as f32).collect();
+        self.pad.slice_set(&Tensor::from_vec(p, (self.batch, 1), self.pad.device())?, 0, 0)?;
+        self.pad_host = pad.to_vec();
+        self.prompt_len = len;
+        Ok(())
+    }
+
+    /// Sets the column of decode step `step` (1-based) before it runs.
+    pub(crate) fn set_step(&self, step: usize) -> candle_core::Result<()> {
+        let col = self.prompt_len + step - 1;
+        if col >= self.capacity {
+            candle_core::bail!("decode step {step} past the kv cache's {} columns", self.capacity);
+        }
+        self.col.slice_set(&Tensor::new(&[col as u32], self.col.device())?, 0, 0)
+    }
+
+    /// Bytes the keys and values hold.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes()).sum()
+    }
 }

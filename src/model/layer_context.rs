@@ -14,6 +14,8 @@ pub struct LayerContext {
     pub masks: Masks,
     /// Some in training: the step's dropout seed (LoRA dropout masks derive from it).
     pub dropout_seed: Option<u64>,
+    /// A decode step's KV-cache write index ([B, nkv, 1, hd] u32, every entry the step's column).
+    pub write_index: Option<Tensor>,
 }
 
 /// The attention masks of one forward.

@@ -3,7 +3,10 @@
 pub mod attention;
 pub mod clip;
 #[cfg(feature = "cuda")]
+pub mod cuda_graph;
+#[cfg(feature = "cuda")]
 pub mod cudnn_attention;
+pub mod decode;
 pub mod fused_attention;
 #[cfg(feature = "cuda")]
 pub mod gelu_mul;

@@ -90,11 +90,7 @@ impl RopeTables {
 /// tables one fused op each way (qk_rope.rs); elsewhere composed.
 pub fn norm_rope(x: &Tensor, heads: usize, scale: &Tensor, eps: f64, rope: &RopeTables) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda()
-        && x.dtype() == DType::BF16
-        && rope.cos.rank() == 2
-        && crate::fused_ops::allowed(crate::fused_ops::FusedOp::NormRope)
-    {
+    if fused_applies(x) && rope.cos.rank() == 2 {
         let op = crate::model::qk_rope::NormRope {
             heads,
             scale: scale.clone(),
@@ -108,4 +104,28 @@ pub fn norm_rope(x: &Tensor, heads: usize, scale: &Tensor, eps: f64, rope: &Rope
     let x = x.reshape((b, l, heads, hd / heads))?;
     let n = crate::model::ops::gemma_rms_norm(&x, scale, eps)?.transpose(1, 2)?;
     rope.apply(&n.contiguous()?)
+}
+
+/// Whether norm_rope's fused GPU op takes x.
+fn fused_applies(x: &Tensor) -> bool {
+    x.device().is_cuda() && x.dtype() == DType::BF16 && crate::fused_ops::allowed(crate::fused_ops::FusedOp::NormRope)
+}
+
+/// norm_rope for a decode step: one new position per row, x [B, 1, heads*D], with each row's own
+/// tables cos/sin [B, D/2] -> [B, heads, 1, D] contiguous.
+pub fn norm_rope_rows(x: &Tensor, heads: usize, scale: &Tensor, eps: f64, rope: &RopeTables) -> Result<Tensor> {
+    let (b, l, hd) = x.dims3()?;
+    if l != 1 || rope.cos.dims() != [b, hd / heads / 2] {
+        candle_core::bail!("norm_rope_rows: x {:?} with tables {:?}", x.dims(), rope.cos.dims());
+    }
+    if b == 1 {
+        return norm_rope(x, heads, scale, eps, rope);
+    }
+    if fused_applies(x) {
+        // the rows as the positions of one sequence: the fused op's [L, D/2] tables are per position
+        return norm_rope(&x.reshape((1, b, hd))?, heads, scale, eps, rope)?.transpose(0, 2)?.contiguous();
+    }
+    let half = hd / heads / 2;
+    let t = RopeTables { cos: rope.cos.reshape((b, 1, 1, half))?, sin: rope.sin.reshape((b, 1, 1, half))? };
+    norm_rope(x, heads, scale, eps, &t)
 }

@@ -1,0 +1,44 @@
+//! The greedy decode step (decode.rs) captured once into a CUDA graph and replayed for every
+//! further token: about 2,000 kernel launches per token become one graph launch. What makes the
+//! replay equal the eager step (docs/ARCHITECTURE.md, "Generation and evaluation"): every input and output of
+//! the step is a buffer of the KV cache allocated before capture (ids, column, padding, keys and
+//! values, RoPE tables, the vocabulary index), nothing allocated before capture is freed inside
+//! it, every tensor made inside it is dropped before the capture ends, and candle's kernel
+//! parameters (dims, strides) come from its device-side cache, filled by one eager step run with
+//! the same guard held.
+
+use crate::model::gemma3::Gemma3Text;
+use crate::model::kv_cache::KvCache;
+use candle_core::cuda_backend::cudarc::driver::sys;
+use candle_core::cuda_backend::cudarc::driver::CudaGraph;
+use candle_core::cuda_backend::WrapErr;
+
+pub struct DecodeGraph {
+    graph: CudaGraph,
+}
+
+impl DecodeGraph {
+    /// Runs one greedy step eagerly (loading every kernel and filling candle's parameter cache),
+    /// then captures the same step. The eager step's tokens are in `cache.ids` on return; the
+    /// captured step has not run.
+    pub fn warm_up_and_capture(llm: &Gemma3Text, cache: &KvCache) -> candle_core::Result<Self> {
+        let dev = llm.device().as_cuda_device()?;
+        let _params_on_device = dev.enable_cuda_graph_htod_cache();
+        llm.greedy_step(cache)?;
+        let stream = dev.cuda_stream();
+        stream.synchronize().w()?;
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+        let recorded = llm.greedy_step(cache);
+        // the capture must end whatever happened inside it, or the stream stays unusable
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+        recorded?;
+        let graph = graph?.ok_or_else(|| candle_core::Error::Msg("the decode step captured no CUDA graph".into()))?;
+        graph.upload().w()?;
+        Ok(Self { graph })
+    }
+
+    /// Runs the captured step on the stream (after `cache.set_step`).
+    pub fn launch(&self) -> candle_core::Result<()> {
+        self.graph.launch().w()
+    }
+}

@@ -1,0 +1,135 @@
+//! Generation's passes through the text model over the fixed KV cache (kv_cache.rs): the prompt
+//! (prefill), then one decode step per token whose every input is a device buffer, so that the
+//! greedy step can be captured once and replayed (cuda_graph.rs). Masks and RoPE positions of a
+//! step are computed on the device from the step's column and each row's padding; the greedy
+//! choice is made on the device, so only the chosen ids come back.
+
+use crate::model::gemma3::Gemma3Text;
+use crate::model::kv_cache::{CacheShape, KvCache};
+use crate::model::layer_context::{attention_mask, LayerContext, Masks};
+use crate::model::rope::RopeTables;
+use candle_core::{DType, Tensor, D};
+
+/// Per row the index of the first maximum of `logits` [B, V] (f32) -> [B] u32: the host's
+/// first-max rule (candle's argmax may break ties otherwise on the GPU, and bf16 logits tie).
+/// `index` is [1, V] f32 0..V (a buffer made once: an upload would break a graph capture).
+pub fn first_max(logits: &Tensor, index: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, v) = logits.dims2()?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let hit = logits.broadcast_eq(&max)?.to_dtype(DType::F32)?; // 1 at every maximum
+    // index where hit, index + V elsewhere: the smallest is the first maximum (exact in f32 below 2^24)
+    let keyed = index.broadcast_add(&hit.affine(-(v as f64), v as f64)?)?;
+    // all-NaN logits hit nothing: keep the id in range
+    keyed.min(D::Minus1)?.clamp(0f32, (v - 1) as f32)?.to_dtype(DType::U32)
+}
+
+impl Gemma3Text {
+    /// A KV cache for `batch` rows and `capacity` columns (prompt block plus new tokens).
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> candle_core::Result<KvCache> {
+        let c = &self.cfg;
+        if capacity > c.max_position_embeddings {
+            candle_core::bail!(
+                "{capacity} positions exceed the model's max_position_embeddings ({})",
+                c.max_position_embeddings
+            );
+        }
+        let dev = self.device();
+        let shape = CacheShape {
+            layers: self.layers.len(),
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            dtype: self.dtype(),
+        };
+        let rope = (
+            RopeTables::new(c.head_dim, c.rope_theta, c.rope_scaling_factor, 0, capacity, dev)?,
+            RopeTables::new(c.head_dim, c.rope_local_base_freq, 1.0, 0, capacity, dev)?,
+        );
+        KvCache::new(&shape, batch, capacity, rope, c.vocab_size, dev)
+    }
+
+    /// Runs the prompt block embeds [B, L, H] (rows left-padded: `valid[b][t]` false on padding)
+    /// through the model, writing its keys/values at column 0 of `cache`. -> last hidden [B, L, H].
+    pub fn prefill(&self, embeds: &Tensor, valid: &[Vec<bool>], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let (b, l, _) = embeds.dims3()?;
+        let mut pad = vec![];
+        for row in valid {
+            let p = row.iter().take_while(|&&v| !v).count();
+            if row.len() != l || !row[p..].iter().all(|&v| v) {
+                candle_core::bail!("prefill: rows must be left-padded to {l} positions");
+            }
+            pad.push(p);
+        }
+        if b != cache.batch {
+            candle_core::bail!("prefill: {b} rows into a cache of {}", cache.batch);
+        }
+        cache.start(&pad, l)?;
+        let ctx = if pad.iter().all(|&p| p == 0) {
+            self.layer_context(valid, l, 0)? // cuDNN's fused attention where it runs
+        } else {
+            // RoPE positions count each row's own tokens from 0; padding sits at position 0
+            let c = &self.cfg;
+            let dev = self.device();
+            let positions: Vec<Vec<usize>> = pad.iter().map(|&p| (0..l).map(|j| j.saturating_sub(p)).collect()).collect();
+            LayerContext {
+                rope_global: RopeTables::for_rows(c.head_dim, c.rope_theta, c.rope_scaling_factor, &positions, dev)?,
+                rope_local: RopeTables::for_rows(c.head_dim, c.rope_local_base_freq, 1.0, &positions, dev)?,
+                masks: Masks::Composed {
+                    global: attention_mask(valid, l, 0, None, dev)?,
+                    sliding: attention_mask(valid, l, 0, Some(c.sliding_window), dev)?,
+                },
+                dropout_seed: None,
+                write_index: None,
+            }
+        };
+        let mut x = embeds.clone();
+        for (layer, lc) in self.layers.iter().zip(&cache.layers) {
+            x = layer.forward(&x, &ctx, Some(lc))?;
+        }
+        Ok(x)
+    }
+
+    /// The layer context of a decode step, from device buffers only: query column `col`, key
+    /// column j seen by row r when pad[r] <= j <= col (and col - j < window on sliding layers),
+    /// RoPE position col - pad[r].
+    fn decode_context(&self, c: &KvCache) -> candle_core::Result<LayerContext> {
+        let (b, t) = (c.batch, c.capacity);
+        let col = c.col.to_dtype(DType::F32)?.reshape((1, 1))?;
+        let pos = col.broadcast_sub(&c.pad)?.flatten_all()?.to_dtype(DType::U32)?; // [B]
+        let rows = |r: &RopeTables| -> candle_core::Result<RopeTables> {
+            Ok(RopeTables { cos: r.cos.index_select(&pos, 0)?, sin: r.sin.index_select(&pos, 0)? })
+        };
+        let real = c.columns.broadcast_ge(&c.pad)?.to_dtype(DType::F32)?; // [B, T]
+        let seen = c.columns.broadcast_le(&col)?.to_dtype(DType::F32)?; // [1, T]
+        let global = real.broadcast_mul(&seen)?;
+        let window = c.columns.broadcast_gt(&col.affine(1.0, -(self.cfg.sliding_window as f64))?)?;
+        let sliding = global.broadcast_mul(&window.to_dtype(DType::F32)?)?;
+        // 1 -> 0, 0 -> f32::MIN: the composed path's additive mask
+        let additive = |m: &Tensor| m.affine(f32::MAX as f64, -(f32::MAX as f64))?.reshape((b, 1, 1, t));
+        let (nkv, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        Ok(LayerContext {
+            rope_global: rows(&c.rope_global)?,
+            rope_local: rows(&c.rope_local)?,
+            masks: Masks::Composed { global: additive(&global)?, sliding: additive(&sliding)? },
+            dropout_seed: None,
+            write_index: Some(c.col.reshape((1, 1, 1, 1))?.broadcast_as((b, nkv, 1, hd))?.contiguous()?),
+        })
+    }
+
+    /// One decode step: the tokens in `cache.ids` at the column `cache.set_step` chose ->
+    /// next-token logits [B, V] (f32).
+    pub fn decode_logits(&self, cache: &KvCache) -> candle_core::Result<Tensor> {
+        let ctx = self.decode_context(cache)?;
+        let mut x = self.embed(&cache.ids)?;
+        for (layer, lc) in self.layers.iter().zip(&cache.layers) {
+            x = layer.forward(&x, &ctx, Some(lc))?;
+        }
+        self.logits(&x.squeeze(1)?)
+    }
+
+    /// One greedy decode step: the first-max tokens of `decode_logits` go into `cache.ids`, where
+    /// the next step reads them. Every input and output is a device buffer of the cache.
+    pub fn greedy_step(&self, cache: &KvCache) -> candle_core::Result<()> {
+        let next = first_max(&self.decode_logits(cache)?, &cache.vocab_index)?;
+        cache.ids.slice_set(&next.reshape((cache.batch, 1))?, 0, 0)
+    }
+}
