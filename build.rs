@@ -22,6 +22,7 @@ fn main() {
         ("src/peft/kernels/nf4.cu", "nf4.ptx"),
         ("src/model/kernels/rmsnorm.cu", "rmsnorm.ptx"),
         ("src/model/kernels/gelu_mul.cu", "gelu_mul.ptx"),
+        ("src/model/kernels/decode_attention.cu", "decode_attention.ptx"),
         ("src/train/kernels/optimizer.cu", "optimizer.ptx"),
         ("src/train/kernels/cross_entropy.cu", "cross_entropy.ptx"),
     ] {

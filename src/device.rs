@@ -105,6 +105,22 @@ pub fn reset_peak_memory(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Bytes this process could still allocate on `dev`: the driver's free memory plus what the pool
+/// holds unused. None on the CPU.
+pub fn free_bytes(dev: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        use candle_core::cuda_backend::WrapErr;
+        let (free, _) = d.cuda_stream().context().mem_get_info().w()?;
+        let idle = pool::get(d, A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?
+            .saturating_sub(pool::get(d, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?);
+        return Ok(Some(free as u64 + idle));
+    }
+    let _ = dev;
+    Ok(None)
+}
+
 pub fn memory(dev: &Device) -> Result<MemoryReading> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = dev {

@@ -107,11 +107,22 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
     use gemmaclip::peft::frozen::FrozenWeight;
     use gemmaclip::peft::nf4::Nf4Weight;
     let Some((gpu, _serial)) = cuda() else { return };
-    for (n, k, m) in [(512usize, 2560usize, 1usize), (384, 10240, 3), (64, 64, 8)] {
-        let w = Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    for (n, k, m) in [(512usize, 2560usize, 1usize), (384, 10240, 3), (100, 4096, 2), (64, 64, 8)] {
+        let w = bf16(Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap());
         let q = Nf4Weight::quantize(&w).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (m, k), &gpu).unwrap().to_dtype(DType::BF16).unwrap();
-        let fused = q.gemv(&x).unwrap().expect("the fast path applies");
+        let x = bf16(Tensor::randn(0f32, 1.0, (m, k), &gpu).unwrap());
+        let fused = q.gemv(&x, None).unwrap().expect("the fast path applies");
+        // the unmerged LoRA term in the same pass against the composed form (lora.rs): bf16 h·Bᵀ,
+        // times s, added in bf16
+        let (a, b) = (bf16(Tensor::randn(0f32, 0.05, (16, k), &gpu).unwrap()), bf16(Tensor::randn(0f32, 0.05, (n, 16), &gpu).unwrap()));
+        let h = x.matmul(&a.t().unwrap()).unwrap();
+        let with_lora = q.gemv(&x, Some((&h, &b, 2.0))).unwrap().expect("the fast path applies");
+        let composed = (&fused + (h.matmul(&b.t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
+        let lora_scale = composed.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let lora_err = max_abs_diff(&with_lora.to_dtype(DType::F32).unwrap(), &composed.to_dtype(DType::F32).unwrap()) / lora_scale;
+        println!("nf4 gemv + LoRA r 16 [{m}x{k}] vs composed: max error {lora_err:.2e} of the largest output");
+        assert!(lora_err < 1e-2, "{lora_err}");
         let reference =
             x.to_dtype(DType::F32).unwrap().matmul(&q.dequantize(DType::F32).unwrap().t().unwrap()).unwrap();
         let scale = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
@@ -677,4 +688,37 @@ fn captured_decode_step_replays_the_eager_step_token_for_token() {
     let same = alone[0].iter().zip(&recomputed).take_while(|(a, b)| a == b).count();
     println!("{n} tokens x 3 rows: graph == eager; batch 1: {same}/{n} tokens equal to recomputation (bf16)");
     assert_eq!(alone[0], recomputed, "batch-1 cached greedy != recomputation");
+}
+
+#[test]
+fn decode_attention_matches_the_composed_one() {
+    use candle_core::{DType, Tensor};
+    use gemmaclip::model::attention::grouped_attention;
+    use gemmaclip::model::decode_attention::attend;
+    let Some((gpu, _serial)) = cuda() else { return };
+    let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    // (rows, cache columns, the step's column, sliding window)
+    for (b, t, col, window) in [(1usize, 1056usize, 900usize, None), (3, 200, 150, Some(64usize)), (2, 64, 63, None)] {
+        let q = bf16(Tensor::randn(0f32, 1.0, (b, 8, 1, 256), &gpu).unwrap());
+        let k = bf16(Tensor::randn(0f32, 1.0, (b, 4, t, 256), &gpu).unwrap());
+        let v = bf16(Tensor::randn(0f32, 1.0, (b, 4, t, 256), &gpu).unwrap());
+        // row r left-padded by 7 r columns; keys after the step's column unwritten
+        let mut m = vec![f32::MIN; b * t];
+        for r in 0..b {
+            for j in 7 * r..=col {
+                if window.is_none_or(|w| col - j < w) {
+                    m[r * t + j] = 0.0;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, 1, t), &gpu).unwrap();
+        let scale = 1.0 / 16.0;
+        let fused = attend(&q, &k, &v, &mask, scale).unwrap().expect("the decode op applies");
+        let composed = grouped_attention(&q, &k, &v, &mask, scale).unwrap().transpose(1, 2).unwrap().reshape((b, 1, 2048)).unwrap();
+        let top = composed.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let err = max_abs_diff(&fused, &composed) / top;
+        let same = fused.flatten_all().unwrap().eq(&composed.flatten_all().unwrap()).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        println!("decode attention [{b} x 8 heads over {t} columns, window {window:?}] vs composed: max error {err:.2e} of the largest output, {:.1}% identical", 100.0 * same);
+        assert!(err < 1e-2, "{err}");
+    }
 }

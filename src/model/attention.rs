@@ -84,6 +84,10 @@ impl Attention {
         let out = match (cache, step) {
             (_, Some((c, index))) => {
                 c.write_step(&k.detach(), &v.detach(), index)?;
+                #[cfg(feature = "cuda")]
+                if let Some(out) = crate::model::decode_attention::attend(&q, &c.k, &c.v, mask, self.scale)? {
+                    return self.o_proj.forward(&out, seed); // [B, 1, nq*hd]
+                }
                 grouped_attention(&q, &c.k, &c.v, mask, self.scale)? // [B, nq, 1, hd]
             }
             (Some((c, None)), None) => {

@@ -8,6 +8,8 @@ use crate::model::gemma3::Gemma3Text;
 use crate::model::kv_cache::{CacheShape, KvCache};
 use crate::model::layer_context::{attention_mask, LayerContext, Masks};
 use crate::model::rope::RopeTables;
+use crate::peft::frozen::FrozenWeight;
+use crate::peft::nf4::Nf4Weight;
 use candle_core::{DType, Tensor, D};
 
 /// Per row the index of the first maximum of `logits` [B, V] (f32) -> [B] u32: the host's
@@ -131,5 +133,48 @@ impl Gemma3Text {
     pub fn greedy_step(&self, cache: &KvCache) -> candle_core::Result<()> {
         let next = first_max(&self.decode_logits(cache)?, &cache.vocab_index)?;
         cache.ids.slice_set(&next.reshape((cache.batch, 1))?, 0, 0)
+    }
+
+    /// The NF4 base weights of the decoder layers.
+    fn nf4_weights(&self) -> Vec<&Nf4Weight> {
+        let mut v = vec![];
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+                if let FrozenWeight::Nf4(q) = &lin.base {
+                    v.push(q);
+                }
+            }
+        }
+        v
+    }
+
+    /// For a batch wider than the NF4 GEMV takes (more than 8 rows) every decode step would
+    /// dequantize every base weight again: this keeps them dequantized for one generation, when
+    /// the device has room for them and `headroom` bytes more. None where it has not, on the CPU,
+    /// or with a dense base.
+    pub fn keep_dequantized(&self, headroom: u64) -> candle_core::Result<Option<DequantizedBase<'_>>> {
+        let weights = self.nf4_weights();
+        let need: u64 = weights.iter().map(|q| (q.shape.0 * q.shape.1 * self.dtype().size_in_bytes()) as u64).sum();
+        let free = crate::device::free_bytes(self.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if weights.is_empty() || free.is_none_or(|f| f < need + headroom) {
+            return Ok(None);
+        }
+        let kept = DequantizedBase(weights);
+        for q in &kept.0 {
+            q.keep_dequantized(self.dtype())?;
+        }
+        Ok(Some(kept))
+    }
+}
+
+/// NF4 weights kept dequantized (Gemma3Text::keep_dequantized) until this drops.
+pub struct DequantizedBase<'a>(Vec<&'a Nf4Weight>);
+
+impl Drop for DequantizedBase<'_> {
+    fn drop(&mut self) {
+        for q in &self.0 {
+            q.release_dequantized();
+        }
     }
 }

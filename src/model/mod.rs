@@ -7,6 +7,8 @@ pub mod cuda_graph;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attention;
 pub mod decode;
+#[cfg(feature = "cuda")]
+pub mod decode_attention;
 pub mod fused_attention;
 #[cfg(feature = "cuda")]
 pub mod gelu_mul;

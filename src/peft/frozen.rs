@@ -58,7 +58,7 @@ impl FrozenWeight {
             let rows: usize = lead.iter().product();
             let x2 = x.reshape((rows, i))?;
             let fused = match self {
-                FrozenWeight::Nf4(q) => q.gemv(&x2)?,
+                FrozenWeight::Nf4(q) => q.gemv(&x2, None)?,
                 FrozenWeight::Dense(_) => None,
             };
             let y = match fused {

@@ -4,6 +4,7 @@
 //! operation, so the packed bytes and absmax are identical; CPU (rayon) and CUDA kernels agree.
 
 use anyhow::{bail, Result};
+use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -88,6 +89,9 @@ pub struct Nf4Weight {
     pub absmax: Tensor,
     /// [out, in]
     pub shape: (usize, usize),
+    /// While answering a batch too wide for the GEMV: the weight dequantized once for the whole
+    /// generation instead of once per use (`Gemma3Text::keep_dequantized`).
+    resident: Arc<Mutex<Option<Tensor>>>,
 }
 
 impl Nf4Weight {
@@ -106,6 +110,7 @@ impl Nf4Weight {
                 packed: Tensor::from_vec(packed, n / 2, &dev)?,
                 absmax: Tensor::from_vec(absmax, n / BLOCK, &dev)?,
                 shape: (o, i),
+                resident: Arc::default(),
             });
         }
         let w = match w.dtype() {
@@ -115,11 +120,14 @@ impl Nf4Weight {
         // max |x| per block is exact in any order, so candle's reduction gives bitsandbytes' absmax.
         let absmax = w.reshape((n / BLOCK, BLOCK))?.abs()?.max(1)?.to_dtype(DType::F32)?.contiguous()?;
         let packed = w.apply_op2_no_bwd(&absmax, &Nf4Quantize)?;
-        Ok(Self { packed, absmax, shape: (o, i) })
+        Ok(Self { packed, absmax, shape: (o, i), resident: Arc::default() })
     }
 
-    /// The weight [out, in] in `dtype` (bf16 or f32), freshly materialised.
+    /// The weight [out, in] in `dtype` (bf16 or f32), freshly materialised (or the resident copy).
     pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.resident.lock().expect("resident weight lock").as_ref().filter(|t| t.dtype() == dtype) {
+            return Ok(t.clone());
+        }
         self.packed.apply_op2_no_bwd(&self.absmax, &Nf4Dequantize { shape: self.shape, dtype })
     }
 
@@ -127,21 +135,53 @@ impl Nf4Weight {
         self.packed.elem_count() + 4 * self.absmax.elem_count()
     }
 
-    /// x [M, in] (bf16, M <= 8, on the GPU) -> x W^T [M, out] read straight from NF4: the decode
-    /// fast path. None where it does not apply (CPU, f32, more rows, or GEMMACLIP_NO_NF4_GEMV set).
-    pub fn gemv(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// Keeps the weight dequantized in `dtype` until `release_dequantized` (dequantized exactly as
+    /// on every use, so nothing changes but the time).
+    pub fn keep_dequantized(&self, dtype: DType) -> candle_core::Result<()> {
+        let t = self.dequantize(dtype)?;
+        *self.resident.lock().expect("resident weight lock") = Some(t);
+        Ok(())
+    }
+
+    pub fn release_dequantized(&self) {
+        *self.resident.lock().expect("resident weight lock") = None;
+    }
+
+    /// Whether `gemv` takes x [M, in]: bf16 on the GPU, M <= 8, and GEMMACLIP_NO_NF4_GEMV unset.
+    pub fn gemv_applies(&self, x: &Tensor) -> bool {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off = *OFF.get_or_init(|| std::env::var_os("GEMMACLIP_NO_NF4_GEMV").is_some());
+        let Ok((m, k)) = x.dims2() else { return false };
+        cfg!(feature = "cuda")
+            && !off
+            && x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && m <= 8
+            && k == self.shape.1
+            && k % 64 == 0
+    }
+
+    /// x [M, in] -> x W^T [M, out] read straight from NF4 (the decode fast path), plus an unmerged
+    /// LoRA term `scale * h B^T` when `lora` = (h [M, r], B [out, r], scale) is given (bf16, h =
+    /// x A^T), in the same pass. None where `gemv_applies` says no.
+    pub fn gemv(&self, x: &Tensor, lora: Option<(&Tensor, &Tensor, f64)>) -> candle_core::Result<Option<Tensor>> {
+        if !self.gemv_applies(x) {
+            return Ok(None);
+        }
         #[cfg(feature = "cuda")]
         {
-            static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            let off = *OFF.get_or_init(|| std::env::var_os("GEMMACLIP_NO_NF4_GEMV").is_some());
-            let (m, k) = x.dims2()?;
-            if !off && x.device().is_cuda() && x.dtype() == DType::BF16 && m <= 8 && k == self.shape.1 && k % 64 == 0 {
-                let x = x.contiguous()?;
-                return Ok(Some(x.apply_op3_no_bwd(&self.packed, &self.absmax, &cuda::Gemv { n: self.shape.0 })?));
-            }
+            let lora = match lora {
+                Some((h, b, s)) => Some((h.contiguous()?, b.contiguous()?, half::bf16::from_f64(s).to_f32())),
+                None => None,
+            };
+            let op = cuda::Gemv { n: self.shape.0, lora };
+            Ok(Some(x.contiguous()?.apply_op3_no_bwd(&self.packed, &self.absmax, &op)?))
         }
-        let _ = x;
-        Ok(None)
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = lora;
+            Ok(None)
+        }
     }
 }
 
@@ -224,7 +264,7 @@ impl CustomOp2 for Nf4Dequantize {
 pub(crate) mod cuda {
     use super::BLOCK;
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Layout, Shape};
 
@@ -279,9 +319,11 @@ pub(crate) mod cuda {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n_bytes)))
     }
 
-    /// (x bf16 [M, K], packed, absmax) -> [M, N] bf16.
+    /// (x bf16 [M, K], packed, absmax) -> [M, N] bf16, with the LoRA term of (h [M, r], B [N, r],
+    /// scale rounded to bf16) when given.
     pub struct Gemv {
         pub n: usize,
+        pub lora: Option<(candle_core::Tensor, candle_core::Tensor, f32)>,
     }
 
     impl candle_core::CustomOp3 for Gemv {
@@ -311,7 +353,7 @@ pub(crate) mod cuda {
             let dev = x.device().clone();
             let ((x0, x1), (q0, q1), (a0, a1)) = (offsets(xl)?, offsets(ql)?, offsets(al)?);
             let (m, k) = xl.shape().dims2()?;
-            if x0 % 8 != 0 || q0 % 4 != 0 {
+            if x0 % 8 != 0 || q0 % 16 != 0 {
                 candle_core::bail!("nf4-gemv: misaligned input");
             }
             let xs = x.as_cuda_slice::<half::bf16>()?.slice(x0..x1);
@@ -319,7 +361,31 @@ pub(crate) mod cuda {
             let abs = a.as_cuda_slice::<f32>()?.slice(a0..a1);
             let out = unsafe { dev.alloc::<half::bf16>(m * self.n)? };
             let func = dev.get_or_load_custom_func("nf4_gemv_bf16", MODULE, PTX)?;
+            // more warps per row where K is long, so that short-N long-K rows (down_proj) still fill the GPU
+            let wpr: i32 = match k {
+                k if k >= 8192 => 4,
+                k if k >= 4096 => 2,
+                _ => 1,
+            };
             let (mi, ni, ki) = (m as i32, self.n as i32, k as i32);
+            let lora = match &self.lora {
+                Some((h, b, s)) => {
+                    let ((hs, hl), (bs, bl)) = (h.storage_and_layout(), b.storage_and_layout());
+                    let (candle_core::Storage::Cuda(hs), candle_core::Storage::Cuda(bs)) = (&*hs, &*bs) else {
+                        candle_core::bail!("nf4-gemv: LoRA inputs not on the GPU")
+                    };
+                    let (r, (h0, _), (b0, _)) = (b.dim(1)?, offsets(hl)?, offsets(bl)?);
+                    if h.dims() != [m, r] || b.dims() != [self.n, r] {
+                        candle_core::bail!("nf4-gemv: LoRA h {:?} and B {:?} for [{m}, {}]", h.dims(), b.dims(), self.n);
+                    }
+                    let stream = dev.cuda_stream();
+                    let (hp, _) = hs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream);
+                    let (bp, _) = bs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream);
+                    Some((hp + 2 * h0 as u64, bp + 2 * b0 as u64, r as i32, *s))
+                }
+                None => None,
+            };
+            let (hp, bp, r, s) = lora.unwrap_or((0, 0, 0, 0.0));
             let mut b = func.builder();
             b.arg(&qs);
             b.arg(&abs);
@@ -328,10 +394,15 @@ pub(crate) mod cuda {
             b.arg(&mi);
             b.arg(&ni);
             b.arg(&ki);
-            let threads = 256u32;
+            b.arg(&wpr);
+            b.arg(&hp);
+            b.arg(&bp);
+            b.arg(&r);
+            b.arg(&s);
+            let rows_per_block = 8 / wpr as u32;
             let cfg = LaunchConfig {
-                grid_dim: ((self.n as u32 * 32).div_ceil(threads), 1, 1),
-                block_dim: (threads, 1, 1),
+                grid_dim: ((self.n as u32).div_ceil(rows_per_block), 1, 1),
+                block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
             unsafe { b.launch(cfg) }.w()?;

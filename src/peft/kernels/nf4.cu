@@ -114,51 +114,78 @@ extern "C" __global__ void dropout_mask_bf16(unsigned short* __restrict__ out, u
 }
 
 // Decode fast path: y[m, n] = sum_k x[m, k] * W[n, k] straight from NF4 (0.5 byte per weight read
-// instead of a bf16 copy written and read back). One warp per output row; each lane takes 8
-// consecutive weights (one 32-bit word) per 256-wide stride. K % 256 == 0 is not needed, K % 64 is.
-// M <= 8 activation rows. f32 accumulation; products in f32 (no FMA contraction: --fmad=false).
+// instead of a bf16 copy written and read back), plus, where h is given, an unmerged LoRA term
+// s * (h[m, :] . B[n, :]) rounded where the composed form (lora.rs) rounds it: the product to
+// bf16, times s to bf16, the sum to bf16. `wpr` warps (1, 2 or 4) of a 256-thread block share an
+// output row, splitting K; each lane takes 32 consecutive weights (one 16-byte load) per step.
+// K % 64 == 0, M <= 8. f32 accumulation; products in f32 (no FMA contraction: --fmad=false).
 #define GEMV_MAX_M 8
+__device__ __forceinline__ float bf16_round(float f) { return bf16_to_f32((unsigned short)f32_to_bf16_rne(f)); }
 extern "C" __global__ void nf4_gemv_bf16(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
                                          const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
-                                         int M, int N, int K) {
+                                         int M, int N, int K, int wpr, const unsigned short* __restrict__ h,
+                                         const unsigned short* __restrict__ lb, int r, float scale) {
     __shared__ float lut[16];
+    __shared__ float part[8][GEMV_MAX_M];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
-    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (row >= N) return;
-    const unsigned char* wr = q + (size_t)row * (K / 2);
-    const float* am = absmax + (size_t)row * (K / 64);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int row = blockIdx.x * (8 / wpr) + warp / wpr;
+    int sub = warp % wpr;
+    bool live = row < N;
     float acc[GEMV_MAX_M];
 #pragma unroll
     for (int m = 0; m < GEMV_MAX_M; m++) acc[m] = 0.0f;
-    for (int k0 = lane * 8; k0 < K; k0 += 256) {
-        unsigned int w = *(const unsigned int*)(wr + k0 / 2);
-        float s = am[k0 / 64];
-        float wv[8];
+    if (live) {
+        const unsigned char* wr = q + (size_t)row * (K / 2);
+        const float* am = absmax + (size_t)row * (K / 64);
+        for (int k0 = (sub * 32 + lane) * 32; k0 < K; k0 += wpr * 1024) {
+            uint4 w = *(const uint4*)(wr + k0 / 2);
+            float s = am[k0 / 64];
+            unsigned int ws[4] = {w.x, w.y, w.z, w.w};
+            float wv[32];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            unsigned int b = (w >> (8 * j)) & 0xffu;
-            wv[2 * j] = lut[b >> 4] * s;
-            wv[2 * j + 1] = lut[b & 15] * s;
-        }
-        for (int m = 0; m < M; m++) {
-            uint4 xv = *(const uint4*)(x + (size_t)m * K + k0);
-            unsigned int xs[4] = {xv.x, xv.y, xv.z, xv.w};
-            float a = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                a += wv[2 * j] * bf16_to_f32((unsigned short)(xs[j] & 0xffffu));
-                a += wv[2 * j + 1] * bf16_to_f32((unsigned short)(xs[j] >> 16));
+            for (int j = 0; j < 16; j++) {
+                unsigned int b = (ws[j >> 2] >> (8 * (j & 3))) & 0xffu;
+                wv[2 * j] = lut[b >> 4] * s;
+                wv[2 * j + 1] = lut[b & 15] * s;
             }
-            acc[m] += a;
+            for (int m = 0; m < M; m++) {
+                const uint4* xp = (const uint4*)(x + (size_t)m * K + k0);
+                float a = 0.0f;
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    uint4 xv = xp[c];
+                    unsigned int xs[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        a += wv[8 * c + 2 * j] * bf16_to_f32((unsigned short)(xs[j] & 0xffffu));
+                        a += wv[8 * c + 2 * j + 1] * bf16_to_f32((unsigned short)(xs[j] >> 16));
+                    }
+                }
+                acc[m] += a;
+            }
         }
     }
     for (int m = 0; m < M; m++) {
         float v = acc[m];
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) y[(size_t)m * N + row] = (unsigned short)f32_to_bf16_rne(v);
+        if (lane == 0) part[warp][m] = v;
     }
+    __syncthreads();
+    if (!live || sub != 0 || lane >= M) return;
+    int m = lane;
+    float t = 0.0f;
+    for (int i = 0; i < wpr; i++) t += part[warp + i][m];
+    float out = bf16_round(t);
+    if (h != 0) {
+        const unsigned short* hm = h + (size_t)m * r;
+        const unsigned short* bn = lb + (size_t)row * r;
+        float d = 0.0f;
+        for (int j = 0; j < r; j++) d += bf16_to_f32(hm[j]) * bf16_to_f32(bn[j]);
+        out = bf16_round(out + bf16_round(bf16_round(d) * scale));
+    }
+    y[(size_t)m * N + row] = (unsigned short)f32_to_bf16_rne(out);
 }
 
 // The fused LoRA linear's dropout (src/peft/fused_lora.rs): the same mask as dropout_mask_bf16,
