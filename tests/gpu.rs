@@ -722,3 +722,21 @@ fn decode_attention_matches_the_composed_one() {
         assert!(err < 1e-2, "{err}");
     }
 }
+
+#[test]
+fn fused_residual_norm_matches_the_composed_one() {
+    use candle_core::{DType, Tensor};
+    use gemmaclip::model::ops::{gemma_rms_norm, residual_norm};
+    let Some((gpu, _serial)) = cuda() else { return };
+    let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    let (x, h) = (bf16(Tensor::randn(0f32, 3.0, (3, 5, 2560), &gpu).unwrap()), bf16(Tensor::randn(0f32, 1.0, (3, 5, 2560), &gpu).unwrap()));
+    let (s1, s2) = (Tensor::randn(1f32, 0.3, 2560, &gpu).unwrap(), Tensor::randn(1f32, 0.3, 2560, &gpu).unwrap());
+    let (fx, fh) = residual_norm(&x, &h, &s1, Some(&s2), 1e-6).unwrap();
+    let (fx1, none) = residual_norm(&x, &h, &s1, None, 1e-6).unwrap();
+    assert!(none.is_none());
+    let cx = (&x + gemma_rms_norm(&h, &s1, 1e-6).unwrap()).unwrap();
+    let ch = gemma_rms_norm(&cx, &s2, 1e-6).unwrap();
+    let (ex, eh, ex1) = (max_abs_diff(&fx, &cx), max_abs_diff(&fh.unwrap(), &ch), max_abs_diff(&fx1, &cx));
+    println!("residual + norm fused vs composed: x' {ex:.2e}, next norm {eh:.2e}, x' alone {ex1:.2e} (max |diff|)");
+    assert!(ex < 1e-1 && eh < 1e-1 && ex1 == ex, "{ex} {eh} {ex1}");
+}

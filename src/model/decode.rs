@@ -17,12 +17,23 @@ use candle_core::{DType, Tensor, D};
 /// `index` is [1, V] f32 0..V (a buffer made once: an upload would break a graph capture).
 pub fn first_max(logits: &Tensor, index: &Tensor) -> candle_core::Result<Tensor> {
     let (_, v) = logits.dims2()?;
-    let max = logits.max_keepdim(D::Minus1)?;
+    let max = two_stage(logits, |t| t.max_keepdim(D::Minus1))?;
     let hit = logits.broadcast_eq(&max)?.to_dtype(DType::F32)?; // 1 at every maximum
     // index where hit, index + V elsewhere: the smallest is the first maximum (exact in f32 below 2^24)
     let keyed = index.broadcast_add(&hit.affine(-(v as f64), v as f64)?)?;
     // all-NaN logits hit nothing: keep the id in range
-    keyed.min(D::Minus1)?.clamp(0f32, (v - 1) as f32)?.to_dtype(DType::U32)
+    two_stage(&keyed, |t| t.min_keepdim(D::Minus1))?.squeeze(1)?.clamp(0f32, (v - 1) as f32)?.to_dtype(DType::U32)
+}
+
+/// A max or min over the last dimension of x [B, V] -> [B, 1] in two passes over [B, V/d, d] and
+/// [B, V/d] (the same value: either is exact in any order): candle reduces a row with one block,
+/// which took 0.25 ms for one row of Gemma's 262,208 logits.
+fn two_stage(x: &Tensor, reduce: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+    let (b, v) = x.dims2()?;
+    match (256..=1024).rev().find(|d| v % d == 0) {
+        Some(d) => reduce(&reduce(&x.reshape((b, v / d, d))?)?.reshape((b, v / d))?),
+        None => reduce(x),
+    }
 }
 
 impl Gemma3Text {

@@ -10,7 +10,7 @@ use crate::model::attention::Attention;
 use crate::model::fused_attention::FusedAttention;
 use crate::model::kv_cache::LayerCache;
 use crate::model::layer_context::{attention_mask, LayerContext, Masks};
-use crate::model::ops::{gelu_tanh_mul, gemma_norm_scale, gemma_rms_norm};
+use crate::model::ops::{gelu_tanh_mul, gemma_norm_scale, gemma_rms_norm, residual_norm};
 use crate::model::rope::RopeTables;
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::LoraLinear;
@@ -106,6 +106,13 @@ impl DecoderLayer {
         let (rope, mask) = ctx.for_layer(self.layer_type);
         let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
         let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, cache.map(|c| (c, ctx.write_index.as_ref())))?;
+        if cache.is_some() {
+            // answering: each residual step and the norm after it in one launch
+            let (x, h) =
+                residual_norm(x, &h, &self.post_attention_layernorm, Some(&self.pre_feedforward_layernorm), self.eps)?;
+            let h = self.mlp.forward(&h.expect("the next norm was asked for"), ctx.dropout_seed)?;
+            return Ok(residual_norm(&x, &h, &self.post_feedforward_layernorm, None, self.eps)?.0);
+        }
         let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
         let h = self.mlp.forward(&h, ctx.dropout_seed)?;

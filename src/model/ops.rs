@@ -23,6 +23,25 @@ pub fn gemma_rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     normed.broadcast_mul(scale)?.to_dtype(dtype)
 }
 
+/// Gemma's residual step `x + rmsnorm(h, s1)`, and with `s2` also the next norm `rmsnorm(x', s2)`
+/// of its result. Answering on a GPU in bf16 (nothing tracked): one fused launch, rounded as the
+/// composed form rounds (tests/gpu.rs); elsewhere composed.
+pub fn residual_norm(
+    x: &Tensor,
+    h: &Tensor,
+    s1: &Tensor,
+    s2: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == DType::BF16 && h.dtype() == DType::BF16 && !x.track_op() && !h.track_op() {
+        return rmsnorm_cuda::residual_norm(x, h, s1, s2, eps as f32);
+    }
+    let x = (x + gemma_rms_norm(h, s1, eps)?)?;
+    let next = s2.map(|s| gemma_rms_norm(&x, s, eps)).transpose()?;
+    Ok((x, next))
+}
+
 #[cfg(feature = "cuda")]
 mod rmsnorm_cuda {
     use candle_core::backend::BackendStorage;
@@ -32,6 +51,87 @@ mod rmsnorm_cuda {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm.ptx"));
     const MODULE: &str = "gemmaclip_rmsnorm";
+
+    /// The fused `residual_norm`: one [2 or 1, rows, cols] output, split into x' and the next norm.
+    pub fn residual_norm(
+        x: &Tensor,
+        h: &Tensor,
+        s1: &Tensor,
+        s2: Option<&Tensor>,
+        eps: f32,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let op = ResidualNorm { s1: s1.clone(), s2: s2.cloned(), eps };
+        let out = x.contiguous()?.apply_op2_no_bwd(&h.contiguous()?, &op)?;
+        match s2 {
+            Some(_) => Ok((out.get(0)?, Some(out.get(1)?))),
+            None => Ok((out.squeeze(0)?, None)),
+        }
+    }
+
+    struct ResidualNorm {
+        s1: Tensor,
+        s2: Option<Tensor>,
+        eps: f32,
+    }
+
+    impl CustomOp2 for ResidualNorm {
+        fn name(&self) -> &'static str {
+            "residual-norm"
+        }
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("residual-norm: the CPU path is composed")
+        }
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            h: &CudaStorage,
+            hl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            if xl.shape() != hl.shape() {
+                candle_core::bail!("residual-norm: x {:?} and h {:?}", xl.dims(), hl.dims());
+            }
+            let cols = *xl.dims().last().unwrap_or(&1);
+            let rows = xl.shape().elem_count() / cols;
+            let dev = x.device().clone();
+            let f32_slice = |t: &Tensor| -> candle_core::Result<u64> {
+                let (st, l) = t.storage_and_layout();
+                let Storage::Cuda(st) = &*st else { candle_core::bail!("residual-norm: scale not on the GPU") };
+                let Some((o, _)) = l.contiguous_offsets() else { candle_core::bail!("residual-norm: scale not contiguous") };
+                use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+                let stream = dev.cuda_stream();
+                let (p, _) = st.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                Ok(p + 4 * o as u64)
+            };
+            let s1 = f32_slice(&self.s1)?;
+            let s2 = match &self.s2 {
+                Some(s) => f32_slice(s)?,
+                None => 0,
+            };
+            let (Some((x0, x1)), Some((h0, h1))) = (xl.contiguous_offsets(), hl.contiguous_offsets()) else {
+                candle_core::bail!("residual-norm: inputs not contiguous")
+            };
+            let xs = x.as_cuda_slice::<half::bf16>()?.slice(x0..x1);
+            let hs = h.as_cuda_slice::<half::bf16>()?.slice(h0..h1);
+            let outputs = if self.s2.is_some() { 2 } else { 1 };
+            let out = unsafe { dev.alloc::<half::bf16>(outputs * rows * cols)? };
+            let func = dev.get_or_load_custom_func("add_rmsnorm_bf16", MODULE, PTX)?;
+            let (r, c) = (rows as i32, cols as i32);
+            let mut b = func.builder();
+            b.arg(&xs).arg(&hs).arg(&s1).arg(&s2).arg(&out).arg(&r).arg(&c).arg(&self.eps);
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(cfg) }.w()?;
+            let mut shape = vec![outputs];
+            shape.extend_from_slice(xl.dims());
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(shape)))
+        }
+    }
 
     pub struct RmsNorm {
         pub scale: Tensor,

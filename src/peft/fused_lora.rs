@@ -22,7 +22,7 @@ use std::sync::Mutex;
 type Bf16 = half::bf16;
 
 /// The fused forward of `l` on x [.., in] (bf16, CUDA), or None where the composed form must run
-/// (CPU, f32, an adapter without bf16 working copies, a frozen adapter, the switch off).
+/// (CPU, f32, an adapter without bf16 working copies, the switch off).
 pub fn forward(
     base: &FrozenWeight,
     l: &Lora,
@@ -32,7 +32,6 @@ pub fn forward(
     let Some((wa, wb)) = &l.work else { return Ok(None) };
     if !x.device().is_cuda()
         || x.dtype() != DType::BF16
-        || l.frozen
         || wa.dtype() != DType::BF16
         || !crate::fused_ops::allowed(crate::fused_ops::FusedOp::Lora)
     {
@@ -46,6 +45,10 @@ pub fn forward(
     let op = FusedLora { base: base.clone(), scale: l.scale as f32, dropout, u: Mutex::new(None) };
     // x keeps its shape ([.., in] -> [.., out]): a reshape would be one more graph node, and each
     // node costs a zero fill and an add in candle's backward
+    if l.frozen {
+        // answering (a prompt, or a batch wider than the NF4 GEMV takes): no graph
+        return Ok(Some(x.contiguous()?.apply_op3_no_bwd(&wa.as_tensor().detach(), &wb.as_tensor().detach(), &op)?));
+    }
     Ok(Some(x.contiguous()?.apply_op3(wa.as_tensor(), wb.as_tensor(), op)?))
 }
 

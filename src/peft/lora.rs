@@ -81,14 +81,14 @@ impl LoraLinear {
     /// x [.., in] -> [.., out]. `dropout_seed` is Some in training (one value per step); the same
     /// seed gives the same masks, which gradient checkpointing's recompute relies on.
     pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.decode_fast_path(x)? {
+            return Ok(y);
+        }
         #[cfg(feature = "cuda")]
         if let Some(l) = &self.lora {
             if let Some(y) = crate::peft::fused_lora::forward(&self.base, l, x, dropout_seed)? {
                 return Ok(y);
             }
-        }
-        if let Some(y) = self.decode_fast_path(x)? {
-            return Ok(y);
         }
         let y = self.base.forward(x)?;
         let Some(l) = &self.lora else { return Ok(y) };

@@ -360,7 +360,7 @@ pub(crate) mod cuda {
             let qs = q.as_cuda_slice::<u8>()?.slice(q0..q1);
             let abs = a.as_cuda_slice::<f32>()?.slice(a0..a1);
             let out = unsafe { dev.alloc::<half::bf16>(m * self.n)? };
-            let func = dev.get_or_load_custom_func("nf4_gemv_bf16", MODULE, PTX)?;
+            let func = dev.get_or_load_custom_func(if m == 1 { "nf4_gemv1_bf16" } else { "nf4_gemv_bf16" }, MODULE, PTX)?;
             // more warps per row where K is long, so that short-N long-K rows (down_proj) still fill the GPU
             let wpr: i32 = match k {
                 k if k >= 8192 => 4,

@@ -66,6 +66,33 @@ extern "C" __global__ void rmsnorm_fwd_bf16(const unsigned short* x, const float
 extern "C" __global__ void rmsnorm_bwd_f32(const float* x, const float* g, const float* s, float* dx, int cols, float eps) { rmsnorm_bwd(x, g, s, dx, cols, eps); }
 extern "C" __global__ void rmsnorm_bwd_bf16(const unsigned short* x, const unsigned short* g, const float* s, unsigned short* dx, int cols, float eps) { rmsnorm_bwd(x, g, s, dx, cols, eps); }
 
+// Answering's residual step: out_x = x + rmsnorm(h) * s1 (the norm rounded to bf16, then the
+// sum), and with s2 also out_h = rmsnorm(out_x) * s2, the next norm of the same row: one launch
+// where the composed form takes three, rounded as it rounds (rmsnorm_fwd's reduction, 256 threads).
+extern "C" __global__ void add_rmsnorm_bf16(const unsigned short* x, const unsigned short* h, const float* s1,
+                                            const float* s2, unsigned short* out, int rows, int cols, float eps) {
+    __shared__ float shared[32];
+    const unsigned short* xr = x + (size_t)blockIdx.x * cols;
+    const unsigned short* hr = h + (size_t)blockIdx.x * cols;
+    unsigned short* ox = out + (size_t)blockIdx.x * cols;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = to_f(hr[c]); ss += v * v; }
+    float r = rsqrtf(block_sum(ss, shared) / cols + eps);
+    float ss2 = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        unsigned short n, o;
+        from_f(to_f(hr[c]) * r * s1[c], &n);
+        from_f(to_f(xr[c]) + to_f(n), &o);
+        ox[c] = o;
+        float v = to_f(o);
+        ss2 += v * v;
+    }
+    if (s2 == 0) return;
+    unsigned short* oh = out + ((size_t)rows + blockIdx.x) * cols;
+    float r2 = rsqrtf(block_sum(ss2, shared) / cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) from_f(to_f(ox[c]) * r2 * s2[c], &oh[c]);
+}
+
 // Gemma's q/k RMSNorm followed by RoPE (rotate_half), for bf16 rows of one head: x [B, L, H, D]
 // in, out [B, H, L, D]. The forward rounds where the composed path does (the norm's output, each
 // product with the bf16 cos/sin tables, the sum). cos/sin are

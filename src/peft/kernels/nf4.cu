@@ -120,36 +120,38 @@ extern "C" __global__ void dropout_mask_bf16(unsigned short* __restrict__ out, u
 // output row, splitting K; each lane takes 32 consecutive weights (one 16-byte load) per step.
 // K % 64 == 0, M <= 8. f32 accumulation; products in f32 (no FMA contraction: --fmad=false).
 #define GEMV_MAX_M 8
+#define GEMV_PRELOAD 4
 __device__ __forceinline__ float bf16_round(float f) { return bf16_to_f32((unsigned short)f32_to_bf16_rne(f)); }
-extern "C" __global__ void nf4_gemv_bf16(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
-                                         const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
-                                         int M, int N, int K, int wpr, const unsigned short* __restrict__ h,
-                                         const unsigned short* __restrict__ lb, int r, float scale) {
-    __shared__ float lut[16];
-    __shared__ float part[8][GEMV_MAX_M];
-    if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
-    __syncthreads();
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int row = blockIdx.x * (8 / wpr) + warp / wpr;
-    int sub = warp % wpr;
-    bool live = row < N;
-    float acc[GEMV_MAX_M];
+// One lane's share of the row: M is a template parameter so the accumulators stay in registers,
+// and up to GEMV_PRELOAD 16-byte weight loads are in flight before any is decoded.
+template <int M>
+__device__ __forceinline__ void gemv_lane(const unsigned char* __restrict__ wr, const float* __restrict__ am,
+                                          const unsigned short* __restrict__ x, int K, int first, int stride,
+                                          const float* lut, float* acc) {
+    for (int base = first; base < K; base += GEMV_PRELOAD * stride) {
+        uint4 w[GEMV_PRELOAD];
+        float s[GEMV_PRELOAD];
 #pragma unroll
-    for (int m = 0; m < GEMV_MAX_M; m++) acc[m] = 0.0f;
-    if (live) {
-        const unsigned char* wr = q + (size_t)row * (K / 2);
-        const float* am = absmax + (size_t)row * (K / 64);
-        for (int k0 = (sub * 32 + lane) * 32; k0 < K; k0 += wpr * 1024) {
-            uint4 w = *(const uint4*)(wr + k0 / 2);
-            float s = am[k0 / 64];
-            unsigned int ws[4] = {w.x, w.y, w.z, w.w};
+        for (int p = 0; p < GEMV_PRELOAD; p++) {
+            int k0 = base + p * stride;
+            if (k0 < K) {
+                w[p] = *(const uint4*)(wr + k0 / 2);
+                s[p] = am[k0 / 64];
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < GEMV_PRELOAD; p++) {
+            int k0 = base + p * stride;
+            if (k0 >= K) break;
+            unsigned int ws[4] = {w[p].x, w[p].y, w[p].z, w[p].w};
             float wv[32];
 #pragma unroll
             for (int j = 0; j < 16; j++) {
                 unsigned int b = (ws[j >> 2] >> (8 * (j & 3))) & 0xffu;
-                wv[2 * j] = lut[b >> 4] * s;
-                wv[2 * j + 1] = lut[b & 15] * s;
+                wv[2 * j] = lut[b >> 4] * s[p];
+                wv[2 * j + 1] = lut[b & 15] * s[p];
             }
+#pragma unroll
             for (int m = 0; m < M; m++) {
                 const uint4* xp = (const uint4*)(x + (size_t)m * K + k0);
                 float a = 0.0f;
@@ -167,7 +169,45 @@ extern "C" __global__ void nf4_gemv_bf16(const unsigned char* __restrict__ q, co
             }
         }
     }
-    for (int m = 0; m < M; m++) {
+}
+
+template <int MAXM>
+__device__ __forceinline__ void nf4_gemv_body(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
+                                         const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
+                                         int M, int N, int K, int wpr, const unsigned short* __restrict__ h,
+                                         const unsigned short* __restrict__ lb, int r, float scale) {
+    __shared__ float lut[16];
+    __shared__ float part[8][MAXM];
+    if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int row = blockIdx.x * (8 / wpr) + warp / wpr;
+    int sub = warp % wpr;
+    bool live = row < N;
+    float acc[MAXM];
+#pragma unroll
+    for (int m = 0; m < MAXM; m++) acc[m] = 0.0f;
+    if (live) {
+        const unsigned char* wr = q + (size_t)row * (K / 2);
+        const float* am = absmax + (size_t)row * (K / 64);
+        int first = (sub * 32 + lane) * 32, stride = wpr * 1024;
+        if (MAXM == 1) {
+            gemv_lane<1>(wr, am, x, K, first, stride, lut, acc);
+        } else {
+            switch (M) {
+                case 2: gemv_lane<2>(wr, am, x, K, first, stride, lut, acc); break;
+                case 3: gemv_lane<3>(wr, am, x, K, first, stride, lut, acc); break;
+                case 4: gemv_lane<4>(wr, am, x, K, first, stride, lut, acc); break;
+                case 5: gemv_lane<5>(wr, am, x, K, first, stride, lut, acc); break;
+                case 6: gemv_lane<6>(wr, am, x, K, first, stride, lut, acc); break;
+                case 7: gemv_lane<7>(wr, am, x, K, first, stride, lut, acc); break;
+                default: gemv_lane<8>(wr, am, x, K, first, stride, lut, acc); break;
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MAXM; m++) {
+        if (m >= M) break;
         float v = acc[m];
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         if (lane == 0) part[warp][m] = v;
@@ -186,6 +226,21 @@ extern "C" __global__ void nf4_gemv_bf16(const unsigned char* __restrict__ q, co
         out = bf16_round(out + bf16_round(bf16_round(d) * scale));
     }
     y[(size_t)m * N + row] = (unsigned short)f32_to_bf16_rne(out);
+}
+
+// One activation row (batch-1 decoding: at least three blocks per SM, so that enough loads are in
+// flight) and up to GEMV_MAX_M rows (two blocks per SM: more accumulators).
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv1_bf16(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
+                                         const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
+                                         int M, int N, int K, int wpr, const unsigned short* __restrict__ h,
+                                         const unsigned short* __restrict__ lb, int r, float scale) {
+    nf4_gemv_body<1>(q, absmax, x, y, M, N, K, wpr, h, lb, r, scale);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_bf16(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
+                                         const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
+                                         int M, int N, int K, int wpr, const unsigned short* __restrict__ h,
+                                         const unsigned short* __restrict__ lb, int r, float scale) {
+    nf4_gemv_body<GEMV_MAX_M>(q, absmax, x, y, M, N, K, wpr, h, lb, r, scale);
 }
 
 // The fused LoRA linear's dropout (src/peft/fused_lora.rs): the same mask as dropout_mask_bf16,
