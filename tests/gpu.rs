@@ -117,6 +117,11 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
         // times s, added in bf16
         let (a, b) = (bf16(Tensor::randn(0f32, 0.05, (16, k), &gpu).unwrap()), bf16(Tensor::randn(0f32, 0.05, (n, 16), &gpu).unwrap()));
         let h = x.matmul(&a.t().unwrap()).unwrap();
+        let down = gemmaclip::peft::nf4::lora_down(&x, &a).unwrap();
+        let down_scale = h.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let down_err = max_abs_diff(&down, &h) / down_scale;
+        println!("LoRA down projection kernel [{m}x{k}] x [16x{k}]^T vs cuBLAS: max error {down_err:.2e} of the largest output");
+        assert!(down_err < 1e-2, "{down_err}");
         let with_lora = q.gemv(&x, Some((&h, &b, 2.0))).unwrap().expect("the fast path applies");
         let composed = (&fused + (h.matmul(&b.t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
         let lora_scale = composed.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();

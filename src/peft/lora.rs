@@ -127,7 +127,7 @@ impl LoraLinear {
         if !q.gemv_applies(&x2) {
             return Ok(None);
         }
-        let h = x2.matmul(&wa.as_tensor().t()?)?; // [rows, r]
+        let h = crate::peft::nf4::lora_down(&x2, wa.as_tensor())?; // [rows, r]
         let Some(y) = q.gemv(&x2, Some((&h, wb.as_tensor(), l.scale)))? else { return Ok(None) };
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 1") = q.shape.0;

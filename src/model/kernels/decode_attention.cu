@@ -107,6 +107,7 @@ extern "C" __global__ void decode_attn_values(const float* __restrict__ scores, 
         if (j < j1) p[threadIdx.x] = bf16_round(expf(f[j] - m) / s);
         __syncthreads();
         int n = min((int)blockDim.x, j1 - c);
+#pragma unroll 8
         for (int t = 0; t < n; t++) acc += p[t] * bf16_to_f32(vb[(size_t)(c + t) * hd + d]);
         __syncthreads();
     }
@@ -118,6 +119,7 @@ extern "C" __global__ void decode_attn_combine(const float* __restrict__ partial
                                                int splits, int hd) {
     int bh = blockIdx.x, d = threadIdx.x;
     float acc = 0.0f;
+#pragma unroll 8
     for (int s = 0; s < splits; s++) acc += partial[((size_t)bh * splits + s) * hd + d];
     out[(size_t)bh * hd + d] = (unsigned short)f32_to_bf16_rne(acc);
 }

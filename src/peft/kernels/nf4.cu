@@ -243,6 +243,56 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_bf16(const unsigne
     nf4_gemv_body<GEMV_MAX_M>(q, absmax, x, y, M, N, K, wpr, h, lb, r, scale);
 }
 
+// The LoRA down projection of a few rows, h[m, j] = bf16(sum_k x[m, k] A[j, k]) (bf16 in, f32
+// accumulation, as cuBLAS computes x·Aᵀ in the composed form): one block of 8 warps per row j of A,
+// the warps splitting K, each lane 8 values (one 16-byte load) per step. K % 8 == 0, M <= 8.
+extern "C" __global__ void __launch_bounds__(256) lora_down_bf16(const unsigned short* __restrict__ x,
+                                                                 const unsigned short* __restrict__ a,
+                                                                 unsigned short* __restrict__ h, int M, int R, int K) {
+    __shared__ float part[8][GEMV_MAX_M];
+    int j = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float acc[GEMV_MAX_M];
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; m++) acc[m] = 0.0f;
+    const unsigned short* ar = a + (size_t)j * K;
+    for (int k0 = threadIdx.x * 8; k0 < K; k0 += 256 * 8) {
+        uint4 w = *(const uint4*)(ar + k0);
+        unsigned int ws[4] = {w.x, w.y, w.z, w.w};
+        float av[8];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            av[2 * e] = bf16_to_f32((unsigned short)(ws[e] & 0xffffu));
+            av[2 * e + 1] = bf16_to_f32((unsigned short)(ws[e] >> 16));
+        }
+#pragma unroll
+        for (int m = 0; m < GEMV_MAX_M; m++) {
+            if (m >= M) break;
+            uint4 xv = *(const uint4*)(x + (size_t)m * K + k0);
+            unsigned int xs[4] = {xv.x, xv.y, xv.z, xv.w};
+            float t = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                t += av[2 * e] * bf16_to_f32((unsigned short)(xs[e] & 0xffffu));
+                t += av[2 * e + 1] * bf16_to_f32((unsigned short)(xs[e] >> 16));
+            }
+            acc[m] += t;
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; m++) {
+        if (m >= M) break;
+        float v = acc[m];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) part[warp][m] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x >= M) return;
+    int m = threadIdx.x;
+    float t = 0.0f;
+    for (int w = 0; w < 8; w++) t += part[w][m];
+    h[(size_t)m * R + j] = (unsigned short)f32_to_bf16_rne(t);
+}
+
 // The fused LoRA linear's dropout (src/peft/fused_lora.rs): the same mask as dropout_mask_bf16,
 // applied in the same pass, with the same bf16 rounding as the composed mask-then-multiply.
 __device__ __forceinline__ float dropout_factor(unsigned long long seed, unsigned long long i, float p, float scale) {
