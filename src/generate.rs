@@ -133,7 +133,7 @@ pub fn generate(
     let mut cache = vlm.llm.new_cache(b, capacity)?;
     // rows the NF4 GEMV does not take: dequantize the base once, not at every step (2 GiB kept free
     // for the step's activations)
-    let _dense = if b > 8 { vlm.llm.keep_dequantized(2 << 30)? } else { None };
+    let _dense = if b > crate::peft::nf4::GEMV_MAX_ROWS { vlm.llm.keep_dequantized(2 << 30)? } else { None };
     // answering builds no graph: the projector's Vars stop here
     let embeds = vlm.input_embeds(&ids, pixels)?.detach();
     let hidden = vlm.llm.prefill(&embeds, &valid, &mut cache)?;

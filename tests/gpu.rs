@@ -108,7 +108,7 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
     use gemmaclip::peft::nf4::Nf4Weight;
     let Some((gpu, _serial)) = cuda() else { return };
     let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
-    for (n, k, m) in [(512usize, 2560usize, 1usize), (384, 10240, 3), (100, 4096, 2), (64, 64, 8)] {
+    for (n, k, m) in [(512usize, 2560usize, 1usize), (384, 10240, 3), (100, 4096, 2), (64, 64, 4)] {
         let w = bf16(Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap());
         let q = Nf4Weight::quantize(&w).unwrap();
         let x = bf16(Tensor::randn(0f32, 1.0, (m, k), &gpu).unwrap());
@@ -687,11 +687,15 @@ fn captured_decode_step_replays_the_eager_step_token_for_token() {
     let (eager, replayed) = (run(false, &prompts), run(true, &prompts));
     assert_eq!(replayed, eager, "graph replay != eager decode steps");
     assert!(replayed.iter().all(|t| t.len() == n));
+    // a batch wider than the NF4 GEMV takes: the base kept dequantized, the fused LoRA op
+    let wide: Vec<Vec<u32>> = (0..6).map(|i| (2 + i..30 + 3 * i).collect()).collect();
+    let (eager, replayed) = (run(false, &wide), run(true, &wide));
+    assert_eq!(replayed, eager, "graph replay != eager decode steps, 6 rows");
     // one row alone (no padding) against recomputing the whole sequence at every token
     let alone = run(true, &prompts[..1]);
     let recomputed = greedy_without_cache(&vlm, &prompts[0], None, n, &[]).unwrap();
     let same = alone[0].iter().zip(&recomputed).take_while(|(a, b)| a == b).count();
-    println!("{n} tokens x 3 rows: graph == eager; batch 1: {same}/{n} tokens equal to recomputation (bf16)");
+    println!("{n} tokens x 3 and 6 rows: graph == eager; batch 1: {same}/{n} tokens equal to recomputation (bf16)");
     assert_eq!(alone[0], recomputed, "batch-1 cached greedy != recomputation");
 }
 

@@ -160,7 +160,7 @@ impl Gemma3Text {
         v
     }
 
-    /// For a batch wider than the NF4 GEMV takes (more than 8 rows) every decode step would
+    /// For a batch wider than the NF4 GEMV takes (`GEMV_MAX_ROWS`) every decode step would
     /// dequantize every base weight again: this keeps them dequantized for one generation, when
     /// the device has room for them and `headroom` bytes more. None where it has not, on the CPU,
     /// or with a dense base.
