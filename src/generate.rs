@@ -143,18 +143,19 @@ pub fn generate(
     let mut rng = SplitMix64::new(o.seed);
     let finished = |g: &Generated| g.stopped || g.tokens.len() >= o.max_new_tokens;
     // the next token of every row (a finished row's is fed on, unread: rows never mix)
-    let mut choose = |logits: &Tensor, out: &[Generated], cache: &crate::model::kv_cache::KvCache| -> Result<Vec<u32>> {
-        if greedy {
-            let next = first_max(logits, &cache.vocab_index)?;
-            cache.ids.slice_set(&next.reshape((b, 1))?, 0, 0)?;
-            return Ok(next.to_vec1::<u32>()?);
-        }
-        let rows = logits.to_vec2::<f32>()?;
-        let next: Vec<u32> =
-            rows.iter().zip(out).map(|(row, g)| if finished(g) { pad } else { sample(row, o, &mut rng) }).collect();
-        cache.ids.slice_set(&Tensor::from_vec(next.clone(), (b, 1), logits.device())?, 0, 0)?;
-        Ok(next)
-    };
+    let mut choose =
+        |logits: &Tensor, out: &[Generated], cache: &crate::model::kv_cache::KvCache| -> Result<Vec<u32>> {
+            if greedy {
+                let next = first_max(logits, &cache.vocab_index)?;
+                cache.ids.slice_set(&next.reshape((b, 1))?, 0, 0)?;
+                return Ok(next.to_vec1::<u32>()?);
+            }
+            let rows = logits.to_vec2::<f32>()?;
+            let next: Vec<u32> =
+                rows.iter().zip(out).map(|(row, g)| if finished(g) { pad } else { sample(row, o, &mut rng) }).collect();
+            cache.ids.slice_set(&Tensor::from_vec(next.clone(), (b, 1), logits.device())?, 0, 0)?;
+            Ok(next)
+        };
     let mut next = choose(&logits, &out, &cache)?;
     drop((logits, hidden, embeds));
     let use_graph = graph_allowed(vlm, o);

@@ -174,7 +174,7 @@ fn every_long_flag_also_takes_its_snake_case_spelling() {
         .unwrap()
         .command
     {
-        Command::Eval(e) => assert_eq!((e.batch_size, e.output_dir.to_str()), (4, Some("o"))),
+        Command::Eval(e) => assert_eq!((e.batch_size, e.output_dir.to_str()), (Some(4), Some("o"))),
         _ => unreachable!(),
     }
     // a negative number still reaches validation, which names the flag

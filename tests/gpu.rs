@@ -115,17 +115,41 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
         let fused = q.gemv(&x, None).unwrap().expect("the fast path applies");
         // the unmerged LoRA term in the same pass against the composed form (lora.rs): bf16 h·Bᵀ,
         // times s, added in bf16
-        let (a, b) = (bf16(Tensor::randn(0f32, 0.05, (16, k), &gpu).unwrap()), bf16(Tensor::randn(0f32, 0.05, (n, 16), &gpu).unwrap()));
+        let (a, b) = (
+            bf16(Tensor::randn(0f32, 0.05, (16, k), &gpu).unwrap()),
+            bf16(Tensor::randn(0f32, 0.05, (n, 16), &gpu).unwrap()),
+        );
         let h = x.matmul(&a.t().unwrap()).unwrap();
         let down = gemmaclip::peft::nf4::lora_down(&x, &a).unwrap();
-        let down_scale = h.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let down_scale = h
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let down_err = max_abs_diff(&down, &h) / down_scale;
         println!("LoRA down projection kernel [{m}x{k}] x [16x{k}]^T vs cuBLAS: max error {down_err:.2e} of the largest output");
         assert!(down_err < 1e-2, "{down_err}");
         let with_lora = q.gemv(&x, Some((&h, &b, 2.0))).unwrap().expect("the fast path applies");
         let composed = (&fused + (h.matmul(&b.t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
-        let lora_scale = composed.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let lora_err = max_abs_diff(&with_lora.to_dtype(DType::F32).unwrap(), &composed.to_dtype(DType::F32).unwrap()) / lora_scale;
+        let lora_scale = composed
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let lora_err = max_abs_diff(&with_lora.to_dtype(DType::F32).unwrap(), &composed.to_dtype(DType::F32).unwrap())
+            / lora_scale;
         println!("nf4 gemv + LoRA r 16 [{m}x{k}] vs composed: max error {lora_err:.2e} of the largest output");
         assert!(lora_err < 1e-2, "{lora_err}");
         let reference =
@@ -723,10 +747,35 @@ fn decode_attention_matches_the_composed_one() {
         let mask = Tensor::from_vec(m, (b, 1, 1, t), &gpu).unwrap();
         let scale = 1.0 / 16.0;
         let fused = attend(&q, &k, &v, &mask, scale).unwrap().expect("the decode op applies");
-        let composed = grouped_attention(&q, &k, &v, &mask, scale).unwrap().transpose(1, 2).unwrap().reshape((b, 1, 2048)).unwrap();
-        let top = composed.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let composed = grouped_attention(&q, &k, &v, &mask, scale)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, 1, 2048))
+            .unwrap();
+        let top = composed
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let err = max_abs_diff(&fused, &composed) / top;
-        let same = fused.flatten_all().unwrap().eq(&composed.flatten_all().unwrap()).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let same = fused
+            .flatten_all()
+            .unwrap()
+            .eq(&composed.flatten_all().unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         println!("decode attention [{b} x 8 heads over {t} columns, window {window:?}] vs composed: max error {err:.2e} of the largest output, {:.1}% identical", 100.0 * same);
         assert!(err < 1e-2, "{err}");
     }
@@ -738,7 +787,10 @@ fn fused_residual_norm_matches_the_composed_one() {
     use gemmaclip::model::ops::{gemma_rms_norm, residual_norm};
     let Some((gpu, _serial)) = cuda() else { return };
     let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
-    let (x, h) = (bf16(Tensor::randn(0f32, 3.0, (3, 5, 2560), &gpu).unwrap()), bf16(Tensor::randn(0f32, 1.0, (3, 5, 2560), &gpu).unwrap()));
+    let (x, h) = (
+        bf16(Tensor::randn(0f32, 3.0, (3, 5, 2560), &gpu).unwrap()),
+        bf16(Tensor::randn(0f32, 1.0, (3, 5, 2560), &gpu).unwrap()),
+    );
     let (s1, s2) = (Tensor::randn(1f32, 0.3, 2560, &gpu).unwrap(), Tensor::randn(1f32, 0.3, 2560, &gpu).unwrap());
     let (fx, fh) = residual_norm(&x, &h, &s1, Some(&s2), 1e-6).unwrap();
     let (fx1, none) = residual_norm(&x, &h, &s1, None, 1e-6).unwrap();

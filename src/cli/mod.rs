@@ -194,9 +194,10 @@ pub struct EvalCli {
     /// Only the first N questions.
     #[arg(long, alias = "max-eval-samples")]
     pub limit: Option<usize>,
-    /// Questions answered together (padded batch generation).
-    #[arg(long, alias = "per-device-eval-batch-size", default_value_t = 1)]
-    pub batch_size: usize,
+    /// Questions answered together (padded batch generation). Default: as many as the GPU's free
+    /// memory holds, up to 32 (1 on the CPU).
+    #[arg(long, alias = "per-device-eval-batch-size")]
+    pub batch_size: Option<usize>,
     /// Most tokens to generate per answer.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
@@ -331,7 +332,7 @@ fn eval(e: EvalCli) -> Result<()> {
         }
         return Ok(());
     }
-    if e.batch_size == 0 {
+    if e.batch_size == Some(0) {
         bail!("--batch-size must be at least 1");
     }
     if e.max_new_tokens == 0 {

@@ -42,7 +42,8 @@ pub struct Prediction {
 pub struct EvalArgs {
     pub split: String,
     pub limit: Option<usize>,
-    pub batch_size: usize,
+    /// None: as many as the device's memory holds (Gemma3Text::fitting_batch).
+    pub batch_size: Option<usize>,
     pub max_new_tokens: usize,
     pub output_dir: PathBuf,
     /// Seconds the workers of a run of several wait for each other at the start.
@@ -222,7 +223,18 @@ fn eval_ranked(
             Ok((p, model.encode(&user_turn(&p.question, &p.hint, &p.choices, image))?))
         })
         .collect::<Result<_>>()?;
-    if a.batch_size > 1 {
+    let longest = todo.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0);
+    let batch = match a.batch_size {
+        Some(b) => b,
+        None => {
+            let b = model.vlm.llm.fitting_batch(longest + a.max_new_tokens)?;
+            if main && b > 1 {
+                eprintln!("eval: {b} questions at a time (what the GPU's free memory holds; --batch-size sets it)");
+            }
+            b
+        }
+    };
+    if batch > 1 {
         todo.sort_by_key(|(_, ids)| ids.len());
     }
     let bar = if main {
@@ -247,7 +259,7 @@ fn eval_ranked(
     };
     let started = Instant::now();
     let mut new_tokens = 0usize;
-    for chunk in todo.chunks(a.batch_size.max(1)) {
+    for chunk in todo.chunks(batch.max(1)) {
         let mut prompts = vec![];
         let mut images = vec![];
         for (p, ids) in chunk {

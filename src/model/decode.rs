@@ -19,7 +19,7 @@ pub fn first_max(logits: &Tensor, index: &Tensor) -> candle_core::Result<Tensor>
     let (_, v) = logits.dims2()?;
     let max = two_stage(logits, |t| t.max_keepdim(D::Minus1))?;
     let hit = logits.broadcast_eq(&max)?.to_dtype(DType::F32)?; // 1 at every maximum
-    // index where hit, index + V elsewhere: the smallest is the first maximum (exact in f32 below 2^24)
+                                                                // index where hit, index + V elsewhere: the smallest is the first maximum (exact in f32 below 2^24)
     let keyed = index.broadcast_add(&hit.affine(-(v as f64), v as f64)?)?;
     // all-NaN logits hit nothing: keep the id in range
     two_stage(&keyed, |t| t.min_keepdim(D::Minus1))?.squeeze(1)?.clamp(0f32, (v - 1) as f32)?.to_dtype(DType::U32)
@@ -82,7 +82,8 @@ impl Gemma3Text {
             // RoPE positions count each row's own tokens from 0; padding sits at position 0
             let c = &self.cfg;
             let dev = self.device();
-            let positions: Vec<Vec<usize>> = pad.iter().map(|&p| (0..l).map(|j| j.saturating_sub(p)).collect()).collect();
+            let positions: Vec<Vec<usize>> =
+                pad.iter().map(|&p| (0..l).map(|j| j.saturating_sub(p)).collect()).collect();
             LayerContext {
                 rope_global: RopeTables::for_rows(c.head_dim, c.rope_theta, c.rope_scaling_factor, &positions, dev)?,
                 rope_local: RopeTables::for_rows(c.head_dim, c.rope_local_base_freq, 1.0, &positions, dev)?,
@@ -144,6 +145,28 @@ impl Gemma3Text {
     pub fn greedy_step(&self, cache: &KvCache) -> candle_core::Result<()> {
         let next = first_max(&self.decode_logits(cache)?, &cache.vocab_index)?;
         cache.ids.slice_set(&next.reshape((cache.batch, 1))?, 0, 0)
+    }
+
+    /// Rows to answer together when the user did not say: as many as the device's free memory
+    /// holds (each row's KV cache of `columns` columns, its logits and 64 MiB of activations; 2 GiB
+    /// kept free; the dequantized base where the batch is wider than the NF4 GEMV takes), up to 32.
+    /// 1 on the CPU.
+    pub fn fitting_batch(&self, columns: usize) -> candle_core::Result<usize> {
+        let free = crate::device::free_bytes(self.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let Some(free) = free else { return Ok(1) };
+        let c = &self.cfg;
+        let kv = self.layers.len() * 2 * c.num_key_value_heads * c.head_dim * columns * self.dtype().size_in_bytes();
+        let per_row = (kv + 16 * c.vocab_size + (64 << 20)) as u64;
+        let room = free.saturating_sub(2 << 30);
+        let dense: u64 =
+            self.nf4_weights().iter().map(|q| (q.shape.0 * q.shape.1 * self.dtype().size_in_bytes()) as u64).sum();
+        let wide = room.saturating_sub(dense) / per_row;
+        let b = if wide as usize > crate::peft::nf4::GEMV_MAX_ROWS {
+            wide.min(32)
+        } else {
+            (room / per_row).clamp(1, crate::peft::nf4::GEMV_MAX_ROWS as u64)
+        };
+        Ok(b as usize)
     }
 
     /// The NF4 base weights of the decoder layers.

@@ -29,7 +29,8 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> 
     {
         return Ok(None);
     }
-    let op = DecodeAttention { mask: mask.to_dtype(DType::F32)?.contiguous()?, scale: half::bf16::from_f64(scale).to_f32() };
+    let op =
+        DecodeAttention { mask: mask.to_dtype(DType::F32)?.contiguous()?, scale: half::bf16::from_f64(scale).to_f32() };
     let out = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
     Ok(Some(out.reshape((b, 1, nq * hd))?))
 }
@@ -80,7 +81,9 @@ impl CustomOp3 for DecodeAttention {
         let (qs, ks, vs) = (slice(q, ql)?, slice(k, kl)?, slice(v, vl)?);
         let (ms, ml) = self.mask.storage_and_layout();
         let Storage::Cuda(ms) = &*ms else { candle_core::bail!("decode-attention: mask not on the GPU") };
-        let Some((m0, m1)) = ml.contiguous_offsets() else { candle_core::bail!("decode-attention: mask not contiguous") };
+        let Some((m0, m1)) = ml.contiguous_offsets() else {
+            candle_core::bail!("decode-attention: mask not contiguous")
+        };
         let mask = ms.as_cuda_slice::<f32>()?.slice(m0..m1);
         let splits = t.div_ceil(CHUNK);
         let scores = unsafe { dev.alloc::<f32>(b * nq * t)? };
@@ -90,13 +93,30 @@ impl CustomOp3 for DecodeAttention {
             (nkv as i32, (nq / nkv) as i32, t as i32, hd as i32, CHUNK as i32, splits as i32);
         let f = dev.get_or_load_custom_func("decode_attn_scores", MODULE, PTX)?;
         let mut a = f.builder();
-        a.arg(&qs).arg(&ks).arg(&mask).arg(&scores).arg(&nkv_i).arg(&rep).arg(&t_i).arg(&hd_i).arg(&chunk).arg(&self.scale);
-        let cfg = LaunchConfig { grid_dim: ((b * nkv) as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        a.arg(&qs)
+            .arg(&ks)
+            .arg(&mask)
+            .arg(&scores)
+            .arg(&nkv_i)
+            .arg(&rep)
+            .arg(&t_i)
+            .arg(&hd_i)
+            .arg(&chunk)
+            .arg(&self.scale);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * nkv) as u32, splits as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { a.launch(cfg) }.w()?;
         let f = dev.get_or_load_custom_func("decode_attn_values", MODULE, PTX)?;
         let mut a = f.builder();
         a.arg(&scores).arg(&vs).arg(&partial).arg(&nkv_i).arg(&rep).arg(&t_i).arg(&hd_i).arg(&chunk);
-        let cfg = LaunchConfig { grid_dim: ((b * nq) as u32, splits as u32, 1), block_dim: (hd as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((b * nq) as u32, splits as u32, 1),
+            block_dim: (hd as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { a.launch(cfg) }.w()?;
         let f = dev.get_or_load_custom_func("decode_attn_combine", MODULE, PTX)?;
         let mut a = f.builder();

@@ -105,7 +105,8 @@ impl DecoderLayer {
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&LayerCache>) -> candle_core::Result<Tensor> {
         let (rope, mask) = ctx.for_layer(self.layer_type);
         let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
-        let h = self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, cache.map(|c| (c, ctx.write_index.as_ref())))?;
+        let h =
+            self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, cache.map(|c| (c, ctx.write_index.as_ref())))?;
         if cache.is_some() {
             // answering: each residual step and the norm after it in one launch
             let (x, h) =

@@ -103,7 +103,9 @@ mod rmsnorm_cuda {
             let f32_slice = |t: &Tensor| -> candle_core::Result<u64> {
                 let (st, l) = t.storage_and_layout();
                 let Storage::Cuda(st) = &*st else { candle_core::bail!("residual-norm: scale not on the GPU") };
-                let Some((o, _)) = l.contiguous_offsets() else { candle_core::bail!("residual-norm: scale not contiguous") };
+                let Some((o, _)) = l.contiguous_offsets() else {
+                    candle_core::bail!("residual-norm: scale not contiguous")
+                };
                 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
                 let stream = dev.cuda_stream();
                 let (p, _) = st.as_cuda_slice::<f32>()?.device_ptr(&stream);

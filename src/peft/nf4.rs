@@ -4,9 +4,9 @@
 //! operation, so the packed bytes and absmax are identical; CPU (rayon) and CUDA kernels agree.
 
 use anyhow::{bail, Result};
-use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 pub const BLOCK: usize = 64;
 
@@ -386,7 +386,8 @@ pub(crate) mod cuda {
             let qs = q.as_cuda_slice::<u8>()?.slice(q0..q1);
             let abs = a.as_cuda_slice::<f32>()?.slice(a0..a1);
             let out = unsafe { dev.alloc::<half::bf16>(m * self.n)? };
-            let func = dev.get_or_load_custom_func(if m == 1 { "nf4_gemv1_bf16" } else { "nf4_gemv_bf16" }, MODULE, PTX)?;
+            let func =
+                dev.get_or_load_custom_func(if m == 1 { "nf4_gemv1_bf16" } else { "nf4_gemv_bf16" }, MODULE, PTX)?;
             // more warps per row where K is long, so that short-N long-K rows (down_proj) still fill the GPU
             let wpr: i32 = match k {
                 k if k >= 8192 => 4,
@@ -402,7 +403,12 @@ pub(crate) mod cuda {
                     };
                     let (r, (h0, _), (b0, _)) = (b.dim(1)?, offsets(hl)?, offsets(bl)?);
                     if h.dims() != [m, r] || b.dims() != [self.n, r] {
-                        candle_core::bail!("nf4-gemv: LoRA h {:?} and B {:?} for [{m}, {}]", h.dims(), b.dims(), self.n);
+                        candle_core::bail!(
+                            "nf4-gemv: LoRA h {:?} and B {:?} for [{m}, {}]",
+                            h.dims(),
+                            b.dims(),
+                            self.n
+                        );
                     }
                     let stream = dev.cuda_stream();
                     let (hp, _) = hs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream);
