@@ -187,7 +187,7 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
         let mut peak = 0u64;
         for step in 0..a.warmup + a.steps {
             reset_peak_memory(&dev)?;
-            synchronize(dev)?;
+            synchronize(&dev)?;
             let t = Instant::now();
             let seed = step as u64 ^ (ranks.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let opts = StepOptions { dropout_seed: Some(seed), ..opts.clone() };
@@ -204,7 +204,7 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
                 first = (g.loss, clip.norm);
             }
             opt.step_clipped(&mut g.grads, clip, 1e-4)?;
-            synchronize(dev)?;
+            synchronize(&dev)?;
             if step >= a.warmup {
                 times.push(t.elapsed().as_secs_f64());
                 peak = peak.max(memory(&dev)?.peak.unwrap_or(0));
