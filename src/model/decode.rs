@@ -212,3 +212,33 @@ impl Drop for DequantizedBase<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::first_max;
+    use candle_core::{DType, Device, Tensor};
+
+    /// The device-side greedy choice equals the host's first-max rule, ties and the two-pass
+    /// reduction included (2048 columns: two passes of 1024; 300: one).
+    #[test]
+    fn first_max_breaks_ties_as_the_host_does() {
+        let dev = Device::Cpu;
+        for v in [2048usize, 300] {
+            let mut rows = vec![vec![0f32; v]; 3];
+            rows[0][7] = 5.0;
+            rows[0][1500 % v] = 5.0; // a tie: the first one wins
+            rows[1][v - 1] = 1.0;
+            rows[2].iter_mut().enumerate().for_each(|(i, x)| *x = -(i as f32)); // the maximum at 0
+            let host: Vec<u32> = rows
+                .iter()
+                .map(|r| {
+                    r.iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as u32
+                })
+                .collect();
+            let logits = Tensor::from_vec(rows.concat(), (3, v), &dev).unwrap();
+            let index =
+                Tensor::arange(0u32, v as u32, &dev).unwrap().to_dtype(DType::F32).unwrap().reshape((1, v)).unwrap();
+            assert_eq!(first_max(&logits, &index).unwrap().to_vec1::<u32>().unwrap(), host, "{v} columns");
+        }
+    }
+}
