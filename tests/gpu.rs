@@ -121,33 +121,13 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
         );
         let h = x.matmul(&a.t().unwrap()).unwrap();
         let down = gemmaclip::peft::nf4::lora_down(&x, &a).unwrap();
-        let down_scale = h
-            .to_dtype(DType::F32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let down_scale = common::max_abs(&h);
         let down_err = max_abs_diff(&down, &h) / down_scale;
         println!("LoRA down projection kernel [{m}x{k}] x [16x{k}]^T vs cuBLAS: max error {down_err:.2e} of the largest output");
         assert!(down_err < 1e-2, "{down_err}");
         let with_lora = q.gemv(&x, Some((&h, &b, 2.0))).unwrap().expect("the fast path applies");
         let composed = (&fused + (h.matmul(&b.t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
-        let lora_scale = composed
-            .to_dtype(DType::F32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let lora_scale = common::max_abs(&composed);
         let lora_err = max_abs_diff(&with_lora.to_dtype(DType::F32).unwrap(), &composed.to_dtype(DType::F32).unwrap())
             / lora_scale;
         println!("nf4 gemv + LoRA r 16 [{m}x{k}] vs composed: max error {lora_err:.2e} of the largest output");
@@ -753,17 +733,7 @@ fn decode_attention_matches_the_composed_one() {
             .unwrap()
             .reshape((b, 1, 2048))
             .unwrap();
-        let top = composed
-            .to_dtype(DType::F32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let top = common::max_abs(&composed);
         let err = max_abs_diff(&fused, &composed) / top;
         let same = fused
             .flatten_all()

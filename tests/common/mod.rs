@@ -48,6 +48,20 @@ impl Fixture {
 }
 
 /// max |a - b| over all elements (both converted to f32).
+/// The largest |value| of a tensor, as f32 (the scale relative errors are measured against).
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(candle_core::DType::F32).unwrap();
