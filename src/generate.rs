@@ -158,7 +158,8 @@ pub fn generate(
         };
     let mut next = choose(&logits, &out, &cache)?;
     drop((logits, hidden, embeds));
-    let use_graph = graph_allowed(vlm, o);
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut, unused_variables))]
+    let mut use_graph = graph_allowed(vlm, o);
     #[cfg(feature = "cuda")]
     let mut graph: Option<crate::model::cuda_graph::DecodeGraph> = None;
     let mut timings = Timings::default();
@@ -193,12 +194,16 @@ pub fn generate(
                 match &graph {
                     Some(g) => g.launch()?,
                     // step 1 runs eagerly inside, then the step is captured for the rest
-                    None => graph = Some(crate::model::cuda_graph::DecodeGraph::warm_up_and_capture(&vlm.llm, &cache)?),
+                    None => {
+                        graph = crate::model::cuda_graph::DecodeGraph::warm_up_and_capture(&vlm.llm, &cache)?;
+                        use_graph = graph.is_some();
+                    }
                 }
-            }
-            if !use_graph {
+            } else {
                 vlm.llm.greedy_step(&cache)?;
             }
+            #[cfg(not(feature = "cuda"))]
+            vlm.llm.greedy_step(&cache)?;
             next = cache.ids.flatten_all()?.to_vec1::<u32>()?;
         } else {
             let logits = vlm.llm.decode_logits(&cache)?;

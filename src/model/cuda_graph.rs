@@ -19,14 +19,27 @@ pub struct DecodeGraph {
 
 impl DecodeGraph {
     /// Runs one greedy step eagerly (loading every kernel and filling candle's parameter cache),
-    /// then captures the same step. The eager step's tokens are in `cache.ids` on return; the
-    /// captured step has not run.
-    pub fn warm_up_and_capture(llm: &Gemma3Text, cache: &KvCache) -> candle_core::Result<Self> {
+    /// then captures the same step. The eager step's tokens are in `cache.ids` on return (an error
+    /// there is the step's own); the captured step has not run. A capture that fails gives `None`
+    /// after saying why once: the generation goes on with eager steps.
+    pub fn warm_up_and_capture(llm: &Gemma3Text, cache: &KvCache) -> candle_core::Result<Option<Self>> {
         let dev = llm.device().as_cuda_device()?;
         let _params_on_device = dev.enable_cuda_graph_htod_cache();
         llm.greedy_step(cache)?;
         let stream = dev.cuda_stream();
         stream.synchronize().w()?;
+        match Self::capture(llm, cache) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| eprintln!("warning: decoding without a CUDA graph (its capture failed: {e})"));
+                Ok(None)
+            }
+        }
+    }
+
+    fn capture(llm: &Gemma3Text, cache: &KvCache) -> candle_core::Result<Self> {
+        let stream = llm.device().as_cuda_device()?.cuda_stream();
         stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
         let recorded = llm.greedy_step(cache);
         // the capture must end whatever happened inside it, or the stream stays unusable
