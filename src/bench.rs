@@ -376,6 +376,7 @@ fn time_generation(vlm: &Vlm, prompts: &[Vec<u32>], pixels: &Tensor, a: &Generat
         "{}",
         json!({
             "what": "gemmaclip_generate", "four_bit": !a.no_4bit, "lora_r": a.lora_r,
+            "cuda_graph": dev.is_cuda() && crate::fused_ops::allowed(crate::fused_ops::FusedOp::DecodeGraph),
             "prompt_tokens": a.prompt, "new_tokens": a.new, "batch_size": batch,
             "time_to_first_token_ms": (first * 1e4).round() / 10.0,
             "decode_tokens_per_s": ((batch * (a.new - 1)) as f64 / (full - first) * 10.0).round() / 10.0,

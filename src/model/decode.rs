@@ -148,15 +148,17 @@ impl Gemma3Text {
     }
 
     /// Rows to answer together when the user did not say: as many as the device's free memory
-    /// holds (each row's KV cache of `columns` columns, its logits and 64 MiB of activations; 2 GiB
-    /// kept free; the dequantized base where the batch is wider than the NF4 GEMV takes), up to 32.
-    /// 1 on the CPU.
+    /// holds (each row's KV cache of `columns` columns, the f32 scores, exponentials and
+    /// probabilities of a left-padded prompt's composed attention, its logits and 64 MiB of other
+    /// activations; 2 GiB kept free; the dequantized base where the batch is wider than the NF4
+    /// GEMV takes), up to 32. 1 on the CPU.
     pub fn fitting_batch(&self, columns: usize) -> candle_core::Result<usize> {
         let free = crate::device::free_bytes(self.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let Some(free) = free else { return Ok(1) };
         let c = &self.cfg;
         let kv = self.layers.len() * 2 * c.num_key_value_heads * c.head_dim * columns * self.dtype().size_in_bytes();
-        let per_row = (kv + 16 * c.vocab_size + (64 << 20)) as u64;
+        let prompt_attention = 3 * c.num_attention_heads * columns * columns * 4;
+        let per_row = (kv + prompt_attention + 16 * c.vocab_size + (64 << 20)) as u64;
         let room = free.saturating_sub(2 << 30);
         let dense: u64 =
             self.nf4_weights().iter().map(|q| (q.shape.0 * q.shape.1 * self.dtype().size_in_bytes()) as u64).sum();
