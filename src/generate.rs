@@ -1,4 +1,4 @@
-//! Generation with a KV cache: prompts left-padded into one batch, prefill, then one token per
+//! Generation with a KV cache: prompts right-padded into one block, prefill, then one token per
 //! step until `<end_of_turn>`/`<eos>` or the token budget. Greedy at temperature 0 (chosen on the
 //! device), otherwise temperature / top-k / top-p sampling from a seeded generator on the host.
 
@@ -95,7 +95,7 @@ fn graph_allowed(vlm: &Vlm, o: &GenerateOptions) -> bool {
 
 /// Generates for a batch of prompts (token ids with their image-token blocks; `pixels` holds the
 /// batch's images in order). `on_token(row, token)` sees each new token as it comes. Prompts are
-/// left-padded into one block; the KV cache is allocated once for the block and the new tokens.
+/// right-padded into one block; the KV cache is allocated once for the block and the new tokens.
 /// Greedy decoding chooses on the device and, on a GPU, replays its step as a CUDA graph;
 /// sampling brings each step's logits to the host.
 pub fn generate(
@@ -123,8 +123,8 @@ pub fn generate(
     let mut valid = vec![];
     for p in prompts {
         let n = l - p.len();
-        ids.push(std::iter::repeat_n(pad, n).chain(p.iter().copied()).collect::<Vec<_>>());
-        valid.push((0..l).map(|t| t >= n).collect::<Vec<_>>());
+        ids.push(p.iter().copied().chain(std::iter::repeat_n(pad, n)).collect::<Vec<_>>());
+        valid.push((0..l).map(|t| t < p.len()).collect::<Vec<_>>());
     }
     let start = Instant::now();
     let greedy = o.temperature <= 0.0;
@@ -136,8 +136,8 @@ pub fn generate(
     let _dense = if b > crate::peft::nf4::GEMV_MAX_ROWS { vlm.llm.keep_dequantized(2 << 30)? } else { None };
     // answering builds no graph: the projector's Vars stop here
     let embeds = vlm.input_embeds(&ids, pixels)?.detach();
-    let hidden = vlm.llm.prefill(&embeds, &valid, &mut cache)?;
-    let logits = vlm.llm.logits(&hidden.narrow(1, l - 1, 1)?.squeeze(1)?)?;
+    let last = vlm.llm.prefill(&embeds, &valid, &mut cache)?;
+    let logits = vlm.llm.logits(&last)?;
     let mut out: Vec<Generated> =
         prompts.iter().map(|p| Generated { prompt_tokens: p.len(), ..Default::default() }).collect();
     let mut rng = SplitMix64::new(o.seed);
@@ -157,7 +157,7 @@ pub fn generate(
             Ok(next)
         };
     let mut next = choose(&logits, &out, &cache)?;
-    drop((logits, hidden, embeds));
+    drop((logits, last, embeds));
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut, unused_variables))]
     let mut use_graph = graph_allowed(vlm, o);
     #[cfg(feature = "cuda")]

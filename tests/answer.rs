@@ -114,7 +114,7 @@ fn breakdown_matches_hand_computed_values() {
 }
 
 #[test]
-fn kv_cached_greedy_equals_recomputation_with_left_padding_past_the_window() {
+fn kv_cached_greedy_equals_recomputation_with_padding_past_the_window() {
     let dev = Device::Cpu;
     let f = Fixture::load("parity.safetensors");
     let (vlm, _) = qlora::model(&dev, BaseFormat::Nf4);
@@ -132,7 +132,7 @@ fn kv_cached_greedy_equals_recomputation_with_left_padding_past_the_window() {
             r[..end].iter().map(|&x| x as u32).collect()
         })
         .collect();
-    assert_ne!(prompts[0].len(), prompts[1].len(), "the batch must need left padding");
+    assert_ne!(prompts[0].len(), prompts[1].len(), "the batch must need padding");
     assert!(prompts.iter().all(|p| p.len() > 2 * window));
     let px: Tensor = f.get("vlm.pixel_values").clone();
     let n = 3 * window; // decode well past the sliding window
@@ -145,7 +145,7 @@ fn kv_cached_greedy_equals_recomputation_with_left_padding_past_the_window() {
         let (alone, _) = generate(&vlm, std::slice::from_ref(p), Some(&one), &opts, &mut |_, _| {}).unwrap();
         assert_eq!(alone[0].tokens, reference, "row {b} alone");
     }
-    println!("{} tokens per row, cached (batched, left-padded) == recomputed", n);
+    println!("{} tokens per row, cached (batched, padded) == recomputed", n);
 }
 
 #[test]

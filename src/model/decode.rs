@@ -6,7 +6,7 @@
 
 use crate::model::gemma3::Gemma3Text;
 use crate::model::kv_cache::{CacheShape, KvCache};
-use crate::model::layer_context::{attention_mask, LayerContext, Masks};
+use crate::model::layer_context::{LayerContext, Masks};
 use crate::model::rope::RopeTables;
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::nf4::Nf4Weight;
@@ -60,63 +60,54 @@ impl Gemma3Text {
         KvCache::new(&shape, batch, capacity, rope, c.vocab_size, dev)
     }
 
-    /// Runs the prompt block embeds [B, L, H] (rows left-padded: `valid[b][t]` false on padding)
-    /// through the model, writing its keys/values at column 0 of `cache`. -> last hidden [B, L, H].
+    /// Runs the prompt block embeds [B, L, H] (rows right-padded: `valid[b][t]` true on the row's
+    /// first tokens only) through the model, writing its keys/values at column 0 of `cache`.
+    /// -> hidden state of each row's last prompt token [B, H].
     pub fn prefill(&self, embeds: &Tensor, valid: &[Vec<bool>], cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        let (b, l, _) = embeds.dims3()?;
-        let mut pad = vec![];
+        let (b, l, h) = embeds.dims3()?;
+        let mut lens = vec![];
         for row in valid {
-            let p = row.iter().take_while(|&&v| !v).count();
-            if row.len() != l || !row[p..].iter().all(|&v| v) {
-                candle_core::bail!("prefill: rows must be left-padded to {l} positions");
+            let n = row.iter().take_while(|&&v| v).count();
+            if row.len() != l || n == 0 || row[n..].iter().any(|&v| v) {
+                candle_core::bail!("prefill: rows must be right-padded to {l} positions");
             }
-            pad.push(p);
+            lens.push(n);
         }
         if b != cache.batch {
             candle_core::bail!("prefill: {b} rows into a cache of {}", cache.batch);
         }
-        cache.start(&pad, l)?;
-        let ctx = if pad.iter().all(|&p| p == 0) {
-            self.layer_context(valid, l, 0)? // cuDNN's fused attention where it runs
-        } else {
-            // RoPE positions count each row's own tokens from 0; padding sits at position 0
-            let c = &self.cfg;
-            let dev = self.device();
-            let positions: Vec<Vec<usize>> =
-                pad.iter().map(|&p| (0..l).map(|j| j.saturating_sub(p)).collect()).collect();
-            LayerContext {
-                rope_global: RopeTables::for_rows(c.head_dim, c.rope_theta, c.rope_scaling_factor, &positions, dev)?,
-                rope_local: RopeTables::for_rows(c.head_dim, c.rope_local_base_freq, 1.0, &positions, dev)?,
-                masks: Masks::Composed {
-                    global: attention_mask(valid, l, 0, None, dev)?,
-                    sliding: attention_mask(valid, l, 0, Some(c.sliding_window), dev)?,
-                },
-                dropout_seed: None,
-                write_index: None,
-            }
-        };
+        cache.start(&lens, l)?;
+        // RoPE positions are the columns; cuDNN's fused attention runs where it can
+        let ctx = self.layer_context(valid, l, 0)?;
         let mut x = embeds.clone();
         for (layer, lc) in self.layers.iter().zip(&cache.layers) {
             x = layer.forward(&x, &ctx, Some(lc))?;
         }
-        Ok(x)
+        let last: Vec<u32> = lens.iter().enumerate().map(|(r, &n)| (r * l + n - 1) as u32).collect();
+        x.reshape((b * l, h))?.index_select(&Tensor::new(last, x.device())?, 0)
     }
 
-    /// The layer context of a decode step, from device buffers only: query column `col`, key
-    /// column j seen by row r when pad[r] <= j <= col (and col - j < window on sliding layers),
-    /// RoPE position col - pad[r].
+    /// The layer context of a decode step, from device buffers only. The query of row r sits at
+    /// column `col` = position len[r] + col - L0; key column j holds position j (j < len[r]) or
+    /// len[r] + j - L0 (L0 <= j <= col), other columns are padding or not yet written; sliding
+    /// layers also hide keys 1024 or more positions back.
     fn decode_context(&self, c: &KvCache) -> candle_core::Result<LayerContext> {
         let (b, t) = (c.batch, c.capacity);
         let col = c.col.to_dtype(DType::F32)?.reshape((1, 1))?;
-        let pos = col.broadcast_sub(&c.pad)?.flatten_all()?.to_dtype(DType::U32)?; // [B]
+        let after = col.broadcast_sub(&c.block)?; // col - L0, [1, 1]
+        let qpos = c.lens.broadcast_add(&after)?; // [B, 1]
+        let pos = qpos.flatten_all()?.to_dtype(DType::U32)?; // [B]
         let rows = |r: &RopeTables| -> candle_core::Result<RopeTables> {
             Ok(RopeTables { cos: r.cos.index_select(&pos, 0)?, sin: r.sin.index_select(&pos, 0)? })
         };
-        let real = c.columns.broadcast_ge(&c.pad)?.to_dtype(DType::F32)?; // [B, T]
-        let seen = c.columns.broadcast_le(&col)?.to_dtype(DType::F32)?; // [1, T]
-        let global = real.broadcast_mul(&seen)?;
-        let window = c.columns.broadcast_gt(&col.affine(1.0, -(self.cfg.sliding_window as f64))?)?;
-        let sliding = global.broadcast_mul(&window.to_dtype(DType::F32)?)?;
+        let f32 = |m: Tensor| m.to_dtype(DType::F32);
+        let prompt = f32(c.columns.broadcast_lt(&c.lens)?)?; // [B, T]
+        let new = f32(c.columns.broadcast_ge(&c.block)?)?.mul(&f32(c.columns.broadcast_le(&col)?)?)?; // [1, T]
+        let global = prompt.broadcast_add(&new)?; // the two never overlap: 0 or 1
+                                                  // key positions: the column in the prompt, shifted by len - L0 after it
+        let kpos = c.columns.broadcast_add(&(1.0 - &prompt)?.broadcast_mul(&c.lens.broadcast_sub(&c.block)?)?)?;
+        let window = f32(kpos.broadcast_gt(&qpos.affine(1.0, -(self.cfg.sliding_window as f64))?)?)?;
+        let sliding = global.mul(&window)?;
         // 1 -> 0, 0 -> f32::MIN: the composed path's additive mask
         let additive = |m: &Tensor| m.affine(f32::MAX as f64, -(f32::MAX as f64))?.reshape((b, 1, 1, t));
         let (nkv, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
@@ -149,7 +140,7 @@ impl Gemma3Text {
 
     /// Rows to answer together when the user did not say: as many as the device's free memory
     /// holds (each row's KV cache of `columns` columns, the f32 scores, exponentials and
-    /// probabilities of a left-padded prompt's composed attention, its logits and 64 MiB of other
+    /// probabilities of the prompt's composed attention where cuDNN's does not run, its logits and 64 MiB of other
     /// activations; 2 GiB kept free; the dequantized base where the batch is wider than the NF4
     /// GEMV takes), up to 32. 1 on the CPU.
     pub fn fitting_batch(&self, columns: usize) -> candle_core::Result<usize> {

@@ -1,7 +1,7 @@
 //! When attention runs fused (cuDNN, forward and backward) instead of as composed candle ops: on a
 //! GPU, in bf16, with libcudnn 9 loadable, for a forward without a KV cache whose rows are
-//! right-padded (valid tokens first: training and scoring batches). Everything else (the CPU, f32,
-//! decoding over a cache, left-padded generation) keeps the composed path, which is also the
+//! right-padded (valid tokens first: training and scoring batches, generation's prompts). Everything
+//! else (the CPU, f32, a decode step, which has its own kernels) keeps the composed path, which is also the
 //! reference the fused op is tested against (tests/gpu.rs). `GEMMACLIP_COMPOSED=attention` turns
 //! the fused path off, for comparisons (src/fused_ops.rs).
 

@@ -1,12 +1,13 @@
 //! The KV cache of generation, allocated once for the whole generation and written in place:
 //! per layer keys and values [B, nkv, T, hd] for a fixed capacity T, and the device buffers a
-//! decode step reads (the column it writes, each row's left padding), so that one decode step has
+//! decode step reads (the column it writes, each row's prompt length), so that one decode step has
 //! fixed shapes and fixed addresses and can be captured into a CUDA graph (cuda_graph.rs).
 //!
-//! Rows are left-padded: row r's prompt fills columns pad[r]..L0, the token of decode step s
-//! (s >= 1) goes to column L0 + s - 1 in every row. A column j is a real key of row r when
-//! j >= pad[r]; its RoPE position is j - pad[r]. Sliding layers keep every column too (the window
-//! is a mask, `col - j < window`), which costs memory, not exactness.
+//! Prompts are right-padded into a block of L0 columns (so the prompt pass runs through cuDNN's
+//! fused attention, which takes right padding): row r's prompt fills columns 0..len[r], the token
+//! of decode step s (s >= 1) goes to column L0 + s - 1 in every row. Column j is a real key of row
+//! r when j < len[r] (position j) or L0 <= j (position len[r] + j - L0). Sliding layers keep every
+//! column too (the window is a mask on positions), which costs memory, not exactness.
 
 use crate::model::rope::RopeTables;
 use candle_core::{DType, Device, Tensor};
@@ -39,10 +40,12 @@ pub struct KvCache {
     pub capacity: usize,
     /// Columns filled by the prompt (L0, padding included).
     pub prompt_len: usize,
-    /// Left padding per row (host copy of `pad`).
-    pub pad_host: Vec<usize>,
-    /// [B, 1] f32: each row's left padding.
-    pub(crate) pad: Tensor,
+    /// Each row's prompt length (host copy of `lens`).
+    pub lens_host: Vec<usize>,
+    /// [B, 1] f32: each row's prompt length.
+    pub(crate) lens: Tensor,
+    /// [1, 1] f32: L0, the columns of the prompt block.
+    pub(crate) block: Tensor,
     /// [1] u32: the column the running decode step writes.
     pub(crate) col: Tensor,
     /// [1, T] f32: 0..T, the column of each key.
@@ -85,8 +88,9 @@ impl KvCache {
             batch,
             capacity,
             prompt_len: 0,
-            pad_host: vec![0; batch],
-            pad: Tensor::zeros((batch, 1), DType::F32, dev)?,
+            lens_host: vec![0; batch],
+            lens: Tensor::zeros((batch, 1), DType::F32, dev)?,
+            block: Tensor::zeros((1, 1), DType::F32, dev)?,
             col: Tensor::zeros(1, DType::U32, dev)?,
             columns: Tensor::arange(0u32, capacity as u32, dev)?.to_dtype(DType::F32)?.reshape((1, capacity))?,
             rope_global: rope.0,
@@ -96,20 +100,21 @@ impl KvCache {
         })
     }
 
-    /// Starts a new generation: `pad[r]` columns of left padding in a prompt block of `len` columns.
-    pub(crate) fn start(&mut self, pad: &[usize], len: usize) -> candle_core::Result<()> {
-        if pad.len() != self.batch || len > self.capacity {
+    /// Starts a new generation: prompts of `lens[r]` tokens, right-padded to a block of `block` columns.
+    pub(crate) fn start(&mut self, lens: &[usize], block: usize) -> candle_core::Result<()> {
+        if lens.len() != self.batch || block > self.capacity || lens.iter().any(|&n| n == 0 || n > block) {
             candle_core::bail!(
-                "kv cache of {} rows x {} columns given {} rows x {len}",
+                "kv cache of {} rows x {} columns given prompts of {lens:?} tokens in {block} columns",
                 self.batch,
-                self.capacity,
-                pad.len()
+                self.capacity
             );
         }
-        let p: Vec<f32> = pad.iter().map(|&p| p as f32).collect();
-        self.pad.slice_set(&Tensor::from_vec(p, (self.batch, 1), self.pad.device())?, 0, 0)?;
-        self.pad_host = pad.to_vec();
-        self.prompt_len = len;
+        let dev = self.lens.device().clone();
+        let n: Vec<f32> = lens.iter().map(|&n| n as f32).collect();
+        self.lens.slice_set(&Tensor::from_vec(n, (self.batch, 1), &dev)?, 0, 0)?;
+        self.block.slice_set(&Tensor::new(&[[block as f32]], &dev)?, 0, 0)?;
+        self.lens_host = lens.to_vec();
+        self.prompt_len = block;
         Ok(())
     }
 

@@ -39,34 +39,6 @@ impl RopeTables {
         Ok(Self { cos: Tensor::from_vec(cos, (len, half), dev)?, sin: Tensor::from_vec(sin, (len, half), dev)? })
     }
 
-    /// Tables for per-row positions (left-padded batches): cos/sin [B, 1, L, head_dim/2].
-    pub fn for_rows(
-        head_dim: usize,
-        theta: f64,
-        linear_factor: f64,
-        positions: &[Vec<usize>],
-        dev: &Device,
-    ) -> Result<Self> {
-        let half = head_dim / 2;
-        let inv_freq = inv_freq(head_dim, theta, linear_factor);
-        let (b, l) = (positions.len(), positions.first().map_or(0, |r| r.len()));
-        let mut cos = Vec::with_capacity(b * l * half);
-        let mut sin = Vec::with_capacity(b * l * half);
-        for row in positions {
-            for &p in row {
-                for f in &inv_freq {
-                    let angle = p as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (b, 1, l, half), dev)?,
-            sin: Tensor::from_vec(sin, (b, 1, l, half), dev)?,
-        })
-    }
-
     /// Applies the rotation to x [B, heads, L, head_dim]; the tables are cast to x's dtype first,
     /// as transformers casts cos/sin to the activation dtype.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
