@@ -252,13 +252,15 @@ fn sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint() {
 
 #[test]
 fn a_worker_that_hangs_without_dying_stops_the_run_after_the_collective_timeout() {
-    let mut long = LongRun::start(&["--save-steps", "0", "--collective-timeout", "3"]);
+    // 10 s: a shorter timeout fired in CI before any rank hung, while the other tests of this file
+    // kept both cores busy and a step of the tiny model took seconds
+    let mut long = LongRun::start(&["--save-steps", "0", "--collective-timeout", "10"]);
     // stopped, not dead: its links stay open and rank 0 waits in the next collective
     long.signal(Some(1), "-STOP");
-    // 3 s of waiting, then the launcher's 10 s for the others to end before it kills them
-    let (status, took, err) = long.wait(Duration::from_secs(60));
+    // 10 s of waiting, then the launcher's 10 s for the others to end before it kills them
+    let (status, took, err) = long.wait(Duration::from_secs(90));
     assert!(!status.success());
-    assert!(err.contains("for 3 s: a rank hangs"), "{err}");
+    assert!(err.contains("for 10 s: a rank hangs"), "{err}");
     println!("rank 1 stopped (SIGSTOP): the run ended after {:.1} s", took.as_secs_f64());
 }
 
