@@ -24,10 +24,13 @@ impl TcpComm {
     }
 
     fn receive(s: &TcpStream, from: usize, len: usize) -> Result<Vec<f32>> {
-        match read_frame(s).with_context(|| format!("rank {from} during a collective"))? {
+        // the same words as the control link's watcher: whichever of the two sees the closed link
+        // first, the message names the rank the same way
+        let gone = || format!("rank {from} stopped without finishing (its link closed during a collective)");
+        match read_frame(s).with_context(gone)? {
             Some((DATA, b)) if b.len() == 4 * len => Ok(bytes_to_f32s(&b)),
             Some((DATA, b)) => bail!("rank {from} handed in {} values where this rank has {len}", b.len() / 4),
-            _ => bail!("rank {from} stopped during a collective"),
+            _ => bail!(gone()),
         }
     }
 
