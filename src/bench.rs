@@ -333,7 +333,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
 fn compare_paths(vlm: &Vlm, prompt: &[u32], pixels: &Tensor, n: usize) -> Result<()> {
     use crate::fused_ops::{force_composed, FusedOp};
     use crate::generate::{generate, greedy_without_cache, GenerateOptions};
-    let o = GenerateOptions { max_new_tokens: n, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids: vec![] };
+    let o = GenerateOptions::greedy(n, vec![]);
     let cached = |graph: bool| -> Result<Vec<u32>> {
         force_composed(FusedOp::DecodeGraph, !graph);
         let r = generate(vlm, std::slice::from_ref(&prompt.to_vec()), Some(pixels), &o, &mut |_, _| {});
@@ -358,8 +358,7 @@ fn time_generation(vlm: &Vlm, prompts: &[Vec<u32>], pixels: &Tensor, a: &Generat
     use crate::generate::{generate, GenerateOptions};
     let batch = prompts.len();
     let run = |n: usize| -> Result<(f64, f64, usize)> {
-        let o =
-            GenerateOptions { max_new_tokens: n, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids: vec![] };
+        let o = GenerateOptions::greedy(n, vec![]);
         synchronize(dev)?;
         let t = Instant::now();
         let (_, tm) = generate(vlm, prompts, Some(pixels), &o, &mut |_, _| {})?;

@@ -1,12 +1,15 @@
 //! Generation with a KV cache: prompts right-padded into one block, prefill, then one token per
 //! step until `<end_of_turn>`/`<eos>` or the token budget. Greedy at temperature 0 (chosen on the
-//! device), otherwise temperature / top-k / top-p sampling from a seeded generator on the host.
+//! device), otherwise temperature / top-k / top-p sampling from a seeded generator on the host
+//! (sampling.rs).
 
 use crate::model::decode::first_max;
 use crate::model::vlm::Vlm;
 use crate::rng::SplitMix64;
+use crate::sampling::{sample, Sampling};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -19,6 +22,32 @@ pub struct GenerateOptions {
     pub top_k: usize,
     pub seed: u64,
     pub stop_ids: Vec<u32>,
+    /// New-token columns the KV cache starts with (`CACHE_ROOM`); a generation that runs past
+    /// them doubles them, so a large `max_new_tokens` costs memory only as the tokens come.
+    pub cache_room: usize,
+}
+
+/// The KV cache's first room for new tokens: more than a ScienceQA answer takes, so the usual
+/// generation allocates once and replays one CUDA graph throughout.
+pub const CACHE_ROOM: usize = 512;
+
+impl GenerateOptions {
+    /// Greedy decoding of at most `max_new_tokens`, stopping at `stop_ids`.
+    pub fn greedy(max_new_tokens: usize, stop_ids: Vec<u32>) -> Self {
+        Self { max_new_tokens, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids, cache_room: CACHE_ROOM }
+    }
+}
+
+/// KV cache columns for a prompt block of `prompt` columns: the first allocation (`room` new
+/// tokens at most) and each growth after `capacity` filled up (twice the room), never past what
+/// the whole generation needs (the last new token is never fed back) nor `max_pos`.
+pub fn cache_columns(prompt: usize, max_new: usize, room: usize, capacity: Option<usize>, max_pos: usize) -> usize {
+    let need = prompt.saturating_add(max_new.saturating_sub(1));
+    let room = match capacity {
+        None => room.max(1),
+        Some(c) => c.saturating_sub(prompt).max(1).saturating_mul(2),
+    };
+    need.min(prompt.saturating_add(room)).min(max_pos)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -37,44 +66,6 @@ pub struct Timings {
     /// The remaining tokens.
     pub decode_s: f64,
     pub decode_steps: usize,
-}
-
-fn sample(logits: &[f32], o: &GenerateOptions, rng: &mut SplitMix64) -> u32 {
-    let argmax =
-        || logits.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0 as u32;
-    if o.temperature <= 0.0 {
-        return argmax();
-    }
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if o.top_k > 0 {
-        idx.truncate(o.top_k);
-    }
-    let max = logits[idx[0]] as f64;
-    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / o.temperature).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    if o.top_p < 1.0 {
-        let mut acc = 0.0;
-        let keep = probs.iter().position(|&p| {
-            acc += p;
-            acc >= o.top_p
-        });
-        let keep = keep.map_or(probs.len(), |k| k + 1);
-        probs.truncate(keep);
-        idx.truncate(keep);
-        let t: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= t);
-    }
-    let u = rng.next_f64();
-    let mut acc = 0.0;
-    for (p, &i) in probs.iter().zip(&idx) {
-        acc += p;
-        if u < acc {
-            return i as u32;
-        }
-    }
-    *idx.last().expect("non-empty") as u32
 }
 
 /// Next-token logits [B, V] (f32, on the CPU) from the last position of `hidden` [B, L, H].
@@ -109,10 +100,10 @@ pub fn generate(
     if b == 0 {
         return Ok((vec![], Timings::default()));
     }
-    let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if l == 0 {
-        bail!("empty prompt");
+    if let Some(r) = prompts.iter().position(Vec::is_empty) {
+        bail!("prompt {r} of the batch has no tokens");
     }
+    let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let max_pos = vlm.cfg.text.max_position_embeddings;
     let too_long = |n: usize| anyhow::anyhow!("{n} positions exceed the model's max_position_embeddings ({max_pos})");
     if l > max_pos {
@@ -128,9 +119,8 @@ pub fn generate(
     }
     let start = Instant::now();
     let greedy = o.temperature <= 0.0;
-    // the last new token is never fed back
-    let capacity = (l + o.max_new_tokens.saturating_sub(1)).min(max_pos);
-    let mut cache = vlm.llm.new_cache(b, capacity)?;
+    let columns = |capacity| cache_columns(l, o.max_new_tokens, o.cache_room, capacity, max_pos);
+    let mut cache = vlm.llm.new_cache(b, columns(None))?;
     // rows the NF4 GEMV does not take: dequantize the base once, not at every step (2 GiB kept free
     // for the step's activations)
     let _dense = if b > crate::peft::nf4::GEMV_MAX_ROWS { vlm.llm.keep_dequantized(2 << 30)? } else { None };
@@ -151,8 +141,12 @@ pub fn generate(
                 return Ok(next.to_vec1::<u32>()?);
             }
             let rows = logits.to_vec2::<f32>()?;
+            // the draws in row order (the seed gives the same tokens at any thread count), then
+            // the rows side by side
+            let draws: Vec<Option<f64>> = out.iter().map(|g| (!finished(g)).then(|| rng.next_f64())).collect();
+            let s = Sampling { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
             let next: Vec<u32> =
-                rows.iter().zip(out).map(|(row, g)| if finished(g) { pad } else { sample(row, o, &mut rng) }).collect();
+                rows.par_iter().zip(&draws).map(|(row, u)| u.map_or(pad, |u| sample(row, s, u))).collect();
             cache.ids.slice_set(&Tensor::from_vec(next.clone(), (b, 1), logits.device())?, 0, 0)?;
             Ok(next)
         };
@@ -184,8 +178,17 @@ pub fn generate(
         if out.iter().all(finished) || step + 1 == o.max_new_tokens {
             break;
         }
-        if l + step >= capacity {
-            return Err(too_long(l + step + 1));
+        if l + step >= cache.capacity {
+            let wider = columns(Some(cache.capacity));
+            if wider <= cache.capacity {
+                return Err(too_long(l + step + 1));
+            }
+            cache = vlm.llm.grow_cache(cache, wider)?;
+            // the captured step reads and writes the old cache's buffers: capture again
+            #[cfg(feature = "cuda")]
+            {
+                graph = None;
+            }
         }
         cache.set_step(step + 1)?;
         if greedy {
@@ -239,4 +242,22 @@ pub fn greedy_without_cache(
         ids.push(t);
     }
     Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cache_columns;
+
+    #[test]
+    fn the_cache_starts_with_its_room_doubles_it_and_stops_at_what_the_generation_or_model_takes() {
+        // 100 prompt columns, 2000 new tokens: 1999 columns fed back at most
+        assert_eq!(cache_columns(100, 2000, 512, None, 131_072), 612);
+        assert_eq!(cache_columns(100, 2000, 512, Some(612), 131_072), 1124);
+        assert_eq!(cache_columns(100, 2000, 512, Some(1124), 131_072), 2099);
+        assert_eq!(cache_columns(100, 64, 512, None, 131_072), 163);
+        assert_eq!(cache_columns(100, 1, 512, None, 131_072), 100);
+        assert_eq!(cache_columns(100, usize::MAX, 512, Some(131_000), 131_072), 131_072);
+        assert_eq!(cache_columns(100, usize::MAX, 512, Some(131_072), 131_072), 131_072);
+        assert_eq!(cache_columns(usize::MAX, usize::MAX, 512, None, 131_072), 131_072);
+    }
 }

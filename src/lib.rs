@@ -19,6 +19,7 @@ pub mod model;
 pub mod peft;
 pub mod rng;
 pub mod safetensors_out;
+pub mod sampling;
 pub mod sha;
 pub mod train;
 pub mod weights;

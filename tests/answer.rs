@@ -136,16 +136,22 @@ fn kv_cached_greedy_equals_recomputation_with_padding_past_the_window() {
     assert!(prompts.iter().all(|p| p.len() > 2 * window));
     let px: Tensor = f.get("vlm.pixel_values").clone();
     let n = 3 * window; // decode well past the sliding window
-    let opts = GenerateOptions { max_new_tokens: n, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids: vec![] };
+    let opts = GenerateOptions::greedy(n, vec![]);
     let (batched, _) = generate(&vlm, &prompts, Some(&px), &opts, &mut |_, _| {}).unwrap();
+    // a cache that starts with room for one new token and doubles it 1, 2, 4, ... on the way
+    let small_room = GenerateOptions { cache_room: 1, ..opts.clone() };
+    let (grown, _) = generate(&vlm, &prompts, Some(&px), &small_room, &mut |_, _| {}).unwrap();
     for (b, p) in prompts.iter().enumerate() {
+        assert_eq!(grown[b].tokens, batched[b].tokens, "row {b} through a growing cache");
         let one = px.narrow(0, b, 1).unwrap();
         let reference = greedy_without_cache(&vlm, p, Some(&one), n, &[]).unwrap();
         assert_eq!(batched[b].tokens, reference, "row {b}");
         let (alone, _) = generate(&vlm, std::slice::from_ref(p), Some(&one), &opts, &mut |_, _| {}).unwrap();
         assert_eq!(alone[0].tokens, reference, "row {b} alone");
     }
-    println!("{} tokens per row, cached (batched, padded) == recomputed", n);
+    println!("{} tokens per row, cached (batched, padded, growing) == recomputed", n);
+    let empty = generate(&vlm, &[prompts[0].clone(), vec![]], Some(&px), &opts, &mut |_, _| {}).unwrap_err();
+    assert_eq!(empty.to_string(), "prompt 1 of the batch has no tokens");
 }
 
 #[test]

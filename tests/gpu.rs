@@ -312,8 +312,7 @@ fn resident_bf16_adapters_answer_as_the_per_call_cast_did() {
         let projector = Projector::init(vision.cfg.hidden_size, cfg.text.hidden_size, 0, &gpu).unwrap();
         let vlm = Vlm { vision, projector, llm, cfg };
         let prompts: Vec<Vec<u32>> = vec![(2..40).collect(), (5..20).collect()];
-        let o =
-            GenerateOptions { max_new_tokens: 12, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids: vec![] };
+        let o = GenerateOptions::greedy(12, vec![]);
         let (gen, _) = generate(&vlm, &prompts, None, &o, &mut |_, _| {}).unwrap();
         gen.into_iter().map(|g| g.tokens).collect::<Vec<_>>()
     };
@@ -677,20 +676,24 @@ fn captured_decode_step_replays_the_eager_step_token_for_token() {
     let vision = common::forward::clip(&gpu);
     let projector = Projector::init(vision.cfg.hidden_size, cfg.text.hidden_size, 0, &gpu).unwrap();
     let vlm = Vlm { vision, projector, llm, cfg: cfg.clone() };
-    // left padding, and decoding well past the sliding window
+    // prompts of different lengths (right padding), and decoding well past the sliding window
     let n = 3 * cfg.text.sliding_window;
     let prompts: Vec<Vec<u32>> = vec![(2..40).collect(), (5..20).collect(), (7..9).collect()];
-    let o = GenerateOptions { max_new_tokens: n, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop_ids: vec![] };
-    let run = |graph: bool, prompts: &[Vec<u32>]| {
+    let o = GenerateOptions::greedy(n, vec![]);
+    let run_with = |graph: bool, prompts: &[Vec<u32>], o: &GenerateOptions| {
         force_composed(FusedOp::DecodeGraph, !graph);
-        let (gen, tm) = generate(&vlm, prompts, None, &o, &mut |_, _| {}).unwrap();
+        let (gen, tm) = generate(&vlm, prompts, None, o, &mut |_, _| {}).unwrap();
         force_composed(FusedOp::DecodeGraph, false);
         assert_eq!(tm.decode_steps, n - 1);
         gen.into_iter().map(|g| g.tokens).collect::<Vec<_>>()
     };
+    let run = |graph: bool, prompts: &[Vec<u32>]| run_with(graph, prompts, &o);
     let (eager, replayed) = (run(false, &prompts), run(true, &prompts));
     assert_eq!(replayed, eager, "graph replay != eager decode steps");
     assert!(replayed.iter().all(|t| t.len() == n));
+    // a cache that starts with room for 5 new tokens and doubles it on the way: a graph per size
+    let growing = GenerateOptions { cache_room: 5, ..o.clone() };
+    assert_eq!(run_with(true, &prompts, &growing), eager, "graph replay through a growing cache != eager");
     // a batch wider than the NF4 GEMV takes: the base kept dequantized, the fused LoRA op
     let wide: Vec<Vec<u32>> = (0..6).map(|i| (2 + i..30 + 3 * i).collect()).collect();
     let (eager, replayed) = (run(false, &wide), run(true, &wide));
@@ -710,11 +713,20 @@ fn decode_attention_matches_the_composed_one() {
     use gemmaclip::model::decode_attention::attend;
     let Some((gpu, _serial)) = cuda() else { return };
     let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
-    // (rows, cache columns, the step's column, sliding window)
-    for (b, t, col, window) in [(1usize, 1056usize, 900usize, None), (3, 200, 150, Some(64usize)), (2, 64, 63, None)] {
-        let q = bf16(Tensor::randn(0f32, 1.0, (b, 8, 1, 256), &gpu).unwrap());
-        let k = bf16(Tensor::randn(0f32, 1.0, (b, 4, t, 256), &gpu).unwrap());
-        let v = bf16(Tensor::randn(0f32, 1.0, (b, 4, t, 256), &gpu).unwrap());
+    // (rows, cache columns, the step's column, sliding window, query heads, kv heads, head dim):
+    // Gemma-3-4B's heads, then other head dims, four queries per kv head and odd column counts
+    let cases = [
+        (1usize, 1056usize, 900usize, None, 8usize, 4usize, 256usize),
+        (3, 200, 150, Some(64usize), 8, 4, 256),
+        (2, 64, 63, None, 8, 4, 256),
+        (2, 333, 301, Some(100), 4, 1, 64),
+        (1, 97, 96, None, 16, 4, 128),
+        (3, 45, 31, None, 2, 2, 32),
+    ];
+    for (b, t, col, window, nq, nkv, hd) in cases {
+        let q = bf16(Tensor::randn(0f32, 1.0, (b, nq, 1, hd), &gpu).unwrap());
+        let k = bf16(Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &gpu).unwrap());
+        let v = bf16(Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &gpu).unwrap());
         // row r left-padded by 7 r columns; keys after the step's column unwritten
         let mut m = vec![f32::MIN; b * t];
         for r in 0..b {
@@ -725,13 +737,13 @@ fn decode_attention_matches_the_composed_one() {
             }
         }
         let mask = Tensor::from_vec(m, (b, 1, 1, t), &gpu).unwrap();
-        let scale = 1.0 / 16.0;
+        let scale = 1.0 / (hd as f64).sqrt();
         let fused = attend(&q, &k, &v, &mask, scale).unwrap().expect("the decode op applies");
         let composed = grouped_attention(&q, &k, &v, &mask, scale)
             .unwrap()
             .transpose(1, 2)
             .unwrap()
-            .reshape((b, 1, 2048))
+            .reshape((b, 1, nq * hd))
             .unwrap();
         let top = common::max_abs(&composed);
         let err = max_abs_diff(&fused, &composed) / top;
@@ -746,7 +758,7 @@ fn decode_attention_matches_the_composed_one() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        println!("decode attention [{b} x 8 heads over {t} columns, window {window:?}] vs composed: max error {err:.2e} of the largest output, {:.1}% identical", 100.0 * same);
+        println!("decode attention [{b} x {nq}/{nkv} heads of {hd} over {t} columns, window {window:?}] vs composed: max error {err:.2e} of the largest output, {:.1}% identical", 100.0 * same);
         assert!(err < 1e-2, "{err}");
     }
 }

@@ -310,6 +310,7 @@ fn infer(i: InferCli) -> Result<()> {
         top_k: i.sampling.top_k,
         seed: i.sampling.seed,
         stop_ids: m.stop_ids(),
+        cache_room: crate::generate::CACHE_ROOM,
     };
     crate::infer::infer(
         &m,

@@ -227,7 +227,10 @@ fn eval_ranked(
     let batch = match a.batch_size {
         Some(b) => b,
         None => {
-            let b = model.vlm.llm.fitting_batch(longest + a.max_new_tokens)?;
+            let max_pos = model.vlm.cfg.text.max_position_embeddings;
+            let columns =
+                crate::generate::cache_columns(longest, a.max_new_tokens, crate::generate::CACHE_ROOM, None, max_pos);
+            let b = model.vlm.llm.fitting_batch(columns)?;
             if main && b > 1 {
                 eprintln!("eval: {b} questions at a time (what the GPU's free memory holds; --batch-size sets it)");
             }
@@ -256,6 +259,7 @@ fn eval_ranked(
         top_k: g.top_k,
         seed: g.seed,
         stop_ids: model.stop_ids(),
+        cache_room: crate::generate::CACHE_ROOM,
     };
     let started = Instant::now();
     let mut new_tokens = 0usize;

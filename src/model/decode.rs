@@ -60,6 +60,14 @@ impl Gemma3Text {
         KvCache::new(&shape, batch, capacity, rope, c.vocab_size, dev)
     }
 
+    /// `cache` with room for `capacity` columns: its keys, values and decode state moved into a
+    /// new cache (the old buffers are freed when it is dropped, so both are held for a moment).
+    pub fn grow_cache(&self, cache: KvCache, capacity: usize) -> candle_core::Result<KvCache> {
+        let mut wider = self.new_cache(cache.batch, capacity)?;
+        wider.take_from(&cache)?;
+        Ok(wider)
+    }
+
     /// Runs the prompt block embeds [B, L, H] (rows right-padded: `valid[b][t]` true on the row's
     /// first tokens only) through the model, writing its keys/values at column 0 of `cache`.
     /// -> hidden state of each row's last prompt token [B, H].

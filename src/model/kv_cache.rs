@@ -118,6 +118,24 @@ impl KvCache {
         Ok(())
     }
 
+    /// Takes `old`'s columns and decode state into this wider cache of as many rows.
+    pub(crate) fn take_from(&mut self, old: &KvCache) -> candle_core::Result<()> {
+        if old.batch != self.batch || old.capacity > self.capacity {
+            candle_core::bail!(
+                "kv cache of {} rows x {} columns cannot take one of {} x {}",
+                self.batch,
+                self.capacity,
+                old.batch,
+                old.capacity
+            );
+        }
+        for (new, old) in self.layers.iter().zip(&old.layers) {
+            new.write_prompt(&old.k, &old.v)?;
+        }
+        self.start(&old.lens_host, old.prompt_len)?;
+        self.ids.slice_set(&old.ids, 0, 0)
+    }
+
     /// Sets the column of decode step `step` (1-based) before it runs.
     pub(crate) fn set_step(&self, step: usize) -> candle_core::Result<()> {
         let col = self.prompt_len + step - 1;
