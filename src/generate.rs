@@ -86,7 +86,8 @@ fn graph_allowed(vlm: &Vlm, o: &GenerateOptions) -> bool {
 
 /// Generates for a batch of prompts (token ids with their image-token blocks; `pixels` holds the
 /// batch's images in order). `on_token(row, token)` sees each new token as it comes. Prompts are
-/// right-padded into one block; the KV cache is allocated once for the block and the new tokens.
+/// right-padded into one block; the KV cache is allocated for the block and up to `cache_room` new
+/// tokens, and moved into a wider one when a generation runs past them.
 /// Greedy decoding chooses on the device and, on a GPU, replays its step as a CUDA graph;
 /// sampling brings each step's logits to the host.
 pub fn generate(

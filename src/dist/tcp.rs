@@ -23,10 +23,14 @@ impl TcpComm {
         Self { rank, world, data: Mutex::new(data), control }
     }
 
+    /// The same words as the control link's watcher: whichever of the two sees the closed link
+    /// first, the message names the rank the same way.
+    fn gone(rank: usize) -> String {
+        format!("rank {rank} stopped without finishing (its link closed during a collective)")
+    }
+
     fn receive(s: &TcpStream, from: usize, len: usize) -> Result<Vec<f32>> {
-        // the same words as the control link's watcher: whichever of the two sees the closed link
-        // first, the message names the rank the same way
-        let gone = || format!("rank {from} stopped without finishing (its link closed during a collective)");
+        let gone = || Self::gone(from);
         match read_frame(s).with_context(gone)? {
             Some((DATA, b)) if b.len() == 4 * len => Ok(bytes_to_f32s(&b)),
             Some((DATA, b)) => bail!("rank {from} handed in {} values where this rank has {len}", b.len() / 4),
@@ -44,11 +48,12 @@ impl TcpComm {
             let result = combine(parts);
             let bytes = f32s_to_bytes(&result);
             for (i, s) in links.iter().enumerate() {
-                write_frame(s, DATA, &bytes).with_context(|| format!("sending to rank {}", i + 1))?;
+                // a rank killed while it waits for the result breaks the link here
+                write_frame(s, DATA, &bytes).with_context(|| Self::gone(i + 1))?;
             }
             values.copy_from_slice(&result);
         } else {
-            write_frame(&links[0], DATA, &f32s_to_bytes(values)).context("sending to rank 0")?;
+            write_frame(&links[0], DATA, &f32s_to_bytes(values)).with_context(|| Self::gone(0))?;
             values.copy_from_slice(&Self::receive(&links[0], 0, values.len())?);
         }
         Ok(())

@@ -228,9 +228,10 @@ fn eval_ranked(
         Some(b) => b,
         None => {
             let max_pos = model.vlm.cfg.text.max_position_embeddings;
-            let columns =
-                crate::generate::cache_columns(longest, a.max_new_tokens, crate::generate::CACHE_ROOM, None, max_pos);
-            let b = model.vlm.llm.fitting_batch(columns)?;
+            let room = crate::generate::CACHE_ROOM;
+            let first = crate::generate::cache_columns(longest, a.max_new_tokens, room, None, max_pos);
+            let whole = crate::generate::cache_columns(longest, a.max_new_tokens, usize::MAX, None, max_pos);
+            let b = model.vlm.llm.fitting_batch(longest, whole, whole > first)?;
             if main && b > 1 {
                 eprintln!("eval: {b} questions at a time (what the GPU's free memory holds; --batch-size sets it)");
             }

@@ -147,16 +147,24 @@ impl Gemma3Text {
     }
 
     /// Rows to answer together when the user did not say: as many as the device's free memory
-    /// holds (each row's KV cache of `columns` columns, the f32 scores, exponentials and
-    /// probabilities of the prompt's composed attention where cuDNN's does not run, its logits and 64 MiB of other
-    /// activations; 2 GiB kept free; the dequantized base where the batch is wider than the NF4
-    /// GEMV takes), up to 32. 1 on the CPU.
-    pub fn fitting_batch(&self, columns: usize) -> candle_core::Result<usize> {
+    /// holds (each row's KV cache at its peak, `cache_columns` columns, twice over when the cache
+    /// grows on the way (the old and the new one meet while it moves); the f32 scores,
+    /// exponentials and probabilities of the composed attention over a prompt of `prompt` columns
+    /// where cuDNN's does not run, its logits and 64 MiB of other activations; 2 GiB kept free;
+    /// the dequantized base where the batch is wider than the NF4 GEMV takes), up to 32. 1 on the CPU.
+    pub fn fitting_batch(&self, prompt: usize, cache_columns: usize, grows: bool) -> candle_core::Result<usize> {
         let free = crate::device::free_bytes(self.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let Some(free) = free else { return Ok(1) };
         let c = &self.cfg;
-        let kv = self.layers.len() * 2 * c.num_key_value_heads * c.head_dim * columns * self.dtype().size_in_bytes();
-        let prompt_attention = 3 * c.num_attention_heads * columns * columns * 4;
+        let copies = if grows { 2 } else { 1 };
+        let kv = copies
+            * self.layers.len()
+            * 2
+            * c.num_key_value_heads
+            * c.head_dim
+            * cache_columns
+            * self.dtype().size_in_bytes();
+        let prompt_attention = 3 * c.num_attention_heads * prompt * prompt * 4;
         let per_row = (kv + prompt_attention + 16 * c.vocab_size + (64 << 20)) as u64;
         let room = free.saturating_sub(2 << 30);
         let dense: u64 =

@@ -1,4 +1,5 @@
-//! The KV cache of generation, allocated once for the whole generation and written in place:
+//! The KV cache of generation, allocated for a number of columns and written in place (a longer
+//! generation moves into a wider cache, `take_from`):
 //! per layer keys and values [B, nkv, T, hd] for a fixed capacity T, and the device buffers a
 //! decode step reads (the column it writes, each row's prompt length), so that one decode step has
 //! fixed shapes and fixed addresses and can be captured into a CUDA graph (cuda_graph.rs).
