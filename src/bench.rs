@@ -59,6 +59,10 @@ pub struct TrainStepArgs {
     /// rows, gradients summed over NCCL), timed on rank 0; tokens/s counts every rank's rows.
     #[command(flatten)]
     pub launch: crate::dist::env::LaunchArgs,
+    /// As `train`'s: with several ranks, sum the gradients in buckets of this many megabytes
+    /// while the backward goes on (0: after it).
+    #[arg(long, default_value_t = 0.0)]
+    pub ddp_bucket_cap_mb: f64,
 }
 
 impl TrainStepArgs {
@@ -155,8 +159,11 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
     let spec = a.lora.spec(&DEFAULT_TARGETS.map(String::from));
     adapter::attach_new(&mut llm, &spec, 0)?;
     let projector = Projector::init(vcfg.hidden_size, cfg.text.hidden_size, 0, &dev)?;
-    let mut vars: Vec<Var> = adapter::lora_vars(&mut llm).into_iter().map(|(_, v)| v).collect();
+    let named = adapter::lora_vars(&mut llm);
+    let mut layers: Vec<Option<usize>> = named.iter().map(|(n, _)| crate::train::grad_buckets::layer_of(n)).collect();
+    let mut vars: Vec<Var> = named.into_iter().map(|(_, v)| v).collect();
     vars.extend(projector.vars().into_iter().map(|(_, v)| v));
+    layers.resize(vars.len(), None);
     // as `train` does: bf16 working copies of A and B unless GEMMACLIP_CAST_LORA=1 (casts per call)
     let compute = device::default_dtype(&dev);
     let cast_per_call = std::env::var_os("GEMMACLIP_CAST_LORA").is_some();
@@ -174,6 +181,7 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
         let graph_vars = opt.graph_vars();
         let world = ranks.world();
         let mut grad_sum = crate::train::optimizer::GradSum::new(&opt, 1, world > 1)?;
+        let buckets = ranks.buckets(&mut grad_sum, &layers, &vars, a.ddp_bucket_cap_mb)?;
         // each rank's loss is its part of the mean over every rank's supervised tokens
         let opts = StepOptions {
             checkpointing: ckpt,
@@ -191,7 +199,10 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
             let t = Instant::now();
             let seed = step as u64 ^ (ranks.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let opts = StepOptions { dropout_seed: Some(seed), ..opts.clone() };
-            let mut g = loss_and_grads(&vlm, &batch, &graph_vars, &opts)?;
+            let mut g = match &buckets {
+                Some(b) => ranks.last_micro_batch(b, &mut grad_sum, &opt, &vlm, &batch, &graph_vars, &opts)?,
+                None => loss_and_grads(&vlm, &batch, &graph_vars, &opts)?,
+            };
             // as `train` does: one rank's sums in a flat buffer, reduced across the ranks
             grad_sum.add(std::mem::take(&mut g.grads))?;
             let (grads, summed) = ranks.reduce_step(&mut grad_sum, &opt, g.loss as f64)?;

@@ -249,7 +249,7 @@ pub enum BenchCommand {
     /// Time to first token and decode speed at batch 1 (greedy, no early stop); one JSON line.
     Generate(bench::GenerateArgs),
     /// One QLoRA step (forward, backward, clipping, AdamW) on one sample; one JSON line per setting.
-    TrainStep(bench::TrainStepArgs),
+    TrainStep(Box<bench::TrainStepArgs>),
 }
 
 /// The whole command line with the HfArgumentParser conventions (see `hf`).

@@ -26,6 +26,21 @@ pub trait Communicator: Send + Sync {
         self.all_reduce_sum(&mut v)?;
         Ok(Tensor::from_vec(v, t.shape(), t.device())?)
     }
+    /// Whether `start_sum_in_place` leaves the caller free to go on while it runs (NCCL, on a
+    /// stream of its own); the others sum at `reduce_step`'s end of the step instead.
+    fn overlaps(&self) -> bool {
+        false
+    }
+    /// Starts summing the f32 device stretch `t` over the ranks in place, after the work queued
+    /// so far, without waiting for it (every rank starts the same sums in the same order);
+    /// nothing reads or writes `t` until `wait_sums`.
+    fn start_sum_in_place(&self, _t: &Tensor) -> Result<()> {
+        bail!("this communicator sums through the host, not in place on the device")
+    }
+    /// Makes the device's work from here on wait for every started sum.
+    fn wait_sums(&self) -> Result<()> {
+        Ok(())
+    }
     /// Rank `root`'s copy of an f32 tensor, on every rank.
     fn broadcast_tensor(&self, t: &Tensor, root: usize) -> Result<Tensor> {
         let mut v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;

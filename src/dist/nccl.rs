@@ -1,14 +1,17 @@
 //! Collectives between GPU processes through NCCL (cudarc's binding; a build with the `nccl`
-//! feature links libnccl.so.2, as candle links the CUDA libraries), on the device's one stream, so they queue behind the kernels that produced their input without a
-//! host sync.
+//! feature links libnccl.so.2, as candle links the CUDA libraries), on a stream of their own that
+//! waits for the device's stream (an event, no host sync) before each collective: the gradient
+//! buckets' sums (`start_sum_in_place`) then run beside the backward of the layers below them,
+//! and every other collective makes the device's stream wait for its result before it returns.
 
 use crate::dist::comm::Communicator;
 use crate::dist::control::Control;
 use anyhow::{anyhow, bail, Result};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::CudaStream;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::cuda_backend::CudaStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Shape, Tensor};
 use std::sync::Arc;
 
 pub struct NcclComm {
@@ -16,6 +19,9 @@ pub struct NcclComm {
     /// hang or break the peers still using the group; the process ends right after its run (the
     /// ranks leave together, `Ranks::barrier`) and the driver reclaims what NCCL holds.
     comm: std::mem::ManuallyDrop<Comm>,
+    /// The device's stream (candle's kernels) and the collectives' own.
+    compute: Arc<CudaStream>,
+    side: Arc<CudaStream>,
     rank: usize,
     world: usize,
     dev: Device,
@@ -38,16 +44,64 @@ impl NcclComm {
     pub fn new(dev: &Device, rank: usize, world: usize, id: &[u8], control: Arc<Control>) -> Result<Self> {
         let Ok(bytes) = <[u8; 128]>::try_from(id) else { bail!("rank 0 handed out a {}-byte NCCL id", id.len()) };
         let id = Id::uninit(bytes.map(|b| b as std::ffi::c_char));
-        let stream = dev.as_cuda_device()?.cuda_stream();
-        let comm = Comm::from_rank(stream, rank, world, id)
+        let compute = dev.as_cuda_device()?.cuda_stream();
+        let side = compute.fork().map_err(|e| anyhow!("rank {rank}: no CUDA stream for NCCL: {e:?}"))?;
+        let comm = Comm::from_rank(side.clone(), rank, world, id)
             .map_err(|e| anyhow!("rank {rank}: NCCL could not join the group of {world}: {e:?}"))?;
-        Ok(Self { comm: std::mem::ManuallyDrop::new(comm), rank, world, dev: dev.clone(), control })
+        Ok(Self { comm: std::mem::ManuallyDrop::new(comm), compute, side, rank, world, dev: dev.clone(), control })
     }
 
-    fn run_on(&self, values: &mut [f32], f: impl FnOnce(&Comm, &mut Tensor) -> Result<Tensor>) -> Result<()> {
-        let mut t = Tensor::from_slice(values, values.len(), &self.dev)?;
-        let out = f(&self.comm, &mut t)?;
+    /// The collectives' stream waits for what the device's stream queued so far.
+    fn side_waits(&self) -> Result<()> {
+        self.side.join(&self.compute).map_err(|e| anyhow!("NCCL's stream: {e:?}"))
+    }
+
+    /// The device's stream waits for what the collectives' stream queued so far (so that a
+    /// result is read, and its input freed, only after the collective).
+    fn compute_waits(&self) -> Result<()> {
+        self.compute.join(&self.side).map_err(|e| anyhow!("NCCL's stream: {e:?}"))
+    }
+
+    /// The collective `what` of `t`, finished (in the device's stream order) when it returns.
+    fn whole(&self, t: &Tensor, what: Collective) -> Result<Tensor> {
+        let out = t.apply_op1_no_bwd(&NcclOp { nccl: self, what });
+        self.compute_waits()?;
+        Ok(out?)
+    }
+
+    fn run_on(&self, values: &mut [f32], what: Collective) -> Result<()> {
+        let t = Tensor::from_slice(values, values.len(), &self.dev)?;
+        let out = self.whole(&t, what)?;
         values.copy_from_slice(&out.to_vec1::<f32>()?);
+        Ok(())
+    }
+}
+
+/// A sum over the ranks in place, on the collectives' stream.
+struct SumInPlace<'a> {
+    comm: &'a Comm,
+}
+
+impl InplaceOp1 for SumInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-sum-in-place"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("NCCL collectives run on CUDA tensors")
+    }
+
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        if s.dtype() != DType::F32 {
+            candle_core::bail!("NCCL sums here take f32, got {:?}", s.dtype());
+        }
+        let Some((o1, o2)) = l.contiguous_offsets() else {
+            candle_core::bail!("NCCL sums in place take a contiguous stretch")
+        };
+        let mut stretch = s.as_cuda_slice_mut::<f32>()?.slice_mut(o1..o2);
+        self.comm
+            .all_reduce_in_place(&mut stretch, &ReduceOp::Sum)
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL: {e:?}")))?;
         Ok(())
     }
 }
@@ -58,9 +112,10 @@ enum Collective {
 }
 
 /// A collective as a candle op, so its input is read where candle keeps it and its output is a
-/// fresh tensor on the same stream.
+/// fresh tensor; it runs on the collectives' stream once that has waited for the device's
+/// stream, where the output was allocated.
 struct NcclOp<'a> {
-    comm: &'a Comm,
+    nccl: &'a NcclComm,
     what: Collective,
 }
 
@@ -83,9 +138,11 @@ impl CustomOp1 for NcclOp<'_> {
         let src = s.as_cuda_slice::<f32>()?.slice(o1..o2);
         // SAFETY: the collective writes every element.
         let mut dst = unsafe { s.device.alloc::<f32>(o2 - o1)? };
+        self.nccl.side_waits().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let comm = &self.nccl.comm;
         let done = match self.what {
-            Collective::Sum => self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum),
-            Collective::Broadcast(root) => self.comm.broadcast(Some(&src), &mut dst, root as i32),
+            Collective::Sum => comm.all_reduce(&src, &mut dst, &ReduceOp::Sum),
+            Collective::Broadcast(root) => comm.broadcast(Some(&src), &mut dst, root as i32),
         };
         done.map_err(|e| candle_core::Error::Msg(format!("NCCL: {e:?}")))?;
         Ok((CudaStorage::wrap_cuda_slice(dst, s.device.clone()), l.shape().clone()))
@@ -102,14 +159,14 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()> {
-        self.run_on(values, |comm, t| Ok(t.apply_op1_no_bwd(&NcclOp { comm, what: Collective::Sum })?))
+        self.run_on(values, Collective::Sum)
     }
 
     fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()> {
         if root >= self.world {
             bail!("broadcast from rank {root} in a world of {}", self.world);
         }
-        self.run_on(values, |comm, t| Ok(t.apply_op1_no_bwd(&NcclOp { comm, what: Collective::Broadcast(root) })?))
+        self.run_on(values, Collective::Broadcast(root))
     }
 
     fn abort(&self, why: &str) {
@@ -117,12 +174,23 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
-        let t = t.to_dtype(DType::F32)?.contiguous()?;
-        Ok(t.apply_op1_no_bwd(&NcclOp { comm: &self.comm, what: Collective::Sum })?)
+        self.whole(&t.to_dtype(DType::F32)?.contiguous()?, Collective::Sum)
     }
 
     fn broadcast_tensor(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        let t = t.to_dtype(DType::F32)?.contiguous()?;
-        Ok(t.apply_op1_no_bwd(&NcclOp { comm: &self.comm, what: Collective::Broadcast(root) })?)
+        self.whole(&t.to_dtype(DType::F32)?.contiguous()?, Collective::Broadcast(root))
+    }
+
+    fn overlaps(&self) -> bool {
+        true
+    }
+
+    fn start_sum_in_place(&self, t: &Tensor) -> Result<()> {
+        self.side_waits()?;
+        Ok(t.inplace_op1(&SumInPlace { comm: &self.comm })?)
+    }
+
+    fn wait_sums(&self) -> Result<()> {
+        self.compute_waits()
     }
 }

@@ -123,6 +123,13 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(skip)]
     pub launch: crate::dist::env::LaunchArgs,
+    /// Megabytes of f32 gradients per bucket that several ranks sum while the backward of the
+    /// layers below goes on (the Trainer's `ddp_bucket_cap_mb`); 0: one sum after the backward.
+    /// Off by default until the overlap is measured on the GPU machines. The sums are the same
+    /// either way, so a resume may change it.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(skip)]
+    pub ddp_bucket_cap_mb: f64,
     /// Stop (with a checkpoint) after this many optimizer steps of this invocation.
     #[arg(long, hide = true)]
     #[serde(skip)]

@@ -7,10 +7,13 @@
 
 use crate::dist::comm::{all_reduce_grads, broadcast_tensors, Communicator};
 use crate::dist::worker::Worker;
+use crate::model::vlm::Vlm;
+use crate::train::grad_buckets::Buckets;
 use crate::train::optimizer::{AdamW, GradSum};
 use crate::train::state::TrainerState;
+use crate::train::step::{loss_and_grads_by_layer, Batch, Gradients, StepOptions};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 /// One rank of a run, or the whole run (`worker` None).
 #[derive(Clone, Copy)]
@@ -67,18 +70,30 @@ impl Ranks<'_> {
     /// The step's gradients (`grad_sum`'s sums) and loss (this rank's part, `loss`) summed over
     /// the ranks. On GPUs the sums sit in one flat f32 buffer, reduced by one NCCL all-reduce; the
     /// loss and which tensors got a gradient anywhere travel together in one small collective.
+    /// Tensors a bucket (`sum_bucket`) summed already are not summed again.
     pub fn reduce_step(&self, grad_sum: &mut GradSum, opt: &AdamW, loss: f64) -> Result<(Vec<Option<Tensor>>, f64)> {
+        let early = std::mem::replace(&mut grad_sum.summed_early, vec![None; opt.vars.len()]);
         if self.world() == 1 {
             return Ok((grad_sum.take(), loss));
         }
         #[cfg(feature = "cuda")]
         if let (Some(w), Some(acc)) = (self.worker, grad_sum.flat()) {
             let mut small = vec![loss as f32];
-            small.extend(acc.written().iter().map(|&x| if x { 1f32 } else { 0.0 }));
+            // a bucket's tensors: whether this rank had a gradient before the bucket's zeros
+            let wrote = acc.written().iter().zip(&early).map(|(&x, e)| e.unwrap_or(x));
+            small.extend(wrote.map(|x| if x { 1f32 } else { 0.0 }));
             w.comm.all_reduce_sum(&mut small)?;
             let has: Vec<bool> = small[1..].iter().map(|&c| c > 0.0).collect();
             let dev = opt.vars[0].device().as_cuda_device()?.clone();
             acc.fill_missing(&has, &dev)?;
+            if early.iter().any(Option::is_some) {
+                let rest: Vec<usize> = (0..has.len()).filter(|&i| early[i].is_none()).collect();
+                for run in crate::train::grad_buckets::runs(&rest) {
+                    w.comm.start_sum_in_place(&acc.stretch(&run)?)?;
+                }
+                w.comm.wait_sums()?;
+                return Ok((acc.take_summed(&has), small[0] as f64));
+            }
             let summed = w.comm.all_reduce_sum_tensor(&acc.take_flat())?;
             let params: Vec<&Tensor> = opt.vars.iter().map(|v| v.as_tensor()).collect();
             let views = crate::dist::comm::views(&summed, &params)?;
@@ -86,17 +101,108 @@ impl Ranks<'_> {
             return Ok((grads, small[0] as f64));
         }
         let mut grads = grad_sum.take();
-        self.sum_grads(&mut grads, opt)?;
+        let rest: Vec<usize> = (0..grads.len()).filter(|&i| early[i].is_none()).collect();
+        let mut part: Vec<Option<Tensor>> = rest.iter().map(|&i| grads[i].take()).collect();
+        self.sum_grads(&mut part, &rest, opt)?;
+        for (&i, g) in rest.iter().zip(part) {
+            grads[i] = g;
+        }
         let mut l = [loss as f32];
         self.sum(&mut l)?;
         Ok((grads, l[0] as f64))
     }
 
-    /// The step's gradients summed over the ranks (CPU tensors, or no flat accumulator).
-    fn sum_grads(&self, grads: &mut [Option<Tensor>], opt: &AdamW) -> Result<()> {
+    /// The gradients of tensors `which` summed over the ranks (CPU tensors, or no flat accumulator).
+    fn sum_grads(&self, grads: &mut [Option<Tensor>], which: &[usize], opt: &AdamW) -> Result<()> {
         let Some(w) = self.worker else { return Ok(()) };
-        let like: Vec<Tensor> = opt.vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let like: Vec<Tensor> = which.iter().map(|&i| opt.vars[i].as_tensor().clone()).collect();
         all_reduce_grads(w.comm.as_ref(), grads, &like)
+    }
+
+    /// Whether this run sums its gradients bucket by bucket during the backward (grad_buckets.rs):
+    /// several ranks, and sums that either overlap the backward (NCCL) or go through the host
+    /// anyway (no flat device accumulator).
+    pub fn sums_buckets(&self, grad_sum: &mut GradSum) -> bool {
+        let Some(w) = self.worker else { return false };
+        #[cfg(feature = "cuda")]
+        if grad_sum.flat().is_some() {
+            return w.comm.overlaps();
+        }
+        let _ = grad_sum;
+        w.env.world > 1
+    }
+
+    /// The buckets of `--ddp-bucket-cap-mb` over the trainable tensors `vars` (of decoder layer
+    /// `layers[i]`), where this run sums its gradients bucket by bucket.
+    pub fn buckets(
+        &self,
+        grad_sum: &mut GradSum,
+        layers: &[Option<usize>],
+        vars: &[Var],
+        cap_mb: f64,
+    ) -> Result<Option<Buckets>> {
+        let cap = (cap_mb * 1e6) as usize;
+        if cap == 0 || !self.sums_buckets(grad_sum) {
+            return Ok(None);
+        }
+        let bytes: Vec<usize> = vars.iter().map(|v| 4 * v.elem_count()).collect();
+        Ok(Some(Buckets::new(layers, &bytes, cap)?))
+    }
+
+    /// `loss_and_grads` of a step's last micro-batch (on every rank alike), each bucket's sum
+    /// over the ranks started as soon as the backward finished its layers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn last_micro_batch(
+        &self,
+        buckets: &Buckets,
+        grad_sum: &mut GradSum,
+        opt: &AdamW,
+        vlm: &Vlm,
+        batch: &Batch,
+        vars: &[Var],
+        opts: &StepOptions,
+    ) -> Result<Gradients> {
+        let mut done = |layer: usize, grads: &mut [Option<Tensor>]| -> Result<()> {
+            if let Some(which) = buckets.after_layer(layer) {
+                grad_sum.add_some(grads, which)?;
+                self.sum_bucket(grad_sum, opt, which)?;
+            }
+            Ok(())
+        };
+        loss_and_grads_by_layer(vlm, batch, vars, opts, &mut done)
+    }
+
+    /// Starts summing the step's gradients of the tensors `which` (one bucket, consecutive) over
+    /// the ranks, after the micro-batches that wrote them: with NCCL on its own stream while the
+    /// backward goes on, otherwise at once. `reduce_step` sums the rest and waits for all.
+    pub fn sum_bucket(&self, grad_sum: &mut GradSum, opt: &AdamW, which: &[usize]) -> Result<()> {
+        #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+        let Some(w) = self.worker
+        else {
+            return Ok(());
+        };
+        #[cfg(feature = "cuda")]
+        if let Some(acc) = grad_sum.flat() {
+            let wrote: Vec<bool> = which.iter().map(|&i| acc.written()[i]).collect();
+            // zeros where this rank has no gradient: the sum must not take a stale one
+            let mut want = vec![false; acc.written().len()];
+            which.iter().for_each(|&i| want[i] = true);
+            let dev = opt.vars[0].device().as_cuda_device()?.clone();
+            acc.fill_missing(&want, &dev)?;
+            w.comm.start_sum_in_place(&acc.stretch(which)?)?;
+            for (&i, x) in which.iter().zip(wrote) {
+                grad_sum.summed_early[i] = Some(x);
+            }
+            return Ok(());
+        }
+        let mut part = grad_sum.take_some(which);
+        self.sum_grads(&mut part, which, opt)?;
+        let got: Vec<bool> = part.iter().map(Option::is_some).collect();
+        grad_sum.put_some(which, part);
+        for (&i, x) in which.iter().zip(got) {
+            grad_sum.summed_early[i] = Some(x);
+        }
+        Ok(())
     }
 
     /// Every rank takes rank 0's weights, optimizer moments and position: whatever rank 0 started

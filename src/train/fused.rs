@@ -197,6 +197,24 @@ impl Accumulator {
         self.flat.clone()
     }
 
+    /// The stretch of the flat buffer that the consecutive tensors `which` hold.
+    pub fn stretch(&self, which: &[usize]) -> Result<Tensor> {
+        let (Some(&first), Some(&last)) = (which.first(), which.last()) else { bail!("no tensors") };
+        if which.windows(2).any(|w| w[1] != w[0] + 1) || last >= self.acc.len() {
+            bail!("tensors {which:?} are not one stretch of the {} accumulators", self.acc.len());
+        }
+        let start: usize = self.acc[..first].iter().map(|a| a.elem_count()).sum();
+        let len: usize = self.acc[first..=last].iter().map(|a| a.elem_count()).sum();
+        Ok(self.flat.narrow(0, start, len)?)
+    }
+
+    /// The sums of the tensors `has` names (the buffers themselves, summed over the ranks in
+    /// place), and a fresh start for the next step.
+    pub fn take_summed(&mut self, has: &[bool]) -> Vec<Option<Tensor>> {
+        self.written.iter_mut().for_each(|w| *w = false);
+        self.acc.iter().zip(has).map(|(a, &h)| h.then(|| a.clone())).collect()
+    }
+
     /// Adds one micro-batch's gradients (f32 or bf16; None where the batch does not reach).
     pub fn add(&mut self, grads: &[Option<Tensor>], dev: &CudaDevice) -> Result<()> {
         if grads.len() != self.acc.len() {

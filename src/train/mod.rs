@@ -7,6 +7,7 @@ pub mod data_parallel;
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod fused_ce;
+pub mod grad_buckets;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;

@@ -185,6 +185,9 @@ impl AdamW {
 pub struct GradSum {
     sums: Vec<Option<Tensor>>,
     micro_batches: usize,
+    /// Tensors whose sums this step already went to the ranks' sum (a bucket, grad_buckets.rs),
+    /// with whether this rank had written a gradient for them by then.
+    pub(crate) summed_early: Vec<Option<bool>>,
     #[cfg(feature = "cuda")]
     fused: Option<crate::train::fused::Accumulator>,
 }
@@ -205,6 +208,7 @@ impl GradSum {
         Ok(Self {
             sums: vec![None; opt.vars.len()],
             micro_batches,
+            summed_early: vec![None; opt.vars.len()],
             #[cfg(feature = "cuda")]
             fused,
         })
@@ -230,6 +234,27 @@ impl GradSum {
             }
         }
         Ok(())
+    }
+
+    /// Adds the gradients `which` of one micro-batch, taken out of `grads`.
+    pub fn add_some(&mut self, grads: &mut [Option<Tensor>], which: &[usize]) -> Result<()> {
+        let mut part = vec![None; grads.len()];
+        for &i in which {
+            part[i] = grads[i].take();
+        }
+        self.add(part)
+    }
+
+    /// The sums `which` so far (host-side sums; taken out), for a bucket's collective.
+    pub(crate) fn take_some(&mut self, which: &[usize]) -> Vec<Option<Tensor>> {
+        which.iter().map(|&i| self.sums[i].take()).collect()
+    }
+
+    /// Puts back the sums `which` after their collective.
+    pub(crate) fn put_some(&mut self, which: &[usize], sums: Vec<Option<Tensor>>) {
+        for (&i, s) in which.iter().zip(sums) {
+            self.sums[i] = s;
+        }
     }
 
     /// The GPU accumulator, when the sums are kept in one flat buffer.

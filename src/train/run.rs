@@ -14,6 +14,7 @@ use crate::peft::adapter;
 use crate::peft::lora::LoraSpec;
 pub use crate::train::args::TrainArgs;
 use crate::train::data_parallel::Ranks;
+use crate::train::grad_buckets::layer_of;
 use crate::train::metrics::{self, Record};
 use crate::train::optimizer::{AdamW, AdamWConfig, GradSum};
 use crate::train::resume::{check_output_dir, check_resume_settings, claim_output_dir, restore};
@@ -262,6 +263,8 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
     let bar = if main { device::progress_bar(total, state.global_step) } else { indicatif::ProgressBar::hidden() };
     let ga = a.gradient_accumulation_steps;
     let mut grad_sum = GradSum::new(&opt, ga, world > 1)?;
+    let layers: Vec<Option<usize>> = m.names.iter().map(String::as_str).map(layer_of).collect();
+    let buckets = ranks.buckets(&mut grad_sum, &layers, &m.vars, a.ddp_bucket_cap_mb)?;
     // --max-grad-norm 0 turns clipping off, as in the Trainer
     let max_norm = if a.max_grad_norm > 0.0 { a.max_grad_norm } else { f64::INFINITY };
     let (mut window_loss, mut window_n, mut window_samples, mut window_tokens) = (0f64, 0usize, 0usize, 0usize);
@@ -273,6 +276,7 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
         ("the step to stop at", stop_at),
         ("the number of usable training rows", problems.len()),
         ("the fused optimizer (0 or 1)", opt.fused as usize),
+        ("the gradient buckets (--ddp-bucket-cap-mb)", buckets.as_ref().map_or(0, |b| b.len())),
     ])?;
     // every rank has loaded and agreed: from here a step that never ends is a hang
     ranks.start_watch(std::time::Duration::from_secs(a.launch.collective_timeout))?;
@@ -307,6 +311,13 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
         let supervised = counts[0] as usize;
         window_tokens += counts[1] as usize;
         window_samples += counts[2] as usize;
+        // the buckets' sums start inside the step's last micro-batch, on every rank alike: only
+        // when every rank has rows in it
+        let last_k = step * ga + ga - 1;
+        let everyone_last = (0..world).all(|r| {
+            !crate::data::order::rank_rows(last_k, problems.len(), a.per_device_train_batch_size, a.seed, world, r)
+                .is_empty()
+        });
         for (k, batch) in micro_batches {
             let opts = StepOptions {
                 checkpointing: a.gradient_checkpointing,
@@ -315,7 +326,12 @@ fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -
                 loss_denominator: Some(supervised),
                 phases: false,
             };
-            let g = loss_and_grads(&m.vlm, &batch, &graph_vars, &opts)?;
+            let g = match &buckets {
+                Some(b) if k == last_k && everyone_last => {
+                    ranks.last_micro_batch(b, &mut grad_sum, &opt, &m.vlm, &batch, &graph_vars, &opts)?
+                }
+                _ => loss_and_grads(&m.vlm, &batch, &graph_vars, &opts)?,
+            };
             local_loss += g.loss as f64;
             grad_sum.add(g.grads)?;
         }

@@ -176,8 +176,26 @@ impl Phases {
     }
 }
 
+/// What a step's caller does with the gradients of decoder layer `i` once they are final (its
+/// backward ran): a data-parallel run starts summing them over the ranks (grad_buckets.rs).
+/// It may take them out of the slots; they are not touched again.
+pub type LayerDone<'a> = &'a mut dyn FnMut(usize, &mut [Option<Tensor>]) -> Result<()>;
+
 /// Loss and gradients for `vars` (the LoRA A/B and projector Vars, f32).
 pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions) -> Result<Gradients> {
+    loss_and_grads_by_layer(vlm, batch, vars, opts, &mut |_, _| Ok(()))
+}
+
+/// `loss_and_grads`, handing each decoder layer's gradients to `done` as they become final, the
+/// last layer first (with checkpointing, right after the layer's backward; without, all after
+/// the one backward).
+pub fn loss_and_grads_by_layer(
+    vlm: &Vlm,
+    batch: &Batch,
+    vars: &[Var],
+    opts: &StepOptions,
+    done: LayerDone,
+) -> Result<Gradients> {
     let mut phases = Phases::new(vlm.llm.device(), opts.phases)?;
     if batch.supervised.rows.is_empty() {
         bail!("the batch has no supervised tokens");
@@ -202,6 +220,9 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
         let store = (h * g)?.sum_all()?.backward()?;
         phases.mark("backward")?;
         collect(&mut grads, &store, vars)?;
+        for i in (0..vlm.llm.layers.len()).rev() {
+            done(i, &mut grads)?;
+        }
         return Ok(Gradients { loss, grads, phases: phases.finish() });
     }
 
@@ -226,6 +247,7 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
         let store = (y * &g)?.sum_all()?.backward()?;
         collect(&mut grads, &store, vars)?;
         g = store.get(xin.as_tensor()).cloned().unwrap_or_else(|| panic!("layer {i} input has no gradient"));
+        done(i, &mut grads)?;
     }
     phases.mark("recompute+backward")?;
     if embeds.track_op() {

@@ -24,6 +24,10 @@ for b in 4 1; do
     L=""; [ "$n" -gt 1 ] && L="--nproc-per-node $n"
     timeout 120 gemmaclip bench train-step $M --checkpointing on --steps 6 --warmup 2 --batch-size $b $L \
       2>>"$OUT/bench.err" | grep '^{' >> "$OUT/bench.jsonl"
+    # the gradients summed in 25 MB buckets while the backward goes on (rows marked "buckets")
+    [ "$n" -gt 1 ] && timeout 120 gemmaclip bench train-step $M --checkpointing on --steps 6 --warmup 2 \
+      --batch-size $b $L --ddp-bucket-cap-mb 25 2>>"$OUT/bench.err" | grep '^{' \
+      | sed 's/^{/{"buckets": true, /' >> "$OUT/bench.jsonl"
   done
 done
 python3 - "$OUT/bench.jsonl" <<'PY'
@@ -31,7 +35,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 one = {r["batch_size"]: r["tokens_per_s"] for r in rows if r["world"] == 1}
 for r in rows:
-    print(f'{r["gpu"]} x{r["world"]} batch {r["batch_size"]}: {r["step_ms_median"]} ms, {r["tokens_per_s"]} tokens/s '
+    print(f'{r["gpu"]} x{r["world"]}{" buckets" if r.get("buckets") else ""} batch {r["batch_size"]}: {r["step_ms_median"]} ms, {r["tokens_per_s"]} tokens/s '
           f'({r["tokens_per_s"] / one[r["batch_size"]]:.2f}x), peak {r["peak_alloc_gib"]} GiB')
 PY
 
@@ -39,12 +43,19 @@ t "loss curves: 2 GPUs x 1 row vs 1 GPU x 2 rows, global batch 8, 20 steps, no d
 D="$M $S --max-steps 20 --lora-dropout 0 --gradient-accumulation-steps 4 --logging-steps 5 --save-steps 0"
 timeout 200 gemmaclip train $D --output-dir /tmp/g1 --per-device-train-batch-size 2 > "$OUT/g1.log" 2>&1
 timeout 200 gemmaclip train $D --output-dir /tmp/g2 --per-device-train-batch-size 1 --nproc-per-node 2 > "$OUT/g2.log" 2>&1
+timeout 200 gemmaclip train $D --output-dir /tmp/g2b --per-device-train-batch-size 1 --nproc-per-node 2 \
+  --ddp-bucket-cap-mb 25 > "$OUT/g2b.log" 2>&1
 python3 - <<'PY'
 import json
 a = [json.loads(l)["loss"] for l in open("/tmp/g1/steps.jsonl")]
 b = [json.loads(l)["loss"] for l in open("/tmp/g2/steps.jsonl")]
+c = [json.loads(l)["loss"] for l in open("/tmp/g2b/steps.jsonl")]
 print(f"steps {len(a)} / {len(b)}, max relative difference {max(abs(x - y) / abs(x) for x, y in zip(a, b)):.2e}")
+# two ranks add a + b in either order alike: buckets must give the same bits
+print(f"2 GPUs with 25 MB buckets: {len(c)} steps, {'identical' if b == c else 'DIFFERENT'} losses")
 PY
+cmp /tmp/g2/lora_adapter/adapter_model.safetensors /tmp/g2b/lora_adapter/adapter_model.safetensors \
+  && echo "identical adapters with and without buckets"
 
 t "a worker killed mid-run, then --resume"
 K="$M $S --max-steps 1000 --save-steps 2 --gradient-accumulation-steps 1 --max-train-samples 4 --output-dir /tmp/k --nproc-per-node 2"
