@@ -142,11 +142,17 @@ pub fn train_step(a: &TrainStepArgs) -> Result<()> {
     // the settings, not where each host sits in the launch
     let settings = format!("{:?}", TrainStepArgs { launch: Default::default(), ..a.clone() });
     let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
-    crate::dist::worker::as_worker(&dev, &settings, timeout, true, |worker| {
-        let ranks = Ranks { worker };
-        ranks.start_watch(std::time::Duration::from_secs(a.launch.collective_timeout))?;
-        train_steps(a, &dev, base, load_s, ranks)
-    })
+    crate::dist::worker::as_worker(
+        &dev,
+        &settings,
+        timeout,
+        crate::dist::worker::Nccl::for_buckets(a.ddp_bucket_cap_mb),
+        |worker| {
+            let ranks = Ranks { worker };
+            ranks.start_watch(std::time::Duration::from_secs(a.launch.collective_timeout))?;
+            train_steps(a, &dev, base, load_s, ranks)
+        },
+    )
 }
 
 /// The timed steps of `train_step`, as one rank of `ranks`.

@@ -1,8 +1,10 @@
 //! Collectives between GPU processes through NCCL (cudarc's binding; a build with the `nccl`
-//! feature links libnccl.so.2, as candle links the CUDA libraries), on a stream of their own that
-//! waits for the device's stream (an event, no host sync) before each collective: the gradient
-//! buckets' sums (`start_sum_in_place`) then run beside the backward of the layers below them,
-//! and every other collective makes the device's stream wait for its result before it returns.
+//! feature links libnccl.so.2, as candle links the CUDA libraries). On the device's stream they
+//! queue behind the kernels that produced their input without a host sync. With gradient buckets
+//! (`--ddp-bucket-cap-mb`) they get a stream of their own that waits for the device's stream
+//! through an event before each collective: the buckets' sums (`start_sum_in_place`) then run
+//! beside the backward of the layers below them, and every other collective makes the device's
+//! stream wait for its result before it returns.
 
 use crate::dist::comm::Communicator;
 use crate::dist::control::Control;
@@ -40,26 +42,44 @@ pub fn new_id() -> Result<Vec<u8>> {
 }
 
 impl NcclComm {
-    /// Joins the NCCL group `id` (from `new_id` on rank 0) as `rank` of `world`, on `dev`'s stream.
-    pub fn new(dev: &Device, rank: usize, world: usize, id: &[u8], control: Arc<Control>) -> Result<Self> {
+    /// Joins the NCCL group `id` (from `new_id` on rank 0) as `rank` of `world`, on `dev`'s
+    /// stream, or on a stream of its own `beside` it.
+    pub fn new(
+        dev: &Device,
+        (rank, world): (usize, usize),
+        id: &[u8],
+        beside: bool,
+        control: Arc<Control>,
+    ) -> Result<Self> {
         let Ok(bytes) = <[u8; 128]>::try_from(id) else { bail!("rank 0 handed out a {}-byte NCCL id", id.len()) };
         let id = Id::uninit(bytes.map(|b| b as std::ffi::c_char));
         let compute = dev.as_cuda_device()?.cuda_stream();
-        let side = compute.fork().map_err(|e| anyhow!("rank {rank}: no CUDA stream for NCCL: {e:?}"))?;
+        let side = if beside {
+            compute.fork().map_err(|e| anyhow!("rank {rank}: no CUDA stream for NCCL: {e:?}"))?
+        } else {
+            compute.clone()
+        };
         let comm = Comm::from_rank(side.clone(), rank, world, id)
             .map_err(|e| anyhow!("rank {rank}: NCCL could not join the group of {world}: {e:?}"))?;
         Ok(Self { comm: std::mem::ManuallyDrop::new(comm), compute, side, rank, world, dev: dev.clone(), control })
     }
 
-    /// The collectives' stream waits for what the device's stream queued so far.
+    /// The collectives' stream waits for what the device's stream queued so far (nothing to do
+    /// when they are one stream).
     fn side_waits(&self) -> Result<()> {
-        self.side.join(&self.compute).map_err(|e| anyhow!("NCCL's stream: {e:?}"))
+        if self.overlaps() {
+            self.side.join(&self.compute).map_err(|e| anyhow!("NCCL's stream: {e:?}"))?;
+        }
+        Ok(())
     }
 
     /// The device's stream waits for what the collectives' stream queued so far (so that a
     /// result is read, and its input freed, only after the collective).
     fn compute_waits(&self) -> Result<()> {
-        self.compute.join(&self.side).map_err(|e| anyhow!("NCCL's stream: {e:?}"))
+        if self.overlaps() {
+            self.compute.join(&self.side).map_err(|e| anyhow!("NCCL's stream: {e:?}"))?;
+        }
+        Ok(())
     }
 
     /// The collective `what` of `t`, finished (in the device's stream order) when it returns.
@@ -182,7 +202,7 @@ impl Communicator for NcclComm {
     }
 
     fn overlaps(&self) -> bool {
-        true
+        !Arc::ptr_eq(&self.side, &self.compute)
     }
 
     fn start_sum_in_place(&self, t: &Tensor) -> Result<()> {

@@ -17,21 +17,42 @@ pub struct Worker {
     control: Arc<Control>,
 }
 
+/// Whether a worker's collectives may go through NCCL (on a GPU of an `nccl` build), and on
+/// which stream: the device's own (every collective in line with the kernels), or one of NCCL's
+/// own beside it (gradient buckets summed while the backward goes on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nccl {
+    No,
+    InLine,
+    Beside,
+}
+
+impl Nccl {
+    /// A training run's: beside the compute stream when it sums gradient buckets.
+    pub fn for_buckets(cap_mb: f64) -> Self {
+        if cap_mb > 0.0 {
+            Self::Beside
+        } else {
+            Self::InLine
+        }
+    }
+}
+
 /// Runs `work` as this process's part of a run of several when WORLD_SIZE says so, else alone
 /// (`None`). A worker first meets the others, who must bring the same `settings` (what they must
-/// agree on, paths excluded), with NCCL on `dev` where `want_nccl` allows; how `work` ends (an
+/// agree on, paths excluded), with NCCL on `dev` as `nccl` says; how `work` ends (an
 /// error, a panic) reaches the others, so they stop naming this rank instead of waiting.
 pub fn as_worker<T>(
     dev: &Device,
     settings: &str,
     rendezvous_timeout: Duration,
-    want_nccl: bool,
+    nccl: Nccl,
     work: impl FnOnce(Option<&Worker>) -> Result<T>,
 ) -> Result<T> {
     use sha2::Digest;
     let Some(env) = WorkerEnv::from_env()? else { return work(None) };
     let fingerprint = sha2::Sha256::digest(settings.as_bytes()).into();
-    let w = Worker::join(env, dev, fingerprint, rendezvous_timeout, want_nccl)?;
+    let w = Worker::join(env, dev, fingerprint, rendezvous_timeout, nccl)?;
     let guard = AbortOnDrop::new(w.comm.as_ref());
     let done = work(Some(&w));
     guard.disarm();
@@ -44,14 +65,9 @@ pub fn as_worker<T>(
 
 impl Worker {
     /// Meets the other ranks (they must bring the same `fingerprint` of their settings) and sets
-    /// up the collectives on `dev`: NCCL where `want_nccl`, the build has it and `dev` is a GPU.
-    pub fn join(
-        env: WorkerEnv,
-        dev: &Device,
-        fingerprint: [u8; 32],
-        timeout: Duration,
-        want_nccl: bool,
-    ) -> Result<Self> {
+    /// up the collectives on `dev`: NCCL where `want` asks, the build has it and `dev` is a GPU.
+    pub fn join(env: WorkerEnv, dev: &Device, fingerprint: [u8; 32], timeout: Duration, want: Nccl) -> Result<Self> {
+        let want_nccl = want != Nccl::No;
         let nccl = want_nccl && cfg!(feature = "nccl") && dev.is_cuda();
         let payload = || -> Result<Vec<u8>> {
             #[cfg(feature = "nccl")]
@@ -65,7 +81,13 @@ impl Worker {
         let comm: Box<dyn Communicator> = if nccl {
             #[cfg(feature = "nccl")]
             {
-                Box::new(crate::dist::nccl::NcclComm::new(dev, env.rank, env.world, &links.payload, control.clone())?)
+                Box::new(crate::dist::nccl::NcclComm::new(
+                    dev,
+                    (env.rank, env.world),
+                    &links.payload,
+                    want == Nccl::Beside,
+                    control.clone(),
+                )?)
             }
             #[cfg(not(feature = "nccl"))]
             unreachable!("nccl is false without the feature")

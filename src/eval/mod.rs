@@ -148,9 +148,13 @@ pub fn eval(model: &Answerer, data_dir: &Path, a: &EvalArgs, g: &Generation) -> 
         format!("{:?} {:?} {:?} {} {} {}", a.split, a.limit, a.output_dir, a.max_new_tokens, g.sources, g.seed);
     let timeout = std::time::Duration::from_secs(a.rendezvous_timeout);
     // answers need no collective: the TCP links carry the two waits
-    crate::dist::worker::as_worker(model.vlm.llm.device(), &settings, timeout, false, |worker| {
-        eval_ranked(model, data_dir, a, g, worker)
-    })
+    crate::dist::worker::as_worker(
+        model.vlm.llm.device(),
+        &settings,
+        timeout,
+        crate::dist::worker::Nccl::No,
+        |worker| eval_ranked(model, data_dir, a, g, worker),
+    )
 }
 
 fn eval_ranked(

@@ -175,9 +175,13 @@ pub fn train(a: &TrainArgs, interrupted: Arc<AtomicBool>) -> Result<(usize, usiz
     a.validate()?;
     let dev = device::best_device()?;
     let timeout = std::time::Duration::from_secs(a.launch.rendezvous_timeout);
-    crate::dist::worker::as_worker(&dev, &rank_settings(a)?, timeout, true, |worker| {
-        run(a, interrupted, dev.clone(), Ranks { worker })
-    })
+    crate::dist::worker::as_worker(
+        &dev,
+        &rank_settings(a)?,
+        timeout,
+        crate::dist::worker::Nccl::for_buckets(a.ddp_bucket_cap_mb),
+        |worker| run(a, interrupted, dev.clone(), Ranks { worker }),
+    )
 }
 
 fn run(a: &TrainArgs, interrupted: Arc<AtomicBool>, dev: Device, ranks: Ranks) -> Result<(usize, usize)> {
