@@ -783,3 +783,45 @@ fn fused_residual_norm_matches_the_composed_one() {
     println!("residual + norm fused vs composed: x' {ex:.2e}, next norm {eh:.2e}, x' alone {ex1:.2e} (max |diff|)");
     assert!(ex < 1e-1 && eh < 1e-1 && ex1 == ex, "{ex} {eh} {ex1}");
 }
+
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_beside_the_compute_stream_sums_in_place_while_kernels_write_elsewhere() {
+    use candle_core::Tensor;
+    use gemmaclip::dist::comm::Communicator;
+    use gemmaclip::dist::control::Control;
+    use gemmaclip::dist::nccl::{new_id, NcclComm};
+    let Some((gpu, _serial)) = cuda() else { return };
+    // as src/device.rs runs it: no per-allocation events, so only the comm's own joins order the streams
+    unsafe { gpu.as_cuda_device().unwrap().disable_event_tracking() };
+    // a group of one: its sums change nothing, so what comes back shows the streams' order
+    let comm = NcclComm::new(&gpu, (0, 1), &new_id().unwrap(), true, Control::start(0, vec![]).unwrap()).unwrap();
+    assert!(comm.overlaps());
+    let n = 1usize << 24;
+    let flat = Tensor::randn(0f32, 1.0, n, &gpu).unwrap();
+    let second = flat.narrow(0, n / 2, n / 2).unwrap();
+    let kept = second.to_vec1::<f32>().unwrap();
+    // written on the device's stream just before the sum starts: the sum must see it
+    let marked = Tensor::full(7f32, 1024, &gpu).unwrap();
+    flat.slice_set(&marked, 0, n / 2).unwrap();
+    comm.start_sum_in_place(&second).unwrap();
+    // the device's stream goes on writing the first half meanwhile
+    for k in 0..20 {
+        flat.slice_set(&Tensor::full(k as f32, n / 2, &gpu).unwrap(), 0, 0).unwrap();
+    }
+    comm.wait_sums().unwrap();
+    let got = flat.to_vec1::<f32>().unwrap();
+    assert!(got[..n / 2].iter().all(|&x| x == 19.0));
+    assert!(got[n / 2..n / 2 + 1024].iter().all(|&x| x == 7.0));
+    assert_eq!(&got[n / 2 + 1024..], &kept[1024..]);
+    // the whole-buffer collectives through the stream of their own
+    let t = Tensor::randn(0f32, 1.0, 4096, &gpu).unwrap();
+    let summed = comm.all_reduce_sum_tensor(&t).unwrap();
+    assert_eq!(summed.to_vec1::<f32>().unwrap(), t.to_vec1::<f32>().unwrap());
+    let mut v = vec![1.5f32, -2.0];
+    comm.all_reduce_sum(&mut v).unwrap();
+    assert_eq!(v, [1.5, -2.0]);
+    println!(
+        "NCCL beside the compute stream: a 32 MiB in-place sum beside 20 writes, and the whole-buffer sums, in order"
+    );
+}
