@@ -794,7 +794,9 @@ fn nccl_beside_the_compute_stream_sums_in_place_while_kernels_write_elsewhere() 
     let Some((gpu, _serial)) = cuda() else { return };
     // as src/device.rs runs it: no per-allocation events, so only the comm's own joins order the streams
     unsafe { gpu.as_cuda_device().unwrap().disable_event_tracking() };
-    // a group of one: its sums change nothing, so what comes back shows the streams' order
+    // a group of one: its sums change nothing, so this shows the mechanics run (a stream of
+    // NCCL's own, in-place sums of a stretch, joins, no corruption), not the streams' order,
+    // which only ranks that really add can show (tools/gpu/data_parallel.sh: buckets == none)
     let comm = NcclComm::new(&gpu, (0, 1), &new_id().unwrap(), true, Control::start(0, vec![]).unwrap()).unwrap();
     assert!(comm.overlaps());
     let n = 1usize << 24;

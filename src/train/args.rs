@@ -126,7 +126,8 @@ pub struct TrainArgs {
     /// Megabytes of f32 gradients per bucket that several ranks sum while the backward of the
     /// layers below goes on (the Trainer's `ddp_bucket_cap_mb`); 0: one sum after the backward.
     /// Off by default until the overlap is measured on the GPU machines. The sums are the same
-    /// either way, so a resume may change it.
+    /// (bit for bit over TCP and with two NCCL ranks; with more, NCCL may add in another order
+    /// for another length), so a resume may change it; every rank of a run must use one value.
     #[arg(long, default_value_t = 0.0)]
     #[serde(skip)]
     pub ddp_bucket_cap_mb: f64,

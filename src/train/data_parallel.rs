@@ -87,7 +87,8 @@ impl Ranks<'_> {
             let dev = opt.vars[0].device().as_cuda_device()?.clone();
             acc.fill_missing(&has, &dev)?;
             if early.iter().any(Option::is_some) {
-                let rest: Vec<usize> = (0..has.len()).filter(|&i| early[i].is_none()).collect();
+                // `has` is the same on every rank: so are these stretches
+                let rest: Vec<usize> = (0..has.len()).filter(|&i| early[i].is_none() && has[i]).collect();
                 for run in crate::train::grad_buckets::runs(&rest) {
                     w.comm.start_sum_in_place(&acc.stretch(&run)?)?;
                 }
@@ -120,8 +121,8 @@ impl Ranks<'_> {
     }
 
     /// Whether this run sums its gradients bucket by bucket during the backward (grad_buckets.rs):
-    /// several ranks, and sums that either overlap the backward (NCCL) or go through the host
-    /// anyway (no flat device accumulator).
+    /// several ranks, and sums that overlap the backward (NCCL beside the flat device
+    /// accumulator) or that go through the host anyway (TCP, the CPU's per-tensor sums).
     pub fn sums_buckets(&self, grad_sum: &mut GradSum) -> bool {
         let Some(w) = self.worker else { return false };
         #[cfg(feature = "cuda")]
@@ -129,7 +130,7 @@ impl Ranks<'_> {
             return w.comm.overlaps();
         }
         let _ = grad_sum;
-        w.env.world > 1
+        w.env.world > 1 && !w.comm.overlaps()
     }
 
     /// The buckets of `--ddp-bucket-cap-mb` over the trainable tensors `vars` (of decoder layer
@@ -169,7 +170,14 @@ impl Ranks<'_> {
             }
             Ok(())
         };
-        loss_and_grads_by_layer(vlm, batch, vars, opts, &mut done)
+        let got = loss_and_grads_by_layer(vlm, batch, vars, opts, &mut done);
+        if got.is_err() {
+            // the buffer may be freed on the way out: not while a started sum still writes it
+            if let Some(w) = self.worker {
+                let _ = w.comm.wait_sums();
+            }
+        }
+        got
     }
 
     /// Starts summing the step's gradients of the tensors `which` (one bucket, consecutive) over

@@ -164,6 +164,9 @@ fn rank_settings(a: &TrainArgs) -> Result<String> {
         for k in ["output_dir", "model", "vision_model", "data"] {
             o.remove(k);
         }
+        // not a training setting (args.json leaves it out), but the ranks' buckets, and so their
+        // collectives, must be the same
+        o.insert("ddp_bucket_cap_mb".into(), a.ddp_bucket_cap_mb.into());
     }
     Ok(v.to_string())
 }
