@@ -244,7 +244,7 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
             "{}",
             json!({
                 "what": "gemmaclip_train_step", "four_bit": !a.no_4bit, "grad_ckpt": ckpt, "fused_optimizer": opt.fused, "lora_working_copies": !cast_per_call,
-                "seq": a.seq, "batch_size": a.batch_size, "world": world, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
+                "seq": a.seq, "batch_size": a.batch_size, "world": world, "ddp_bucket_cap_mb": a.ddp_bucket_cap_mb, "label_tokens": a.label_tokens, "lora_r": a.lora.lora_r,
                 "trainable_params": trainable, "step_ms_median": (med * 1e4).round() / 10.0,
                 "step_ms_min": (times[0] * 1e4).round() / 10.0,
                 "tokens_per_s": ((world * a.batch_size * a.seq) as f64 / med * 10.0).round() / 10.0,
