@@ -123,8 +123,12 @@ pub fn generate(
     let columns = |capacity| cache_columns(l, o.max_new_tokens, o.cache_room, capacity, max_pos);
     let mut cache = vlm.llm.new_cache(b, columns(None))?;
     // rows the NF4 GEMV does not take: dequantize the base once, not at every step (2 GiB kept free
-    // for the step's activations)
-    let _dense = if b > crate::peft::nf4::GEMV_MAX_ROWS { vlm.llm.keep_dequantized(2 << 30)? } else { None };
+    // for the step's activations, and room for the cache to grow: at its last move the old and
+    // the whole one meet)
+    let whole = cache_columns(l, o.max_new_tokens, usize::MAX, None, max_pos);
+    let per_column = (cache.bytes() / cache.capacity.max(1)) as u64;
+    let growth = if whole > cache.capacity { per_column * (2 * whole - cache.capacity) as u64 } else { 0 };
+    let _dense = if b > crate::peft::nf4::GEMV_MAX_ROWS { vlm.llm.keep_dequantized((2 << 30) + growth)? } else { None };
     // answering builds no graph: the projector's Vars stop here
     let embeds = vlm.input_embeds(&ids, pixels)?.detach();
     let last = vlm.llm.prefill(&embeds, &valid, &mut cache)?;
