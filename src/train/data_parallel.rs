@@ -101,23 +101,25 @@ impl Ranks<'_> {
             let grads = views.into_iter().zip(&has).map(|(v, &h)| h.then_some(v)).collect();
             return Ok((grads, small[0] as f64));
         }
-        let mut grads = grad_sum.take();
-        let rest: Vec<usize> = (0..grads.len()).filter(|&i| early[i].is_none()).collect();
-        let mut part: Vec<Option<Tensor>> = rest.iter().map(|&i| grads[i].take()).collect();
-        self.sum_grads(&mut part, &rest, opt)?;
-        for (&i, g) in rest.iter().zip(part) {
-            grads[i] = g;
-        }
+        let rest: Vec<usize> = (0..early.len()).filter(|&i| early[i].is_none()).collect();
+        self.sum_on_host(grad_sum, opt, &rest)?;
+        let grads = grad_sum.take();
         let mut l = [loss as f32];
         self.sum(&mut l)?;
         Ok((grads, l[0] as f64))
     }
 
-    /// The gradients of tensors `which` summed over the ranks (CPU tensors, or no flat accumulator).
-    fn sum_grads(&self, grads: &mut [Option<Tensor>], which: &[usize], opt: &AdamW) -> Result<()> {
-        let Some(w) = self.worker else { return Ok(()) };
-        let like: Vec<Tensor> = which.iter().map(|&i| opt.vars[i].as_tensor().clone()).collect();
-        all_reduce_grads(w.comm.as_ref(), grads, &like)
+    /// The step's sums of tensors `which` so far replaced by their sums over the ranks (CPU
+    /// tensors, or no flat accumulator); whether each has one now.
+    fn sum_on_host(&self, grad_sum: &mut GradSum, opt: &AdamW, which: &[usize]) -> Result<Vec<bool>> {
+        let mut part = grad_sum.take_some(which);
+        if let Some(w) = self.worker {
+            let like: Vec<Tensor> = which.iter().map(|&i| opt.vars[i].as_tensor().clone()).collect();
+            all_reduce_grads(w.comm.as_ref(), &mut part, &like)?;
+        }
+        let got = part.iter().map(Option::is_some).collect();
+        grad_sum.put_some(which, part);
+        Ok(got)
     }
 
     /// Whether this run sums its gradients bucket by bucket during the backward (grad_buckets.rs):
@@ -203,10 +205,7 @@ impl Ranks<'_> {
             }
             return Ok(());
         }
-        let mut part = grad_sum.take_some(which);
-        self.sum_grads(&mut part, which, opt)?;
-        let got: Vec<bool> = part.iter().map(Option::is_some).collect();
-        grad_sum.put_some(which, part);
+        let got = self.sum_on_host(grad_sum, opt, which)?;
         for (&i, x) in which.iter().zip(got) {
             grad_sum.summed_early[i] = Some(x);
         }
