@@ -108,7 +108,11 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
     use gemmaclip::peft::nf4::Nf4Weight;
     let Some((gpu, _serial)) = cuda() else { return };
     let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
-    for (n, k, m) in [(512usize, 2560usize, 1usize), (384, 10240, 3), (100, 4096, 2), (64, 64, 4)] {
+    // batch-1 shapes that take one row per warp (512) and two (4224; 1101 with a ragged last
+    // block and four warps per row)
+    for (n, k, m) in
+        [(512usize, 2560usize, 1usize), (4224, 2560, 1), (1101, 10240, 1), (384, 10240, 3), (100, 4096, 2), (64, 64, 4)]
+    {
         let w = bf16(Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap());
         let q = Nf4Weight::quantize(&w).unwrap();
         let x = bf16(Tensor::randn(0f32, 1.0, (m, k), &gpu).unwrap());
@@ -722,6 +726,9 @@ fn decode_attention_matches_the_composed_one() {
         (2, 333, 301, Some(100), 4, 1, 64),
         (1, 97, 96, None, 16, 4, 128),
         (3, 45, 31, None, 2, 2, 32),
+        // a wide batch: larger key chunks per block (256 for the values, 128 for the scores)
+        (32, 1440, 1000, None, 8, 4, 256),
+        (40, 517, 400, Some(128), 8, 4, 256),
     ];
     for (b, t, col, window, nq, nkv, hd) in cases {
         let q = bf16(Tensor::randn(0f32, 1.0, (b, nq, 1, hd), &gpu).unwrap());

@@ -1,4 +1,4 @@
-//! A decode step's attention on the GPU as one op (three kernels, kernels/decode_attention.cu):
+//! A decode step's attention on the GPU as one op (four kernels, kernels/decode_attention.cu):
 //! one new query per row over the whole KV cache with the step's additive mask, rounded where the
 //! composed `grouped_attention` rounds. Tested against it in tests/gpu.rs.
 
@@ -9,8 +9,17 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Stor
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
 const MODULE: &str = "gemmaclip_decode_attention";
-/// Keys per block: T = 1056 gives 33 blocks per KV head, 132 at batch 1 (one per SM of an H100/H200).
-const CHUNK: usize = 32;
+/// Keys per block of the scores and values kernels: 32 at batch 1 (T = 1056 gives 33 blocks per
+/// KV head, 132 in all: one per SM of an H100/H200), more where the batch already gives at least
+/// `BLOCKS` blocks, so that wide batches are not spread over thousands of tiny blocks.
+fn chunk(rows: usize, t: usize) -> usize {
+    const BLOCKS: usize = 1024;
+    let mut c = 32;
+    while c < 256 && rows * t.div_ceil(2 * c) >= BLOCKS {
+        c *= 2;
+    }
+    c
+}
 
 /// q [B, nq, 1, hd], k/v [B, nkv, T, hd] (bf16), mask [B, 1, 1, T] f32 (0 or f32::MIN) ->
 /// [B, 1, nq*hd], or None where the op does not apply (CPU, other dtypes or shapes, switched off).
@@ -85,12 +94,14 @@ impl CustomOp3 for DecodeAttention {
             candle_core::bail!("decode-attention: mask not contiguous")
         };
         let mask = ms.as_cuda_slice::<f32>()?.slice(m0..m1);
-        let splits = t.div_ceil(CHUNK);
+        let (score_chunk, value_chunk) = (chunk(b * nkv, t), chunk(b * nq, t));
+        let splits = t.div_ceil(value_chunk);
         let scores = unsafe { dev.alloc::<f32>(b * nq * t)? };
+        let stats = unsafe { dev.alloc::<f32>(b * nq * 2)? };
         let partial = unsafe { dev.alloc::<f32>(b * nq * splits * hd)? };
         let out = unsafe { dev.alloc::<half::bf16>(b * nq * hd)? };
         let (nkv_i, rep, t_i, hd_i, chunk, splits_i) =
-            (nkv as i32, (nq / nkv) as i32, t as i32, hd as i32, CHUNK as i32, splits as i32);
+            (nkv as i32, (nq / nkv) as i32, t as i32, hd as i32, score_chunk as i32, splits as i32);
         let f = dev.get_or_load_custom_func("decode_attn_scores", MODULE, PTX)?;
         let mut a = f.builder();
         a.arg(&qs)
@@ -104,14 +115,28 @@ impl CustomOp3 for DecodeAttention {
             .arg(&chunk)
             .arg(&self.scale);
         let cfg = LaunchConfig {
-            grid_dim: ((b * nkv) as u32, splits as u32, 1),
+            grid_dim: ((b * nkv) as u32, t.div_ceil(score_chunk) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         unsafe { a.launch(cfg) }.w()?;
+        let f = dev.get_or_load_custom_func("decode_attn_stats", MODULE, PTX)?;
+        let mut a = f.builder();
+        a.arg(&scores).arg(&stats).arg(&t_i);
+        let cfg = LaunchConfig { grid_dim: ((b * nq) as u32, 1, 1), block_dim: (hd as u32, 1, 1), shared_mem_bytes: 0 };
+        unsafe { a.launch(cfg) }.w()?;
         let f = dev.get_or_load_custom_func("decode_attn_values", MODULE, PTX)?;
         let mut a = f.builder();
-        a.arg(&scores).arg(&vs).arg(&partial).arg(&nkv_i).arg(&rep).arg(&t_i).arg(&hd_i).arg(&chunk);
+        let value_chunk_i = value_chunk as i32;
+        a.arg(&scores)
+            .arg(&stats)
+            .arg(&vs)
+            .arg(&partial)
+            .arg(&nkv_i)
+            .arg(&rep)
+            .arg(&t_i)
+            .arg(&hd_i)
+            .arg(&value_chunk_i);
         let cfg = LaunchConfig {
             grid_dim: ((b * nq) as u32, splits as u32, 1),
             block_dim: (hd as u32, 1, 1),

@@ -137,8 +137,14 @@ fn dropout_kernel(
     (p, seed): (f32, u64),
 ) -> candle_core::Result<()> {
     use crate::peft::nf4::cuda::{MODULE, PTX};
-    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let (n64, scale) = (n as u64, 1.0 / (1.0 - p));
+    // eight elements per thread where the buffers allow it: the same masks, a quarter of the time
+    let wide = n % 8 == 0 && out % 16 == 0 && input % 16 == 0;
+    let f = match wide {
+        true => dev.get_or_load_custom_func(&format!("{name}_x8"), MODULE, PTX)?,
+        false => dev.get_or_load_custom_func(name, MODULE, PTX)?,
+    };
+    let threads = if wide { n / 8 } else { n };
+    let (n64, scale) = (threads as u64, 1.0 / (1.0 - p));
     let mut b = f.builder();
     b.arg(&out);
     b.arg(&input);
@@ -146,7 +152,8 @@ fn dropout_kernel(
     b.arg(&n64);
     b.arg(&p);
     b.arg(&scale);
-    let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg =
+        LaunchConfig { grid_dim: ((threads as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }

@@ -345,6 +345,21 @@ pub(crate) mod cuda {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n_bytes)))
     }
 
+    /// Rows each warp of the batch-1 GEMV takes at once: two where that still leaves more than
+    /// 264 blocks (two per SM of an H100/H200), so that big matrices keep twice the loads in
+    /// flight and small ones still fill the GPU; 0 picks the first kernel (nf4_gemv1_bf16).
+    /// `GEMMACLIP_GEMV=old|1|2` overrides, for measuring.
+    fn gemv1_rows_per_warp(n: usize, wpr: usize) -> usize {
+        static CHOICE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let forced = *CHOICE.get_or_init(|| match std::env::var("GEMMACLIP_GEMV").ok()?.as_str() {
+            "old" => Some(0),
+            "1" => Some(1),
+            "2" => Some(2),
+            _ => None,
+        });
+        forced.unwrap_or(if n * wpr / 16 >= 264 { 2 } else { 1 })
+    }
+
     /// (x bf16 [M, K], packed, absmax) -> [M, N] bf16, with the LoRA term of (h [M, r], B [N, r],
     /// scale rounded to bf16) when given.
     pub struct Gemv {
@@ -386,14 +401,26 @@ pub(crate) mod cuda {
             let qs = q.as_cuda_slice::<u8>()?.slice(q0..q1);
             let abs = a.as_cuda_slice::<f32>()?.slice(a0..a1);
             let out = unsafe { dev.alloc::<half::bf16>(m * self.n)? };
-            let func =
-                dev.get_or_load_custom_func(if m == 1 { "nf4_gemv1_bf16" } else { "nf4_gemv_bf16" }, MODULE, PTX)?;
             // more warps per row where K is long, so that short-N long-K rows (down_proj) still fill the GPU
             let wpr: i32 = match k {
                 k if k >= 8192 => 4,
                 k if k >= 4096 => 2,
                 _ => 1,
             };
+            let rows_per_warp = match m {
+                1 => gemv1_rows_per_warp(self.n, wpr as usize),
+                _ => 0,
+            };
+            let func = dev.get_or_load_custom_func(
+                match rows_per_warp {
+                    0 if m == 1 => "nf4_gemv1_bf16",
+                    0 => "nf4_gemv_bf16",
+                    1 => "nf4_gemv1_fast1_bf16",
+                    _ => "nf4_gemv1_fast2_bf16",
+                },
+                MODULE,
+                PTX,
+            )?;
             let (mi, ni, ki) = (m as i32, self.n as i32, k as i32);
             let lora = match &self.lora {
                 Some((h, b, s)) => {
@@ -423,7 +450,9 @@ pub(crate) mod cuda {
             b.arg(&abs);
             b.arg(&xs);
             b.arg(&out);
-            b.arg(&mi);
+            if rows_per_warp == 0 {
+                b.arg(&mi);
+            }
             b.arg(&ni);
             b.arg(&ki);
             b.arg(&wpr);
@@ -431,7 +460,7 @@ pub(crate) mod cuda {
             b.arg(&bp);
             b.arg(&r);
             b.arg(&s);
-            let rows_per_block = 8 / wpr as u32;
+            let rows_per_block = 8 / wpr as u32 * (rows_per_warp as u32).max(1);
             let cfg = LaunchConfig {
                 grid_dim: ((self.n as u32).div_ceil(rows_per_block), 1, 1),
                 block_dim: (256, 1, 1),

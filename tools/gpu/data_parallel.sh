@@ -6,7 +6,8 @@
 # .gpu/env.sh must put the machine's libnccl.so.2 on LD_LIBRARY_PATH (PyTorch's nvidia/nccl/lib).
 # Prints: tokens/s at per-device batch 4 (and 1) on 1, 2 and (where present) 4 GPUs from this one
 # call; the first 20 losses of 2 GPUs against 1 GPU with the same global batch; a worker killed
-# mid-run and the resume; eval over 2 workers against 1. Logs land in $OUT.
+# mid-run and the resume; eval over 2 workers against 1. Logs land in $OUT. DP_BATCHES="4" limits
+# the scaling rows to per-device batch 4.
 set -uo pipefail
 OUT="${OUT:-/tmp/gemmaclip-out}"
 mkdir -p "$OUT"
@@ -18,7 +19,7 @@ M="--model /tmp/m/llm --vision-model /tmp/m/vision"
 S="--data assets/scienceqa-sample"
 
 t "scaling (bench train-step, checkpointing, 1024-token rows)"
-for b in 4 1; do
+for b in ${DP_BATCHES:-4 1}; do
   for n in 1 2 4; do
     [ "$n" -gt "$GPUS" ] && continue
     L=""; [ "$n" -gt 1 ] && L="--nproc-per-node $n"

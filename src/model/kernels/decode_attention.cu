@@ -1,5 +1,5 @@
 // Attention of one new query per row over the whole KV cache (src/model/decode_attention.rs), in
-// three launches where the composed form (attention.rs grouped_attention) takes about twelve, and
+// four launches where the composed form (attention.rs grouped_attention) takes about twelve, and
 // rounded where that form rounds: each score q.k to bf16, times the scale to bf16, plus the
 // additive f32 mask; softmax in f32 with p = exp(f - max) / sum rounded to bf16; out = sum p v
 // in f32, rounded to bf16. Only summation orders differ. Split over keys (flash-decoding) so a
@@ -82,30 +82,43 @@ __device__ float block_reduce(float v, bool is_max, float* red) {
     return r;
 }
 
-// partial[bh, s, d] = sum over the keys of chunk s of p_j v[j, d], p_j = bf16(exp(f_j - max) / sum)
-// with max and sum over every key of the row (each block recomputes them in the same order):
-// grid (B * nq, ceil(T / chunk)), hd threads (a multiple of 32).
-extern "C" __global__ void decode_attn_values(const float* __restrict__ scores, const unsigned short* __restrict__ v,
-                                              float* __restrict__ partial, int nkv, int rep, int T, int hd,
-                                              int chunk) {
+// stats[bh] = (max, sum of exp(f - max)) over every key of the row: grid B * nq, hd threads (a
+// multiple of 32). Once per row, where each values block used to recompute them for itself.
+extern "C" __global__ void decode_attn_stats(const float* __restrict__ scores, float* __restrict__ stats, int T) {
     __shared__ float red[32];
-    __shared__ float p[256];
-    int bh = blockIdx.x, b = bh / (nkv * rep), g = (bh % (nkv * rep)) / rep;
-    const float* f = scores + (size_t)bh * T;
+    const float* f = scores + (size_t)blockIdx.x * T;
     float m = -3.40282347e38f;
     for (int j = threadIdx.x; j < T; j += blockDim.x) m = fmaxf(m, f[j]);
     m = block_reduce(m, true, red);
     float s = 0.0f;
     for (int j = threadIdx.x; j < T; j += blockDim.x) s += expf(f[j] - m);
     s = block_reduce(s, false, red);
+    if (threadIdx.x == 0) {
+        stats[2 * blockIdx.x] = m;
+        stats[2 * blockIdx.x + 1] = s;
+    }
+}
+
+// partial[bh, s, d] = sum over the keys of chunk s of p_j v[j, d], p_j = bf16(exp(f_j - max) / sum)
+// with the row's max and sum from decode_attn_stats: grid (B * nq, ceil(T / chunk)), hd threads
+// (a multiple of 32, <= 256).
+extern "C" __global__ void decode_attn_values(const float* __restrict__ scores, const float* __restrict__ stats,
+                                              const unsigned short* __restrict__ v, float* __restrict__ partial,
+                                              int nkv, int rep, int T, int hd, int chunk) {
+    __shared__ float p[256];
+    int bh = blockIdx.x, b = bh / (nkv * rep), g = (bh % (nkv * rep)) / rep;
+    const float* f = scores + (size_t)bh * T;
+    float m = stats[2 * bh], s = stats[2 * bh + 1];
     int j0 = blockIdx.y * chunk, j1 = min(T, j0 + chunk);
     float acc = 0.0f;
     int d = threadIdx.x;
     const unsigned short* vb = v + ((size_t)b * nkv + g) * T * hd;
     for (int c = j0; c < j1; c += blockDim.x) {
         int j = c + threadIdx.x;
-        if (j < j1) p[threadIdx.x] = bf16_round(expf(f[j] - m) / s);
-        __syncthreads();
+        float pj = (j < j1) ? bf16_round(expf(f[j] - m) / s) : 0.0f;
+        p[threadIdx.x] = pj;
+        // the empty columns at the end of the cache (masked: p = 0) add nothing; skip their loads
+        if (!__syncthreads_or(pj != 0.0f)) continue;
         int n = min((int)blockDim.x, j1 - c);
 #pragma unroll 8
         for (int t = 0; t < n; t++) acc += p[t] * bf16_to_f32(vb[(size_t)(c + t) * hd + d]);
