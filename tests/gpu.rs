@@ -108,11 +108,10 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
     use gemmaclip::peft::nf4::Nf4Weight;
     let Some((gpu, _serial)) = cuda() else { return };
     let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
-    // batch-1 shapes that take one row per warp (512) and two (4224; 1101 with a ragged last
-    // block and four warps per row)
-    for (n, k, m) in
-        [(512usize, 2560usize, 1usize), (4224, 2560, 1), (1101, 10240, 1), (384, 10240, 3), (100, 4096, 2), (64, 64, 4)]
-    {
+    // batch 1: the pipelined kernel (a ragged last block, four warps per row, fewer rows than a
+    // block takes), and past its K limit the one-row (64) and two-row (1056) kernels
+    let shapes = [(512usize, 2560usize, 1usize), (4224, 2560, 1), (1101, 10240, 1), (7, 128, 1), (64, 16448, 1)];
+    for (n, k, m) in shapes.into_iter().chain([(1056, 16448, 1), (384, 10240, 3), (100, 4096, 2), (64, 64, 4)]) {
         let w = bf16(Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap());
         let q = Nf4Weight::quantize(&w).unwrap();
         let x = bf16(Tensor::randn(0f32, 1.0, (m, k), &gpu).unwrap());

@@ -345,19 +345,44 @@ pub(crate) mod cuda {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n_bytes)))
     }
 
-    /// Rows each warp of the batch-1 GEMV takes at once: two where that still leaves more than
-    /// 264 blocks (two per SM of an H100/H200), so that big matrices keep twice the loads in
-    /// flight and small ones still fill the GPU; 0 picks the first kernel (nf4_gemv1_bf16).
-    /// `GEMMACLIP_GEMV=old|1|2` overrides, for measuring.
-    fn gemv1_rows_per_warp(n: usize, wpr: usize) -> usize {
-        static CHOICE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    /// The device's streaming multiprocessors (132 on an H100/H200 SXM).
+    fn sm_count(dev: &candle_core::CudaDevice) -> candle_core::Result<u32> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        let n =
+            dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
+        Ok(n.max(1) as u32)
+    }
+
+    /// The batch-1 GEMV kernels of nf4.cu, fastest last.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Gemv1 {
+        /// nf4_gemv1_bf16: a product per weight, no FMA
+        First,
+        /// nf4_gemv1_fast{1,2}_bf16: FMAs, one or two rows per warp
+        Fast(u32),
+        /// nf4_gemv1_piped_bf16: a fixed grid whose warps load their next row while computing
+        Piped,
+    }
+
+    /// The batch-1 kernel for [n, k] (`wpr` warps per row) with a LoRA term of rank `r` (0: none):
+    /// the pipelined one where its limits allow. `GEMMACLIP_GEMV=old|1|2|piped` overrides, for
+    /// measuring (a kernel that cannot take the shape falls back to the two-row one).
+    fn gemv1_kernel(n: usize, k: usize, wpr: usize, r: usize) -> Gemv1 {
+        static CHOICE: std::sync::OnceLock<Option<Gemv1>> = std::sync::OnceLock::new();
         let forced = *CHOICE.get_or_init(|| match std::env::var("GEMMACLIP_GEMV").ok()?.as_str() {
-            "old" => Some(0),
-            "1" => Some(1),
-            "2" => Some(2),
+            "old" => Some(Gemv1::First),
+            "1" => Some(Gemv1::Fast(1)),
+            "2" => Some(Gemv1::Fast(2)),
+            "piped" => Some(Gemv1::Piped),
             _ => None,
         });
-        forced.unwrap_or(if n * wpr / 16 >= 264 { 2 } else { 1 })
+        let piped_fits = k <= 4096 * wpr && (r == 0 || (r <= 64 && r % 2 == 0));
+        let by_size = Gemv1::Fast(if n * wpr / 16 >= 264 { 2 } else { 1 });
+        match forced {
+            Some(Gemv1::Piped) | None if piped_fits => Gemv1::Piped,
+            Some(Gemv1::Piped) | None => by_size,
+            Some(g) => g,
+        }
     }
 
     /// (x bf16 [M, K], packed, absmax) -> [M, N] bf16, with the LoRA term of (h [M, r], B [N, r],
@@ -407,20 +432,6 @@ pub(crate) mod cuda {
                 k if k >= 4096 => 2,
                 _ => 1,
             };
-            let rows_per_warp = match m {
-                1 => gemv1_rows_per_warp(self.n, wpr as usize),
-                _ => 0,
-            };
-            let func = dev.get_or_load_custom_func(
-                match rows_per_warp {
-                    0 if m == 1 => "nf4_gemv1_bf16",
-                    0 => "nf4_gemv_bf16",
-                    1 => "nf4_gemv1_fast1_bf16",
-                    _ => "nf4_gemv1_fast2_bf16",
-                },
-                MODULE,
-                PTX,
-            )?;
             let (mi, ni, ki) = (m as i32, self.n as i32, k as i32);
             let lora = match &self.lora {
                 Some((h, b, s)) => {
@@ -445,12 +456,28 @@ pub(crate) mod cuda {
                 None => None,
             };
             let (hp, bp, r, s) = lora.unwrap_or((0, 0, 0, 0.0));
+            let kernel = (m == 1).then(|| match gemv1_kernel(self.n, k, wpr as usize, r as usize) {
+                // the pipelined kernel reads B two values at a time
+                Gemv1::Piped if bp % 4 != 0 => Gemv1::Fast(1),
+                g => g,
+            });
+            let func = dev.get_or_load_custom_func(
+                match kernel {
+                    None => "nf4_gemv_bf16",
+                    Some(Gemv1::First) => "nf4_gemv1_bf16",
+                    Some(Gemv1::Fast(1)) => "nf4_gemv1_fast1_bf16",
+                    Some(Gemv1::Fast(_)) => "nf4_gemv1_fast2_bf16",
+                    Some(Gemv1::Piped) => "nf4_gemv1_piped_bf16",
+                },
+                MODULE,
+                PTX,
+            )?;
             let mut b = func.builder();
             b.arg(&qs);
             b.arg(&abs);
             b.arg(&xs);
             b.arg(&out);
-            if rows_per_warp == 0 {
+            if matches!(kernel, None | Some(Gemv1::First)) {
                 b.arg(&mi);
             }
             b.arg(&ni);
@@ -460,12 +487,14 @@ pub(crate) mod cuda {
             b.arg(&bp);
             b.arg(&r);
             b.arg(&s);
-            let rows_per_block = 8 / wpr as u32 * (rows_per_warp as u32).max(1);
-            let cfg = LaunchConfig {
-                grid_dim: ((self.n as u32).div_ceil(rows_per_block), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+            let groups_per_block = 8 / wpr as u32;
+            let blocks = match kernel {
+                Some(Gemv1::Fast(rows)) => (self.n as u32).div_ceil(groups_per_block * rows),
+                // two blocks per SM (the kernel's launch bounds); each walks its share of the rows
+                Some(Gemv1::Piped) => (self.n as u32).div_ceil(groups_per_block).min(2 * sm_count(&dev)?),
+                _ => (self.n as u32).div_ceil(groups_per_block),
             };
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, self.n))))
         }

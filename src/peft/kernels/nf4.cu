@@ -350,6 +350,103 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv1_fast2_bf16(const 
     gemv1_fast_body<2>(q, absmax, x, y, N, K, wpr, h, lb, r, scale);
 }
 
+// Batch-1 decoding, pipelined: a fixed grid (about two blocks per SM) whose warps walk the rows,
+// the weights of their next row loading while they compute the current one, so the memory system
+// never waits for the arithmetic (the kernels above load, then compute, then end, a block at a
+// time). Row split, arithmetic and rounding as nf4_gemv1_fast*_bf16; the LoRA term's B row is
+// loaded with the weights and h is held in registers. Needs K <= 4096 * wpr (each lane's share of a
+// row in one load batch) and, with LoRA, an even r <= 64.
+__device__ __forceinline__ void piped_load(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
+                                           const unsigned short* __restrict__ lb, int row, int N, int K, int r,
+                                           int first, int stride, bool take_b, uint4* w, float* sc,
+                                           unsigned int* bq) {
+#pragma unroll
+    for (int p = 0; p < GEMV_PRELOAD; p++) {
+        int k0 = first + p * stride;
+        if (row < N && k0 < K) {
+            w[p] = *(const uint4*)(q + (size_t)row * (K / 2) + k0 / 2);
+            sc[p] = absmax[(size_t)row * (K / 64) + k0 / 64];
+        } else {
+            w[p] = make_uint4(0u, 0u, 0u, 0u);
+            sc[p] = 0.0f;
+        }
+    }
+    *bq = (take_b && row < N) ? *(const unsigned int*)(lb + (size_t)row * r + 2 * (threadIdx.x & 31)) : 0u;
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv1_piped_bf16(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
+                                         const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
+                                         int N, int K, int wpr, const unsigned short* __restrict__ h,
+                                         const unsigned short* __restrict__ lb, int r, float scale) {
+    __shared__ float lut[16];
+    __shared__ float part[2][8];
+    if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int groups_per_block = 8 / wpr, sub = warp % wpr;
+    int groups = (N + groups_per_block - 1) / groups_per_block;
+    int iters = (groups + gridDim.x - 1) / gridDim.x;
+    int first = (sub * 32 + lane) * 32, stride = wpr * 1024;
+    bool lora = h != 0;
+    bool take_b = lora && sub == 0 && 2 * lane < r;
+    float h0 = take_b ? bf16_to_f32(h[2 * lane]) : 0.0f, h1 = take_b ? bf16_to_f32(h[2 * lane + 1]) : 0.0f;
+    uint4 w[GEMV_PRELOAD];
+    float sc[GEMV_PRELOAD];
+    unsigned int bq;
+    int row = blockIdx.x * groups_per_block + warp / wpr;
+    piped_load(q, absmax, lb, row, N, K, r, first, stride, take_b, w, sc, &bq);
+    __syncthreads();
+    for (int it = 0; it < iters; it++) {
+        uint4 cw[GEMV_PRELOAD];
+        float cs[GEMV_PRELOAD];
+#pragma unroll
+        for (int p = 0; p < GEMV_PRELOAD; p++) {
+            cw[p] = w[p];
+            cs[p] = sc[p];
+        }
+        unsigned int cb = bq;
+        int cur = row;
+        row += gridDim.x * groups_per_block;
+        if (it + 1 < iters) piped_load(q, absmax, lb, row, N, K, r, first, stride, take_b, w, sc, &bq);
+        float acc = 0.0f;
+#pragma unroll
+        for (int p = 0; p < GEMV_PRELOAD; p++) {
+            int k0 = first + p * stride;
+            if (k0 >= K) break;
+            const uint4* xp = (const uint4*)(x + k0);
+            unsigned int ws[4] = {cw[p].x, cw[p].y, cw[p].z, cw[p].w};
+            float a = 0.0f;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                uint4 v = xp[c];
+                unsigned int xs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int jj = 0; jj < 4; jj++) {
+                    int j = 4 * c + jj;
+                    unsigned int b = (ws[j >> 2] >> (8 * (j & 3))) & 0xffu;
+                    a = __fmaf_rn(lut[b >> 4], __uint_as_float(xs[jj] << 16), a);
+                    a = __fmaf_rn(lut[b & 15], __uint_as_float(xs[jj] & 0xffff0000u), a);
+                }
+            }
+            acc = __fmaf_rn(a, cs[p], acc);
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) part[it & 1][warp] = acc;
+        // part[it & 1] is written again two iterations on, after every warp passed the next barrier
+        __syncthreads();
+        if (sub == 0 && cur < N) {
+            float t = 0.0f;
+            for (int u = 0; u < wpr; u++) t += part[it & 1][warp + u];
+            float out = bf16_round(t);
+            if (lora) {
+                float d = __fmaf_rn(h1, __uint_as_float(cb & 0xffff0000u), h0 * __uint_as_float(cb << 16));
+                for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                out = bf16_round(out + bf16_round(bf16_round(d) * scale));
+            }
+            if (lane == 0) y[cur] = (unsigned short)f32_to_bf16_rne(out);
+        }
+    }
+}
+
 // The LoRA down projection of a few rows, h[m, j] = bf16(sum_k x[m, k] A[j, k]) (bf16 in, f32
 // accumulation, as cuBLAS computes x·Aᵀ in the composed form): one block of 8 warps per row j of A,
 // the warps splitting K, each lane 8 values (one 16-byte load) per step. K % 8 == 0, M <= 8.

@@ -1,7 +1,7 @@
 // A kernel-time profiler for any CUDA program, without nsys: the CUDA driver loads this library
 // at cuInit when CUDA_INJECTION64_PATH names it, and it records every kernel, memcpy and memset
 // through CUPTI's activity API. At exit it writes one line per kernel name to $KPROF_OUT (default
-// stderr), sorted by total time: total ms, launches, mean us, name. The first lines sum them up:
+// stderr), sorted by total time: total ms, launches, mean us, name <<<grid x block>>>. The first lines sum them up:
 // the GPU time of kernels against the wall span from the first to the last record, which says how
 // long the GPU waited for the host. Records inside CUDA graphs are counted like the others.
 // Build: see tools/gpu/kprof/build.sh. Use: tools/gpu/kprof/run.sh <command ...>.
@@ -51,8 +51,10 @@ static void CUPTIAPI completed(CUcontext ctx, uint32_t stream, uint8_t* buf, siz
             int st = 0;
             char* d = __cxa_demangle(k->name, NULL, NULL, &st);
             const char* name = (st == 0 && d) ? d : k->name;
-            char shortened[200];
-            snprintf(shortened, sizeof shortened, "%s", name);
+            // the launch shape is part of the key: one kernel on different shapes shows as several lines
+            char shortened[240];
+            snprintf(shortened, sizeof shortened, "%.180s <<<%d,%d,%d x %d>>>", name, k->gridX, k->gridY, k->gridZ,
+                     k->blockX);
             add(shortened, ns);
             free(d);
             kernel_ns += ns; kernels++;
