@@ -725,7 +725,7 @@ fn decode_attention_matches_the_composed_one() {
         (2, 333, 301, Some(100), 4, 1, 64),
         (1, 97, 96, None, 16, 4, 128),
         (3, 45, 31, None, 2, 2, 32),
-        // a wide batch: larger key chunks per block (256 for the values, 128 for the scores)
+        // a wide batch: larger key chunks per block (64 for the values, 128 for the scores)
         (32, 1440, 1000, None, 8, 4, 256),
         (40, 517, 400, Some(128), 8, 4, 256),
     ];

@@ -10,12 +10,12 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Stor
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
 const MODULE: &str = "gemmaclip_decode_attention";
 /// Keys per block of the scores and values kernels: 32 at batch 1 (T = 1056 gives 33 blocks per
-/// KV head, 132 in all: one per SM of an H100/H200), more where the batch already gives at least
-/// `BLOCKS` blocks, so that wide batches are not spread over thousands of tiny blocks.
-fn chunk(rows: usize, t: usize) -> usize {
+/// KV head, 132 in all: one per SM of an H100/H200), more (up to `max`) where the batch already
+/// gives at least `BLOCKS` blocks, so that wide batches are not spread over thousands of tiny blocks.
+fn chunk(rows: usize, t: usize, max: usize) -> usize {
     const BLOCKS: usize = 1024;
     let mut c = 32;
-    while c < 256 && rows * t.div_ceil(2 * c) >= BLOCKS {
+    while c < max && rows * t.div_ceil(2 * c) >= BLOCKS {
         c *= 2;
     }
     c
@@ -94,7 +94,8 @@ impl CustomOp3 for DecodeAttention {
             candle_core::bail!("decode-attention: mask not contiguous")
         };
         let mask = ms.as_cuda_slice::<f32>()?.slice(m0..m1);
-        let (score_chunk, value_chunk) = (chunk(b * nkv, t), chunk(b * nq, t));
+        // a values block walks its keys one after another (16 loads in flight): at most 64 of them
+        let (score_chunk, value_chunk) = (chunk(b * nkv, t, 256), chunk(b * nq, t, 64));
         let splits = t.div_ceil(value_chunk);
         let scores = unsafe { dev.alloc::<f32>(b * nq * t)? };
         let stats = unsafe { dev.alloc::<f32>(b * nq * 2)? };

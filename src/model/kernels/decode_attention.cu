@@ -27,42 +27,63 @@ extern "C" __global__ void decode_attn_scores(const unsigned short* __restrict__
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int nq = nkv * rep;
     bool has = lane * 8 < hd;
+    // loops over the query heads run to MAX_REP with a guard, so qv and dots stay in registers
     float qv[MAX_REP][8];
-    for (int i = 0; i < rep; i++) {
+#pragma unroll
+    for (int i = 0; i < MAX_REP; i++) {
+        if (i >= rep) break;
         const unsigned short* qr = q + ((size_t)b * nq + g * rep + i) * hd + lane * 8;
 #pragma unroll
         for (int e = 0; e < 8; e++) qv[i][e] = has ? bf16_to_f32(qr[e]) : 0.0f;
     }
     int j0 = blockIdx.y * chunk, j1 = min(T, j0 + chunk);
-    for (int j = j0 + warp; j < j1; j += 8) {
-        float mk = mask[(size_t)b * T + j];
-        float dots[MAX_REP] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (mk != -3.40282347e38f) {
-            float kv[8];
-            if (has) {
-                uint4 w = *(const uint4*)(k + (((size_t)b * nkv + g) * T + j) * hd + lane * 8);
-                unsigned int ws[4] = {w.x, w.y, w.z, w.w};
+    // KEYS keys per warp at once (j, j + 8, ...): their mask values, then their key rows, load
+    // together, so a warp waits two memory latencies per KEYS keys instead of two per key
+    const int KEYS = 4;
+    for (int jb = j0 + warp; jb < j1; jb += 8 * KEYS) {
+        float mk[KEYS];
+        uint4 w[KEYS];
+#pragma unroll
+        for (int u = 0; u < KEYS; u++) {
+            int j = jb + 8 * u;
+            mk[u] = j < j1 ? mask[(size_t)b * T + j] : -3.40282347e38f;
+        }
+#pragma unroll
+        for (int u = 0; u < KEYS; u++) {
+            int j = jb + 8 * u;
+            w[u] = (has && mk[u] != -3.40282347e38f) ? *(const uint4*)(k + (((size_t)b * nkv + g) * T + j) * hd + lane * 8)
+                                                     : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < KEYS; u++) {
+            int j = jb + 8 * u;
+            if (j >= j1) break;
+            float dots[MAX_REP] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (mk[u] != -3.40282347e38f) {
+                float kv[8];
+                unsigned int ws[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     kv[2 * e] = bf16_to_f32((unsigned short)(ws[e] & 0xffffu));
                     kv[2 * e + 1] = bf16_to_f32((unsigned short)(ws[e] >> 16));
                 }
-            } else {
 #pragma unroll
-                for (int e = 0; e < 8; e++) kv[e] = 0.0f;
-            }
-            for (int i = 0; i < rep; i++) {
-                float a = 0.0f;
+                for (int i = 0; i < MAX_REP; i++) {
+                    if (i >= rep) break;
+                    float a = 0.0f;
 #pragma unroll
-                for (int e = 0; e < 8; e++) a += qv[i][e] * kv[e];
-                for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-                dots[i] = a;
+                    for (int e = 0; e < 8; e++) a += qv[i][e] * kv[e];
+                    for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+                    dots[i] = a;
+                }
             }
-        }
-        if (lane == 0) {
-            for (int i = 0; i < rep; i++) {
-                float f = (mk != -3.40282347e38f) ? bf16_round(bf16_round(dots[i]) * scale) + mk : mk;
-                scores[((size_t)b * nq + g * rep + i) * T + j] = f;
+            if (lane == 0) {
+#pragma unroll
+                for (int i = 0; i < MAX_REP; i++) {
+                    if (i >= rep) break;
+                    float f = (mk[u] != -3.40282347e38f) ? bf16_round(bf16_round(dots[i]) * scale) + mk[u] : mk[u];
+                    scores[((size_t)b * nq + g * rep + i) * T + j] = f;
+                }
             }
         }
     }
@@ -120,7 +141,7 @@ extern "C" __global__ void decode_attn_values(const float* __restrict__ scores, 
         // the empty columns at the end of the cache (masked: p = 0) add nothing; skip their loads
         if (!__syncthreads_or(pj != 0.0f)) continue;
         int n = min((int)blockDim.x, j1 - c);
-#pragma unroll 8
+#pragma unroll 16
         for (int t = 0; t < n; t++) acc += p[t] * bf16_to_f32(vb[(size_t)(c + t) * hd + d]);
         __syncthreads();
     }
