@@ -124,6 +124,15 @@ fn nf4_gemv_fast_path_matches_dequantize_then_matmul() {
         );
         let h = x.matmul(&a.t().unwrap()).unwrap();
         let down = gemmaclip::peft::nf4::lora_down(&x, &a).unwrap();
+        // three adapters' down projections stacked into one launch give each one's bits
+        let a3 = [0.05f32, 0.03, 0.07].map(|sd| bf16(Tensor::randn(0f32, sd, (16, k), &gpu).unwrap()));
+        let stacked = Tensor::cat(&a3, 0).unwrap();
+        let parts = gemmaclip::peft::nf4::lora_down_parts(&x, &stacked, 16).unwrap().expect("the kernel applies");
+        assert_eq!(parts.dims(), [3, m, 16]);
+        for (p, ap) in a3.iter().enumerate() {
+            let alone = gemmaclip::peft::nf4::lora_down(&x, ap).unwrap();
+            assert_eq!(max_abs_diff(&parts.get(p).unwrap(), &alone), 0.0, "part {p} of the stacked down projection");
+        }
         let down_scale = common::max_abs(&h);
         let down_err = max_abs_diff(&down, &h) / down_scale;
         println!("LoRA down projection kernel [{m}x{k}] x [16x{k}]^T vs cuBLAS: max error {down_err:.2e} of the largest output");

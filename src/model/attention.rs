@@ -8,7 +8,7 @@ use crate::model::kv_cache::LayerCache;
 use crate::model::layer_context::LayerMask;
 use crate::model::ops::{gemma_norm_scale, softmax_last_dim_f32};
 use crate::model::rope::{norm_rope, norm_rope_rows, RopeTables};
-use crate::peft::lora::LoraLinear;
+use crate::peft::lora::{LoraLinear, SharedDown};
 use crate::weights::Weights;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -18,6 +18,8 @@ pub struct Attention {
     pub k_proj: LoraLinear,
     pub v_proj: LoraLinear,
     pub o_proj: LoraLinear,
+    /// Answering with frozen adapters: q's, k's and v's down projections in one launch.
+    pub(crate) qkv_down: Option<SharedDown>,
     pub(crate) q_norm: Tensor,
     pub(crate) k_norm: Tensor,
     n_heads: usize,
@@ -36,6 +38,7 @@ impl Attention {
             k_proj: load_linear(w, &format!("{p}.k_proj"), nkv * hd, h, base)?,
             v_proj: load_linear(w, &format!("{p}.v_proj"), nkv * hd, h, base)?,
             o_proj: load_linear(w, &format!("{p}.o_proj"), h, nq * hd, base)?,
+            qkv_down: None,
             q_norm: gemma_norm_scale(&w.get(&format!("{p}.q_norm.weight"), &[hd])?)?,
             k_norm: gemma_norm_scale(&w.get(&format!("{p}.k_norm.weight"), &[hd])?)?,
             n_heads: nq,
@@ -65,9 +68,14 @@ impl Attention {
             Some(_) => norm_rope_rows(x, heads, scale, self.eps, rope),
             None => norm_rope(x, heads, scale, self.eps, rope),
         };
-        let q = nr(&self.q_proj.forward(x, seed)?, nq, &self.q_norm)?; // [B, nq, L, hd]
-        let k = nr(&self.k_proj.forward(x, seed)?, nkv, &self.k_norm)?; // [B, nkv, L, hd]
-        let v = self.v_proj.forward(x, seed)?; // [B, L, nkv*hd]
+        let downs = match &self.qkv_down {
+            Some(shared) => shared.forward(x, &self.q_proj)?,
+            None => None,
+        };
+        let h = |i: usize| downs.as_ref().map(|d| &d[i]);
+        let q = nr(&self.q_proj.forward_with_down(x, h(0), seed)?, nq, &self.q_norm)?; // [B, nq, L, hd]
+        let k = nr(&self.k_proj.forward_with_down(x, h(1), seed)?, nkv, &self.k_norm)?; // [B, nkv, L, hd]
+        let v = self.v_proj.forward_with_down(x, h(2), seed)?; // [B, L, nkv*hd]
         let mask = match mask {
             LayerMask::Fused { attn, sliding } if step.is_none() => {
                 // v stays in the projection's layout: cuDNN reads it through strides

@@ -13,7 +13,7 @@ use crate::model::layer_context::{attention_mask, LayerContext, Masks};
 use crate::model::ops::{gelu_tanh_mul, gemma_norm_scale, gemma_rms_norm, residual_norm};
 use crate::model::rope::RopeTables;
 use crate::peft::frozen::FrozenWeight;
-use crate::peft::lora::LoraLinear;
+use crate::peft::lora::{LoraLinear, SharedDown};
 use crate::peft::nf4::Nf4Weight;
 use crate::weights::Weights;
 use anyhow::Result;
@@ -23,6 +23,8 @@ pub struct Mlp {
     pub gate_proj: LoraLinear,
     pub up_proj: LoraLinear,
     pub down_proj: LoraLinear,
+    /// Answering with frozen adapters: gate's and up's down projections in one launch.
+    pub(crate) gate_up_down: Option<SharedDown>,
 }
 
 pub struct DecoderLayer {
@@ -70,12 +72,18 @@ impl Mlp {
             gate_proj: load_linear(w, &format!("{p}.gate_proj"), i, h, base)?,
             up_proj: load_linear(w, &format!("{p}.up_proj"), i, h, base)?,
             down_proj: load_linear(w, &format!("{p}.down_proj"), h, i, base)?,
+            gate_up_down: None,
         })
     }
 
     pub fn forward(&self, x: &Tensor, seed: Option<u64>) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x, seed)?;
-        let up = self.up_proj.forward(x, seed)?;
+        let downs = match &self.gate_up_down {
+            Some(shared) => shared.forward(x, &self.gate_proj)?,
+            None => None,
+        };
+        let h = |i: usize| downs.as_ref().map(|d| &d[i]);
+        let gate = self.gate_proj.forward_with_down(x, h(0), seed)?;
+        let up = self.up_proj.forward_with_down(x, h(1), seed)?;
         self.down_proj.forward(&gelu_tanh_mul(&gate, &up)?, seed)
     }
 }
@@ -150,6 +158,12 @@ impl Gemma3Text {
                     Some((a, b))
                 };
             }
+        }
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            a.qkv_down = SharedDown::new(&[&a.q_proj, &a.k_proj, &a.v_proj])?;
+            let m = &mut layer.mlp;
+            m.gate_up_down = SharedDown::new(&[&m.gate_proj, &m.up_proj])?;
         }
         Ok(())
     }

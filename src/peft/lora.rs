@@ -114,9 +114,29 @@ impl LoraLinear {
         y + d
     }
 
+    /// `forward`, given this adapter's down projection `h = x·Aᵀ` [rows, r] where a `SharedDown`
+    /// computed it together with its neighbours' (answering a few rows).
+    pub fn forward_with_down(
+        &self,
+        x: &Tensor,
+        h: Option<&Tensor>,
+        dropout_seed: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(h) = h {
+            if let Some(y) = self.decode_fast_path_with(x, Some(h))? {
+                return Ok(y);
+            }
+        }
+        self.forward(x, dropout_seed)
+    }
+
     /// Answering a few rows with an NF4 base and a frozen adapter in bf16: `h = x·Aᵀ`, then the NF4
     /// GEMV adds `s·h·Bᵀ` in its own pass (two launches where the composed form takes five).
     fn decode_fast_path(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.decode_fast_path_with(x, None)
+    }
+
+    fn decode_fast_path_with(&self, x: &Tensor, h: Option<&Tensor>) -> candle_core::Result<Option<Tensor>> {
         let (FrozenWeight::Nf4(q), Some(l)) = (&self.base, &self.lora) else { return Ok(None) };
         let Some((wa, wb)) = &l.work else { return Ok(None) };
         if !l.frozen || wa.dtype() != x.dtype() {
@@ -127,10 +147,57 @@ impl LoraLinear {
         if !q.gemv_applies(&x2) {
             return Ok(None);
         }
-        let h = crate::peft::nf4::lora_down(&x2, wa.as_tensor())?; // [rows, r]
+        let h = match h {
+            Some(h) => h.clone(),
+            None => crate::peft::nf4::lora_down(&x2, wa.as_tensor())?, // [rows, r]
+        };
         let Some(y) = q.gemv(&x2, Some((&h, wb.as_tensor(), l.scale)))? else { return Ok(None) };
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 1") = q.shape.0;
         Ok(Some(y.reshape(shape)?))
+    }
+}
+
+/// Answering: the LoRA down projections of linears that read the same input (q/k/v, gate/up) in
+/// one launch instead of one each, from their bf16 A matrices stacked once when the adapters are
+/// frozen (`Gemma3Text::freeze_adapters` builds it again whenever it runs).
+pub struct SharedDown {
+    /// [parts·r, in] bf16
+    a: Tensor,
+    r: usize,
+}
+
+impl SharedDown {
+    /// None unless every linear has an NF4 base and a frozen bf16 adapter of one rank and input width.
+    pub fn new(linears: &[&LoraLinear]) -> candle_core::Result<Option<Self>> {
+        let mut parts = vec![];
+        for lin in linears {
+            let (FrozenWeight::Nf4(_), Some(l)) = (&lin.base, &lin.lora) else { return Ok(None) };
+            match &l.work {
+                Some((wa, _)) if l.frozen && wa.dtype() == DType::BF16 && wa.device().is_cuda() => {
+                    parts.push(wa.as_tensor().detach())
+                }
+                _ => return Ok(None),
+            }
+        }
+        let Some(first) = parts.first() else { return Ok(None) };
+        let dims = first.dims().to_vec();
+        if parts.len() < 2 || parts.iter().any(|p| p.dims() != dims.as_slice()) {
+            return Ok(None);
+        }
+        Ok(Some(Self { a: Tensor::cat(&parts, 0)?.contiguous()?, r: dims[0] }))
+    }
+
+    /// Each linear's `h = x·Aᵀ` [rows, r] for x [.., in], or None where the decode fast path would
+    /// not take x (too many rows, not on the GPU) and each linear computes its own.
+    pub fn forward(&self, x: &Tensor, first: &LoraLinear) -> candle_core::Result<Option<Vec<Tensor>>> {
+        let FrozenWeight::Nf4(q) = &first.base else { return Ok(None) };
+        let in_f = x.dim(candle_core::D::Minus1)?;
+        let x2 = x.reshape(((), in_f))?;
+        if !q.gemv_applies(&x2) {
+            return Ok(None);
+        }
+        let Some(h) = crate::peft::nf4::lora_down_parts(&x2, &self.a, self.r)? else { return Ok(None) };
+        (0..h.dim(0)?).map(|p| h.get(p)).collect::<candle_core::Result<Vec<_>>>().map(Some)
     }
 }

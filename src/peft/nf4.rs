@@ -205,10 +205,35 @@ pub fn lora_down(x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
             && a.dim(1)? == k
             && crate::fused_ops::allowed(crate::fused_ops::FusedOp::Lora)
         {
-            return x.contiguous()?.apply_op2_no_bwd(&a.contiguous()?, &cuda::LoraDown);
+            return x.contiguous()?.apply_op2_no_bwd(&a.contiguous()?, &cuda::LoraDown { part: None });
         }
     }
     x.matmul(&a.t()?)
+}
+
+/// Several adapters' down projections of the same rows in one launch: `a` stacks their A
+/// matrices ([parts·r, K]), the result is [parts, M, r] (part p = x·A_pᵀ, as `lora_down` computes
+/// it). None where `lora_down`'s kernel does not apply.
+pub fn lora_down_parts(x: &Tensor, a: &Tensor, r: usize) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        let (m, k) = x.dims2()?;
+        let (rows, ka) = a.dims2()?;
+        if x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && a.dtype() == DType::BF16
+            && m <= 8
+            && k % 8 == 0
+            && ka == k
+            && r > 0
+            && rows % r == 0
+            && crate::fused_ops::allowed(crate::fused_ops::FusedOp::Lora)
+        {
+            return Ok(Some(x.contiguous()?.apply_op2_no_bwd(&a.contiguous()?, &cuda::LoraDown { part: Some(r) })?));
+        }
+    }
+    let _ = (x, a, r);
+    Ok(None)
 }
 
 /// (weight bf16/f32 [n], absmax f32 [n/64]) -> packed u8 [n/2]. CUDA only; the CPU path calls
@@ -500,8 +525,11 @@ pub(crate) mod cuda {
         }
     }
 
-    /// (x bf16 [M, K], A bf16 [R, K]) -> x·Aᵀ [M, R] bf16.
-    pub struct LoraDown;
+    /// (x bf16 [M, K], A bf16 [R, K]) -> x·Aᵀ [M, R] bf16; with `part: Some(rp)`, A stacks
+    /// R / rp adapters and the result is [R / rp, M, rp].
+    pub struct LoraDown {
+        pub part: Option<usize>,
+    }
 
     impl candle_core::CustomOp2 for LoraDown {
         fn name(&self) -> &'static str {
@@ -534,12 +562,17 @@ pub(crate) mod cuda {
             let as_ = a.as_cuda_slice::<half::bf16>()?.slice(a0..a1);
             let out = unsafe { dev.alloc::<half::bf16>(m * r)? };
             let func = dev.get_or_load_custom_func("lora_down_bf16", MODULE, PTX)?;
-            let (mi, ri, ki) = (m as i32, r as i32, k as i32);
+            let rp = self.part.unwrap_or(r);
+            let (mi, ri, ki, rpi) = (m as i32, r as i32, k as i32, rp as i32);
             let mut b = func.builder();
-            b.arg(&xs).arg(&as_).arg(&out).arg(&mi).arg(&ri).arg(&ki);
+            b.arg(&xs).arg(&as_).arg(&out).arg(&mi).arg(&ri).arg(&ki).arg(&rpi);
             let cfg = LaunchConfig { grid_dim: (r as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             unsafe { b.launch(cfg) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, r))))
+            let shape = match self.part {
+                Some(rp) => Shape::from((r / rp, m, rp)),
+                None => Shape::from((m, r)),
+            };
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
         }
     }
 

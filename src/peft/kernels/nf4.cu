@@ -448,11 +448,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv1_piped_bf16(const 
 }
 
 // The LoRA down projection of a few rows, h[m, j] = bf16(sum_k x[m, k] A[j, k]) (bf16 in, f32
-// accumulation, as cuBLAS computes x·Aᵀ in the composed form): one block of 8 warps per row j of A,
+// accumulation, as cuBLAS computes x·Aᵀ in the composed form), written part by part where A
+// stacks several adapters' A of RP rows each (h [R / RP, M, RP]; RP = R: plain [M, R]): one block of 8 warps per row j of A,
 // the warps splitting K, each lane 8 values (one 16-byte load) per step. K % 8 == 0, M <= 8.
 extern "C" __global__ void __launch_bounds__(256) lora_down_bf16(const unsigned short* __restrict__ x,
                                                                  const unsigned short* __restrict__ a,
-                                                                 unsigned short* __restrict__ h, int M, int R, int K) {
+                                                                 unsigned short* __restrict__ h, int M, int R, int K,
+                                                                 int RP) {
     __shared__ float part[8][GEMV_MAX_M];
     int j = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float acc[GEMV_MAX_M];
@@ -494,7 +496,7 @@ extern "C" __global__ void __launch_bounds__(256) lora_down_bf16(const unsigned 
     int m = threadIdx.x;
     float t = 0.0f;
     for (int w = 0; w < 8; w++) t += part[w][m];
-    h[(size_t)m * R + j] = (unsigned short)f32_to_bf16_rne(t);
+    h[(size_t)(j / RP) * M * RP + (size_t)m * RP + j % RP] = (unsigned short)f32_to_bf16_rne(t);
 }
 
 // The fused LoRA linear's dropout (src/peft/fused_lora.rs): the same mask as dropout_mask_bf16,
