@@ -159,7 +159,7 @@ impl candle_core::CustomOp2 for Surrogate {
         _: &candle_core::CudaStorage,
         _: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let dev = y.device().clone();
+        let dev = candle_core::backend::BackendStorage::device(y).clone();
         let zero = dev.alloc_zeros::<f32>(1)?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(zero, dev), candle_core::Shape::from(())))
     }
