@@ -87,10 +87,7 @@ impl Gemma3Text {
         cache.start(&lens, l)?;
         // RoPE positions are the columns; cuDNN's fused attention runs where it can
         let ctx = self.layer_context(valid, l, 0)?;
-        let mut x = embeds.clone();
-        for (layer, lc) in self.layers.iter().zip(&cache.layers) {
-            x = layer.forward(&x, &ctx, Some(lc))?;
-        }
+        let (x, _) = self.layers_cached(embeds, &ctx, cache, false)?;
         let last: Vec<u32> = lens.iter().enumerate().map(|(r, &n)| (r * l + n - 1) as u32).collect();
         x.reshape((b * l, h))?.index_select(&Tensor::new(last, x.device())?, 0)
     }
@@ -132,11 +129,11 @@ impl Gemma3Text {
     /// next-token logits [B, V] (f32).
     pub fn decode_logits(&self, cache: &KvCache) -> candle_core::Result<Tensor> {
         let ctx = self.decode_context(cache)?;
-        let mut x = self.embed(&cache.ids)?;
-        for (layer, lc) in self.layers.iter().zip(&cache.layers) {
-            x = layer.forward(&x, &ctx, Some(lc))?;
+        let x = self.embed(&cache.ids)?;
+        match self.layers_cached(&x, &ctx, cache, true)? {
+            (_, Some(normed)) => self.logits_of_normed(&normed.squeeze(1)?),
+            (x, None) => self.logits(&x.squeeze(1)?),
         }
-        self.logits(&x.squeeze(1)?)
     }
 
     /// One greedy decode step: the first-max tokens of `decode_logits` go into `cache.ids`, where

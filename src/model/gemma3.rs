@@ -111,8 +111,26 @@ impl DecoderLayer {
     /// x [B, L, H] -> [B, L, H]; with `cache`, a prompt or decode pass that writes this layer's
     /// keys/values into it (a decode step at `ctx.write_index`) and attends over it.
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&LayerCache>) -> candle_core::Result<Tensor> {
+        Ok(self.forward_normed(x, None, ctx, cache, None)?.0)
+    }
+
+    /// `forward`, answering in a chain: `normed` is x's input norm when the layer before computed
+    /// it, and with `next` (the next layer's input norm scale, or the final norm's) the output comes
+    /// with that norm of it too, from the last residual step's launch (one launch fewer per layer
+    /// with a cache; the same bits as the separate norm).
+    pub fn forward_normed(
+        &self,
+        x: &Tensor,
+        normed: Option<Tensor>,
+        ctx: &LayerContext,
+        cache: Option<&LayerCache>,
+        next: Option<&Tensor>,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let (rope, mask) = ctx.for_layer(self.layer_type);
-        let h = gemma_rms_norm(x, &self.input_layernorm, self.eps)?;
+        let h = match normed {
+            Some(h) => h,
+            None => gemma_rms_norm(x, &self.input_layernorm, self.eps)?,
+        };
         let h =
             self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, cache.map(|c| (c, ctx.write_index.as_ref())))?;
         if cache.is_some() {
@@ -120,12 +138,14 @@ impl DecoderLayer {
             let (x, h) =
                 residual_norm(x, &h, &self.post_attention_layernorm, Some(&self.pre_feedforward_layernorm), self.eps)?;
             let h = self.mlp.forward(&h.expect("the next norm was asked for"), ctx.dropout_seed)?;
-            return Ok(residual_norm(&x, &h, &self.post_feedforward_layernorm, None, self.eps)?.0);
+            return residual_norm(&x, &h, &self.post_feedforward_layernorm, next, self.eps);
         }
         let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
         let h = self.mlp.forward(&h, ctx.dropout_seed)?;
-        x + gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?
+        let x = (x + gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?)?;
+        let next = next.map(|s| gemma_rms_norm(&x, s, self.eps)).transpose()?;
+        Ok((x, next))
     }
 }
 
@@ -270,11 +290,38 @@ impl Gemma3Text {
 
     /// Final norm and tied lm_head on selected rows: hidden [N, H] -> logits [N, V] (f32).
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let logits = self.head_logits(hidden)?.to_dtype(DType::F32)?;
+        self.logits_of_normed(&gemma_rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// `logits` of rows the final norm already went over.
+    pub fn logits_of_normed(&self, normed: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = self.lm_head.forward(normed)?.to_dtype(DType::F32)?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
         }
+    }
+
+    /// Every layer over x with a cache, each residual step's launch also norming for the layer
+    /// after it (and, with `final_norm`, the last for the final norm) -> (hidden, its final norm).
+    pub fn layers_cached(
+        &self,
+        x: &Tensor,
+        ctx: &LayerContext,
+        cache: &crate::model::kv_cache::KvCache,
+        final_norm: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let (mut x, mut normed) = (x.clone(), None);
+        let n = self.layers.len();
+        for (i, (layer, lc)) in self.layers.iter().zip(&cache.layers).enumerate() {
+            let next = match self.layers.get(i + 1) {
+                Some(l) => Some(&l.input_layernorm),
+                None if final_norm && i + 1 == n => Some(&self.norm),
+                None => None,
+            };
+            (x, normed) = layer.forward_normed(&x, normed, ctx, Some(lc), next)?;
+        }
+        Ok((x, normed))
     }
 }
 
