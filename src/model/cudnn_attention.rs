@@ -101,10 +101,10 @@ pub struct Mask {
 /// softmax(q kᵀ·scale + mask)·v with grouped key/value heads, fused; q [B, Hq, S, D],
 /// k/v [B, Hkv, S, D] bf16 -> [B, S, Hq*D]. Recorded for the backward when an input is tracked.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> candle_core::Result<Tensor> {
-    let train = q.track_op() || k.track_op() || v.track_op();
+    let train = q.track_op() || k.track_op() || v.track_op() || crate::model::tape::recording();
     let op = Sdpa { mask: mask.clone(), scale: scale as f32, stats: Mutex::new(None), keep_stats: train };
     if train {
-        q.apply_op3(k, v, op)
+        crate::model::tape::run3(q, k, v, op)
     } else {
         q.apply_op3_no_bwd(k, v, &op)
     }

@@ -21,4 +21,6 @@ pub mod projector;
 #[cfg(feature = "cuda")]
 pub mod qk_rope;
 pub mod rope;
+#[cfg(feature = "cuda")]
+pub mod tape;
 pub mod vlm;

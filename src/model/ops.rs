@@ -14,7 +14,10 @@ pub fn gemma_norm_scale(weight: &Tensor) -> Result<Tensor> {
 pub fn gemma_rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
-        return x.contiguous()?.apply_op1(rmsnorm_cuda::RmsNorm { scale: scale.clone(), eps: eps as f32 });
+        return crate::model::tape::run1(
+            &x.contiguous()?,
+            rmsnorm_cuda::RmsNorm { scale: scale.clone(), eps: eps as f32 },
+        );
     }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
@@ -278,7 +281,7 @@ pub fn gelu_tanh_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         && gate.dtype() == DType::BF16
         && crate::fused_ops::allowed(crate::fused_ops::FusedOp::GeluMul)
     {
-        return gate.contiguous()?.apply_op2(&up.contiguous()?, crate::model::gelu_mul::GeluMul);
+        return crate::model::tape::run2(&gate.contiguous()?, &up.contiguous()?, crate::model::gelu_mul::GeluMul);
     }
     gate.gelu()? * up
 }

@@ -70,7 +70,7 @@ pub fn norm_rope(x: &Tensor, heads: usize, scale: &Tensor, eps: f64, rope: &Rope
             sin: rope.sin.clone(),
             eps: eps as f32,
         };
-        return x.contiguous()?.apply_op1(op);
+        return crate::model::tape::run1(&x.contiguous()?, op);
     }
     let (b, l, hd) = x.dims3()?;
     let x = x.reshape((b, l, heads, hd / heads))?;

@@ -49,7 +49,7 @@ pub fn forward(
         // answering (a prompt, or a batch wider than the NF4 GEMV takes): no graph
         return Ok(Some(x.contiguous()?.apply_op3_no_bwd(&wa.as_tensor().detach(), &wb.as_tensor().detach(), &op)?));
     }
-    Ok(Some(x.contiguous()?.apply_op3(wa.as_tensor(), wb.as_tensor(), op)?))
+    Ok(Some(crate::model::tape::run3(&x.contiguous()?, wa.as_tensor(), wb.as_tensor(), op)?))
 }
 
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

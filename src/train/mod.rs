@@ -8,6 +8,8 @@ pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod fused_ce;
 pub mod grad_buckets;
+#[cfg(feature = "cuda")]
+pub mod layer_backward;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;

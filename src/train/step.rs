@@ -300,6 +300,16 @@ pub fn loss_and_grads_by_layer(
 
     // Backward: recompute each layer with its graph, then the surrogate sum(y * dL/dy).
     for (i, layer) in vlm.llm.layers.iter().enumerate().rev() {
+        #[cfg(feature = "cuda")]
+        if crate::train::layer_backward::asked() {
+            let xin = acts.last().expect("one input per layer");
+            if let Some(tape) = crate::train::layer_backward::forward_recorded(layer, xin, &ctx)? {
+                g = crate::train::layer_backward::backward(&tape, &g, vars, &mut grads)?;
+                acts.pop();
+                done(i, &mut grads)?;
+                continue;
+            }
+        }
         let xin = Var::from_tensor(&acts.pop().expect("one input per layer"))?;
         let y = layer.forward(xin.as_tensor(), &ctx, None)?;
         let store = backward_from(&y, &g)?;

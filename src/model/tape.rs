@@ -1,0 +1,78 @@
+//! A record of the fused GPU ops one decoder layer runs, for a backward written by hand
+//! (src/train/layer_backward.rs) instead of candle's autograd, which adds every gradient edge into
+//! a zero-filled tensor. While a thread records, the fused ops run without a graph and push
+//! themselves, their inputs and their output here; otherwise `run1`/`run2`/`run3` are the plain
+//! `apply_op*` they replace, so nothing changes where nobody records.
+
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor};
+use std::cell::RefCell;
+
+/// One recorded op: the op itself (it may keep state from its forward, e.g. cuDNN's statistics),
+/// its inputs and its output.
+pub enum Entry {
+    One { op: Box<dyn CustomOp1 + Send + Sync>, x: Tensor, y: Tensor },
+    Two { op: Box<dyn CustomOp2 + Send + Sync>, a: Tensor, b: Tensor, y: Tensor },
+    Three { op: Box<dyn CustomOp3 + Send + Sync>, a: Tensor, b: Tensor, c: Tensor, y: Tensor },
+}
+
+impl Entry {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Entry::One { op, .. } => op.name(),
+            Entry::Two { op, .. } => op.name(),
+            Entry::Three { op, .. } => op.name(),
+        }
+    }
+}
+
+thread_local! {
+    static TAPE: RefCell<Option<Vec<Entry>>> = const { RefCell::new(None) };
+}
+
+/// Whether this thread records.
+pub fn recording() -> bool {
+    TAPE.with(|t| t.borrow().is_some())
+}
+
+/// Runs `f` with this thread recording -> f's result and the ops it ran, in order.
+pub fn record<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Entry>)> {
+    TAPE.with(|t| *t.borrow_mut() = Some(vec![]));
+    let out = f();
+    let tape = TAPE.with(|t| t.borrow_mut().take()).unwrap_or_default();
+    Ok((out?, tape))
+}
+
+fn push(e: Entry) {
+    TAPE.with(|t| {
+        if let Some(v) = t.borrow_mut().as_mut() {
+            v.push(e)
+        }
+    })
+}
+
+pub fn run1(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static) -> Result<Tensor> {
+    if !recording() {
+        return x.apply_op1(op);
+    }
+    let y = x.apply_op1_no_bwd(&op)?;
+    push(Entry::One { op: Box::new(op), x: x.clone(), y: y.clone() });
+    Ok(y)
+}
+
+pub fn run2(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
+    if !recording() {
+        return a.apply_op2(b, op);
+    }
+    let y = a.apply_op2_no_bwd(b, &op)?;
+    push(Entry::Two { op: Box::new(op), a: a.clone(), b: b.clone(), y: y.clone() });
+    Ok(y)
+}
+
+pub fn run3(a: &Tensor, b: &Tensor, c: &Tensor, op: impl CustomOp3 + Send + Sync + 'static) -> Result<Tensor> {
+    if !recording() {
+        return a.apply_op3(b, c, op);
+    }
+    let y = a.apply_op3_no_bwd(b, c, &op)?;
+    push(Entry::Three { op: Box::new(op), a: a.clone(), b: b.clone(), c: c.clone(), y: y.clone() });
+    Ok(y)
+}
