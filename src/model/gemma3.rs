@@ -312,12 +312,10 @@ impl Gemma3Text {
         final_norm: bool,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let (mut x, mut normed) = (x.clone(), None);
-        let n = self.layers.len();
         for (i, (layer, lc)) in self.layers.iter().zip(&cache.layers).enumerate() {
             let next = match self.layers.get(i + 1) {
                 Some(l) => Some(&l.input_layernorm),
-                None if final_norm && i + 1 == n => Some(&self.norm),
-                None => None,
+                None => final_norm.then_some(&self.norm),
             };
             (x, normed) = layer.forward_normed(&x, normed, ctx, Some(lc), next)?;
         }

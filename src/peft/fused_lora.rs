@@ -127,10 +127,10 @@ fn gemm(
     .w()
 }
 
-/// One of nf4.cu's dropout kernels over `n` elements.
+/// One of nf4.cu's dropout kernels over `n` elements: [one element per thread, eight per thread].
 fn dropout_kernel(
     dev: &CudaDevice,
-    name: &str,
+    [name, name_x8]: [&str; 2],
     out: u64,
     input: u64,
     n: usize,
@@ -139,10 +139,7 @@ fn dropout_kernel(
     use crate::peft::nf4::cuda::{MODULE, PTX};
     // eight elements per thread where the buffers allow it: the same masks, a quarter of the time
     let wide = n % 8 == 0 && out % 16 == 0 && input % 16 == 0;
-    let f = match wide {
-        true => dev.get_or_load_custom_func(&format!("{name}_x8"), MODULE, PTX)?,
-        false => dev.get_or_load_custom_func(name, MODULE, PTX)?,
-    };
+    let f = dev.get_or_load_custom_func(if wide { name_x8 } else { name }, MODULE, PTX)?;
     let threads = if wide { n / 8 } else { n };
     let (n64, scale) = (threads as u64, 1.0 / (1.0 - p));
     let mut b = f.builder();
@@ -183,7 +180,7 @@ fn dropped(
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<Bf16>(n)? };
             let p = slice_ptr(&out, dev);
-            dropout_kernel(dev, "dropout_apply_bf16", p, x, n, d)?;
+            dropout_kernel(dev, ["dropout_apply_bf16", "dropout_apply_bf16_x8"], p, x, n, d)?;
             Ok((Some(out), p))
         }
     }
@@ -307,7 +304,7 @@ impl CustomOp3 for FusedLora {
                     let t = unsafe { dev.alloc::<Bf16>(m * k)? };
                     let tp = slice_ptr(&t, &dev);
                     gemm(&dev, tp, gbp, false, ap, false, (m, k, r), 1.0, 0.0)?;
-                    dropout_kernel(&dev, "dropout_accumulate_bf16", dxp, tp, m * k, d)?;
+                    dropout_kernel(&dev, ["dropout_accumulate_bf16", "dropout_accumulate_bf16_x8"], dxp, tp, m * k, d)?;
                 }
             }
             Some(wrap(dx, &dev, x.dims()))

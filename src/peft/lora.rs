@@ -81,7 +81,7 @@ impl LoraLinear {
     /// x [.., in] -> [.., out]. `dropout_seed` is Some in training (one value per step); the same
     /// seed gives the same masks, which gradient checkpointing's recompute relies on.
     pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> candle_core::Result<Tensor> {
-        if let Some(y) = self.decode_fast_path(x)? {
+        if let Some(y) = self.decode_fast_path_with(x, None)? {
             return Ok(y);
         }
         #[cfg(feature = "cuda")]
@@ -130,12 +130,9 @@ impl LoraLinear {
         self.forward(x, dropout_seed)
     }
 
-    /// Answering a few rows with an NF4 base and a frozen adapter in bf16: `h = x·Aᵀ`, then the NF4
-    /// GEMV adds `s·h·Bᵀ` in its own pass (two launches where the composed form takes five).
-    fn decode_fast_path(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        self.decode_fast_path_with(x, None)
-    }
-
+    /// Answering a few rows with an NF4 base and a frozen adapter in bf16: `h = x·Aᵀ` (or the `h`
+    /// given), then the NF4 GEMV adds `s·h·Bᵀ` in its own pass (two launches where the composed
+    /// form takes five).
     fn decode_fast_path_with(&self, x: &Tensor, h: Option<&Tensor>) -> candle_core::Result<Option<Tensor>> {
         let (FrozenWeight::Nf4(q), Some(l)) = (&self.base, &self.lora) else { return Ok(None) };
         let Some((wa, wb)) = &l.work else { return Ok(None) };

@@ -190,23 +190,26 @@ impl Nf4Weight {
     }
 }
 
+/// Whether the LoRA down-projection kernel takes x [M, K] and A [R, K] (bf16 on the GPU, M <= 8).
+#[cfg(feature = "cuda")]
+fn lora_down_applies(x: &Tensor, a: &Tensor) -> candle_core::Result<bool> {
+    let (m, k) = x.dims2()?;
+    Ok(x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && a.dtype() == DType::BF16
+        && m <= 8
+        && k % 8 == 0
+        && a.dim(1)? == k
+        && crate::fused_ops::allowed(crate::fused_ops::FusedOp::Lora))
+}
+
 /// The LoRA down projection `x·Aᵀ` of a few rows (x [M, in], A [r, in], bf16): one kernel on the
 /// GPU for M <= 8 (cuBLAS took about as long per call as the NF4 GEMV of a whole projection),
 /// else candle's matmul. Off with `GEMMACLIP_COMPOSED=lora`.
 pub fn lora_down(x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    {
-        let (m, k) = x.dims2()?;
-        if x.device().is_cuda()
-            && x.dtype() == DType::BF16
-            && a.dtype() == DType::BF16
-            && m <= 8
-            && k % 8 == 0
-            && a.dim(1)? == k
-            && crate::fused_ops::allowed(crate::fused_ops::FusedOp::Lora)
-        {
-            return x.contiguous()?.apply_op2_no_bwd(&a.contiguous()?, &cuda::LoraDown { part: None });
-        }
+    if lora_down_applies(x, a)? {
+        return x.contiguous()?.apply_op2_no_bwd(&a.contiguous()?, &cuda::LoraDown { part: None });
     }
     x.matmul(&a.t()?)
 }
@@ -216,21 +219,8 @@ pub fn lora_down(x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
 /// it). None where `lora_down`'s kernel does not apply.
 pub fn lora_down_parts(x: &Tensor, a: &Tensor, r: usize) -> candle_core::Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    {
-        let (m, k) = x.dims2()?;
-        let (rows, ka) = a.dims2()?;
-        if x.device().is_cuda()
-            && x.dtype() == DType::BF16
-            && a.dtype() == DType::BF16
-            && m <= 8
-            && k % 8 == 0
-            && ka == k
-            && r > 0
-            && rows % r == 0
-            && crate::fused_ops::allowed(crate::fused_ops::FusedOp::Lora)
-        {
-            return Ok(Some(x.contiguous()?.apply_op2_no_bwd(&a.contiguous()?, &cuda::LoraDown { part: Some(r) })?));
-        }
+    if r > 0 && a.dim(0)? % r == 0 && lora_down_applies(x, a)? {
+        return Ok(Some(x.contiguous()?.apply_op2_no_bwd(&a.contiguous()?, &cuda::LoraDown { part: Some(r) })?));
     }
     let _ = (x, a, r);
     Ok(None)
@@ -378,11 +368,9 @@ pub(crate) mod cuda {
         Ok(n.max(1) as u32)
     }
 
-    /// The batch-1 GEMV kernels of nf4.cu, fastest last.
+    /// The batch-1 GEMV kernels of nf4.cu.
     #[derive(Clone, Copy, PartialEq, Eq)]
     enum Gemv1 {
-        /// nf4_gemv1_bf16: a product per weight, no FMA
-        First,
         /// nf4_gemv1_fast{1,2}_bf16: FMAs, one or two rows per warp
         Fast(u32),
         /// nf4_gemv1_piped_bf16: a fixed grid whose warps load their next row while computing
@@ -393,12 +381,11 @@ pub(crate) mod cuda {
     /// the pipelined one with an adapter where its limits allow, the one/two-row one otherwise.
     /// Measured on an H200 (4B decode, 2026-11-28): with an r=64 adapter 182 tokens/s pipelined
     /// against 176; without one 226.7 one/two-row against 215.5 pipelined.
-    /// `GEMMACLIP_GEMV=old|1|2|piped` overrides, for measuring (a kernel that cannot take the
+    /// `GEMMACLIP_GEMV=1|2|piped` overrides, for measuring (a kernel that cannot take the
     /// shape falls back to the one/two-row one).
     fn gemv1_kernel(n: usize, k: usize, wpr: usize, r: usize) -> Gemv1 {
         static CHOICE: std::sync::OnceLock<Option<Gemv1>> = std::sync::OnceLock::new();
         let forced = *CHOICE.get_or_init(|| match std::env::var("GEMMACLIP_GEMV").ok()?.as_str() {
-            "old" => Some(Gemv1::First),
             "1" => Some(Gemv1::Fast(1)),
             "2" => Some(Gemv1::Fast(2)),
             "piped" => Some(Gemv1::Piped),
@@ -493,7 +480,6 @@ pub(crate) mod cuda {
             let func = dev.get_or_load_custom_func(
                 match kernel {
                     None => "nf4_gemv_bf16",
-                    Some(Gemv1::First) => "nf4_gemv1_bf16",
                     Some(Gemv1::Fast(1)) => "nf4_gemv1_fast1_bf16",
                     Some(Gemv1::Fast(_)) => "nf4_gemv1_fast2_bf16",
                     Some(Gemv1::Piped) => "nf4_gemv1_piped_bf16",
@@ -506,7 +492,7 @@ pub(crate) mod cuda {
             b.arg(&abs);
             b.arg(&xs);
             b.arg(&out);
-            if matches!(kernel, None | Some(Gemv1::First)) {
+            if kernel.is_none() {
                 b.arg(&mi);
             }
             b.arg(&ni);

@@ -32,36 +32,11 @@ __device__ float block_sum(float v, float* shared) {
     return total;
 }
 
-// Rows of up to RN_VALS * blockDim.x values are held in registers, loaded in one unrolled pass so
-// that every load of the row is in flight at once (a strided loop issued them one latency at a
-// time: a single decode row took 7-10 us). Each thread still sums columns tid, tid + blockDim.x,
-// ... in that order, so the results are those of the loop bit for bit.
-#define RN_VALS 16
-
 template <typename T>
 __device__ void rmsnorm_fwd(const T* x, const float* scale, T* y, int cols, float eps) {
     __shared__ float shared[32];
     const T* xr = x + (size_t)blockIdx.x * cols;
     T* yr = y + (size_t)blockIdx.x * cols;
-    if (cols <= RN_VALS * (int)blockDim.x) {
-        float v[RN_VALS];
-#pragma unroll
-        for (int i = 0; i < RN_VALS; i++) {
-            int c = threadIdx.x + i * blockDim.x;
-            v[i] = c < cols ? to_f(xr[c]) : 0.0f;
-        }
-        float ss = 0.0f;
-#pragma unroll
-        for (int i = 0; i < RN_VALS; i++)
-            if (threadIdx.x + i * blockDim.x < cols) ss += v[i] * v[i];
-        float r = rsqrtf(block_sum(ss, shared) / cols + eps);
-#pragma unroll
-        for (int i = 0; i < RN_VALS; i++) {
-            int c = threadIdx.x + i * blockDim.x;
-            if (c < cols) from_f(v[i] * r * scale[c], &yr[c]);
-        }
-        return;
-    }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = to_f(xr[c]); ss += v * v; }
     float r = rsqrtf(block_sum(ss, shared) / cols + eps);
@@ -100,42 +75,6 @@ extern "C" __global__ void add_rmsnorm_bf16(const unsigned short* x, const unsig
     const unsigned short* xr = x + (size_t)blockIdx.x * cols;
     const unsigned short* hr = h + (size_t)blockIdx.x * cols;
     unsigned short* ox = out + (size_t)blockIdx.x * cols;
-    if (cols <= RN_VALS * (int)blockDim.x) {
-        float hv[RN_VALS], xv[RN_VALS];
-#pragma unroll
-        for (int i = 0; i < RN_VALS; i++) {
-            int c = threadIdx.x + i * blockDim.x;
-            hv[i] = c < cols ? to_f(hr[c]) : 0.0f;
-            xv[i] = c < cols ? to_f(xr[c]) : 0.0f;
-        }
-        float ss = 0.0f;
-#pragma unroll
-        for (int i = 0; i < RN_VALS; i++)
-            if (threadIdx.x + i * blockDim.x < cols) ss += hv[i] * hv[i];
-        float r = rsqrtf(block_sum(ss, shared) / cols + eps);
-        float ss2 = 0.0f;
-#pragma unroll
-        for (int i = 0; i < RN_VALS; i++) {
-            int c = threadIdx.x + i * blockDim.x;
-            if (c < cols) {
-                unsigned short n, o;
-                from_f(hv[i] * r * s1[c], &n);
-                from_f(xv[i] + to_f(n), &o);
-                ox[c] = o;
-                xv[i] = to_f(o);
-                ss2 += xv[i] * xv[i];
-            }
-        }
-        if (s2 == 0) return;
-        unsigned short* oh = out + ((size_t)rows + blockIdx.x) * cols;
-        float r2 = rsqrtf(block_sum(ss2, shared) / cols + eps);
-#pragma unroll
-        for (int i = 0; i < RN_VALS; i++) {
-            int c = threadIdx.x + i * blockDim.x;
-            if (c < cols) from_f(xv[i] * r2 * s2[c], &oh[c]);
-        }
-        return;
-    }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = to_f(hr[c]); ss += v * v; }
     float r = rsqrtf(block_sum(ss, shared) / cols + eps);

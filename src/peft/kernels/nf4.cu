@@ -191,18 +191,15 @@ __device__ __forceinline__ void nf4_gemv_body(const unsigned char* __restrict__ 
         const unsigned char* wr = q + (size_t)row * (K / 2);
         const float* am = absmax + (size_t)row * (K / 64);
         int first = (sub * 32 + lane) * 32, stride = wpr * 1024;
-        if (MAXM == 1) {
-            gemv_lane<1>(wr, am, x, K, first, stride, lut, acc);
-        } else {
-            switch (M) {
-                case 2: gemv_lane<2>(wr, am, x, K, first, stride, lut, acc); break;
-                case 3: gemv_lane<3>(wr, am, x, K, first, stride, lut, acc); break;
-                case 4: gemv_lane<4>(wr, am, x, K, first, stride, lut, acc); break;
-                case 5: gemv_lane<5>(wr, am, x, K, first, stride, lut, acc); break;
-                case 6: gemv_lane<6>(wr, am, x, K, first, stride, lut, acc); break;
-                case 7: gemv_lane<7>(wr, am, x, K, first, stride, lut, acc); break;
-                default: gemv_lane<8>(wr, am, x, K, first, stride, lut, acc); break;
-            }
+        switch (M) {
+            case 1: gemv_lane<1>(wr, am, x, K, first, stride, lut, acc); break;
+            case 2: gemv_lane<2>(wr, am, x, K, first, stride, lut, acc); break;
+            case 3: gemv_lane<3>(wr, am, x, K, first, stride, lut, acc); break;
+            case 4: gemv_lane<4>(wr, am, x, K, first, stride, lut, acc); break;
+            case 5: gemv_lane<5>(wr, am, x, K, first, stride, lut, acc); break;
+            case 6: gemv_lane<6>(wr, am, x, K, first, stride, lut, acc); break;
+            case 7: gemv_lane<7>(wr, am, x, K, first, stride, lut, acc); break;
+            default: gemv_lane<8>(wr, am, x, K, first, stride, lut, acc); break;
         }
     }
 #pragma unroll
@@ -228,14 +225,7 @@ __device__ __forceinline__ void nf4_gemv_body(const unsigned char* __restrict__ 
     y[(size_t)m * N + row] = (unsigned short)f32_to_bf16_rne(out);
 }
 
-// One activation row (batch-1 decoding: at least three blocks per SM, so that enough loads are in
-// flight) and up to GEMV_MAX_M rows (two blocks per SM: more accumulators).
-extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv1_bf16(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
-                                         const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
-                                         int M, int N, int K, int wpr, const unsigned short* __restrict__ h,
-                                         const unsigned short* __restrict__ lb, int r, float scale) {
-    nf4_gemv_body<1>(q, absmax, x, y, M, N, K, wpr, h, lb, r, scale);
-}
+// Up to GEMV_MAX_M activation rows (two blocks per SM: more accumulators); batch 1 has its own kernels below.
 extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_bf16(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
                                          const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
                                          int M, int N, int K, int wpr, const unsigned short* __restrict__ h,
@@ -243,11 +233,40 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_bf16(const unsigne
     nf4_gemv_body<GEMV_MAX_M>(q, absmax, x, y, M, N, K, wpr, h, lb, r, scale);
 }
 
-// Batch-1 decoding, faster: the same row split as nf4_gemv1_bf16, but each lane sums its 32
-// weights' code values times x with FMAs and scales the sum once by the block's absmax (instead
-// of scaling every weight and multiplying without FMA), each warp takes ROWS rows at once (their
-// weight loads in flight together, each x chunk read once for all of them), and the whole warp
-// computes the LoRA term's dot product. The f32 sums group differently from nf4_gemv1_bf16's:
+// x[0 .. 32) (bf16) widened to f32.
+__device__ __forceinline__ void widen32(const unsigned short* __restrict__ x, float* xv) {
+    const uint4* xp = (const uint4*)x;
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        uint4 v = xp[c];
+        unsigned int xs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            xv[8 * c + 2 * j] = __uint_as_float(xs[j] << 16);
+            xv[8 * c + 2 * j + 1] = __uint_as_float(xs[j] & 0xffff0000u);
+        }
+    }
+}
+
+// The 32 weights of one 16-byte NF4 load: sum of code value times x, FMAs in weight order
+// (the block's absmax is applied to the sum by the caller).
+__device__ __forceinline__ float nf4_dot32(uint4 w, const float* xv, const float* lut) {
+    unsigned int ws[4] = {w.x, w.y, w.z, w.w};
+    float a = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        unsigned int b = (ws[j >> 2] >> (8 * (j & 3))) & 0xffu;
+        a = __fmaf_rn(lut[b >> 4], xv[2 * j], a);
+        a = __fmaf_rn(lut[b & 15], xv[2 * j + 1], a);
+    }
+    return a;
+}
+
+// Batch-1 decoding: the row split of nf4_gemv_bf16, but each lane sums its 32 weights' code
+// values times x with FMAs and scales the sum once by the block's absmax (instead of scaling
+// every weight and multiplying without FMA), each warp takes ROWS rows at once (their weight
+// loads in flight together, each x chunk widened once for all of them), and the whole warp
+// computes the LoRA term's dot product. The f32 sums group differently from nf4_gemv_bf16's:
 // outputs agree to f32 rounding before the bf16 rounding of the result.
 template <int ROWS>
 __device__ __forceinline__ void gemv1_fast_body(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
@@ -286,30 +305,10 @@ __device__ __forceinline__ void gemv1_fast_body(const unsigned char* __restrict_
         for (int p = 0; p < GEMV_PRELOAD; p++) {
             int k0 = base + p * stride;
             if (k0 >= K) break;
-            const uint4* xp = (const uint4*)(x + k0);
             float xv[32];
+            widen32(x + k0, xv);
 #pragma unroll
-            for (int c = 0; c < 4; c++) {
-                uint4 v = xp[c];
-                unsigned int xs[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    xv[8 * c + 2 * j] = __uint_as_float(xs[j] << 16);
-                    xv[8 * c + 2 * j + 1] = __uint_as_float(xs[j] & 0xffff0000u);
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < ROWS; i++) {
-                unsigned int ws[4] = {w[i][p].x, w[i][p].y, w[i][p].z, w[i][p].w};
-                float a = 0.0f;
-#pragma unroll
-                for (int j = 0; j < 16; j++) {
-                    unsigned int b = (ws[j >> 2] >> (8 * (j & 3))) & 0xffu;
-                    a = __fmaf_rn(lut[b >> 4], xv[2 * j], a);
-                    a = __fmaf_rn(lut[b & 15], xv[2 * j + 1], a);
-                }
-                acc[i] = __fmaf_rn(a, sc[i][p], acc[i]);
-            }
+            for (int i = 0; i < ROWS; i++) acc[i] = __fmaf_rn(nf4_dot32(w[i][p], xv, lut), sc[i][p], acc[i]);
         }
     }
 #pragma unroll
@@ -412,22 +411,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv1_piped_bf16(const 
         for (int p = 0; p < GEMV_PRELOAD; p++) {
             int k0 = first + p * stride;
             if (k0 >= K) break;
-            const uint4* xp = (const uint4*)(x + k0);
-            unsigned int ws[4] = {cw[p].x, cw[p].y, cw[p].z, cw[p].w};
-            float a = 0.0f;
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                uint4 v = xp[c];
-                unsigned int xs[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int jj = 0; jj < 4; jj++) {
-                    int j = 4 * c + jj;
-                    unsigned int b = (ws[j >> 2] >> (8 * (j & 3))) & 0xffu;
-                    a = __fmaf_rn(lut[b >> 4], __uint_as_float(xs[jj] << 16), a);
-                    a = __fmaf_rn(lut[b & 15], __uint_as_float(xs[jj] & 0xffff0000u), a);
-                }
-            }
-            acc = __fmaf_rn(a, cs[p], acc);
+            float xv[32];
+            widen32(x + k0, xv);
+            acc = __fmaf_rn(nf4_dot32(cw[p], xv, lut), cs[p], acc);
         }
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         if (lane == 0) part[it & 1][warp] = acc;
