@@ -1,5 +1,5 @@
 //! Which fused GPU ops may run. Each has a composed counterpart (the CPU path, and the reference it
-//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope,mlp,loss,graph` (or `all`, or `1`) makes a whole run use the
+//! is tested against); `GEMMACLIP_COMPOSED=attention,lora,rope,mlp,loss,graph,backward` (or `all`, or `1`) makes a whole run use the
 //! composed forms instead, for comparisons, and `force_composed` does the same from code (tests).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +18,9 @@ pub enum FusedOp {
     CrossEntropy,
     /// Generation's greedy decode step captured once and replayed as a CUDA graph (src/model/cuda_graph.rs)
     DecodeGraph,
+    /// Training's decoder-layer backward written by hand from the recompute's recorded fused ops
+    /// (src/train/layer_backward.rs) instead of candle's autograd
+    LayerBackward,
 }
 
 impl FusedOp {
@@ -29,6 +32,7 @@ impl FusedOp {
             FusedOp::GeluMul => "mlp",
             FusedOp::CrossEntropy => "loss",
             FusedOp::DecodeGraph => "graph",
+            FusedOp::LayerBackward => "backward",
         }
     }
     fn flag(self) -> &'static AtomicBool {
@@ -38,6 +42,7 @@ impl FusedOp {
         static GELU_MUL: AtomicBool = AtomicBool::new(false);
         static CROSS_ENTROPY: AtomicBool = AtomicBool::new(false);
         static DECODE_GRAPH: AtomicBool = AtomicBool::new(false);
+        static LAYER_BACKWARD: AtomicBool = AtomicBool::new(false);
         match self {
             FusedOp::Attention => &ATTENTION,
             FusedOp::Lora => &LORA,
@@ -45,6 +50,7 @@ impl FusedOp {
             FusedOp::GeluMul => &GELU_MUL,
             FusedOp::CrossEntropy => &CROSS_ENTROPY,
             FusedOp::DecodeGraph => &DECODE_GRAPH,
+            FusedOp::LayerBackward => &LAYER_BACKWARD,
         }
     }
 }

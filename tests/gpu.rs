@@ -506,34 +506,54 @@ fn tiny_bf16_step_with_fused_ops_matches_composed_and_peft() {
 }
 
 /// The decoder layer's hand-written backward (src/train/layer_backward.rs, recorded fused ops run
-/// backward in reverse) against candle's autograd over the same fused ops: the tiny model's bf16
-/// step with checkpointing, with dropout, the same loss and every LoRA and projector gradient
-/// within 1e-2 of the largest (only the order of the q/k/v input-gradient sums may differ).
+/// backward in reverse) against candle's autograd over the same fused ops, on the tiny model's
+/// bf16 step with checkpointing. Both round in bf16 at different points (the hand-written one sums
+/// the q/k/v input gradients in another order), and on the tiny random model a few rounding steps
+/// reach 1e-2 of a tensor's largest gradient, so the test holds the hand-written backward to the
+/// exact answer: without dropout both are measured against the f32 step and the hand-written one
+/// must be as close as autograd (within 1.25x); with dropout (same masks) the two must agree within
+/// 2e-2 of each tensor's largest gradient and give the same loss.
 #[test]
 fn hand_written_layer_backward_matches_autograd() {
+    use candle_core::DType;
     use gemmaclip::model::gemma3::BaseFormat;
     use gemmaclip::train::layer_backward::{force, layers_done};
     use gemmaclip::train::step::StepOptions;
     let Some((gpu, _serial)) = cuda() else { return };
-    let opts = StepOptions { checkpointing: true, dropout_seed: Some(7), ..StepOptions::default() };
-    force(Some(false));
-    let (la, ga) = common::qlora::grads_in(&gpu, candle_core::DType::BF16, BaseFormat::Nf4, &opts);
-    let before = layers_done();
-    force(Some(true));
-    let (lh, gh) = common::qlora::grads_in(&gpu, candle_core::DType::BF16, BaseFormat::Nf4, &opts);
-    force(None);
-    assert!(layers_done() > before, "the hand-written backward did not run");
-    let mut worst = 0f32;
-    for ((name, a), (_, h)) in ga.iter().zip(&gh) {
-        let scale = common::max_abs(a).max(1e-30);
-        let e = max_abs_diff(h, a) / scale;
-        assert!(e <= 1e-2, "{name}: {e:.2e}");
-        worst = worst.max(e);
-    }
+    let worst = |a: &[(String, candle_core::Tensor)], b: &[(String, candle_core::Tensor)]| {
+        let mut w = 0f32;
+        for ((name, a), (_, b)) in a.iter().zip(b) {
+            let a = a.to_dtype(DType::F32).unwrap();
+            let e = max_abs_diff(&b.to_dtype(DType::F32).unwrap(), &a) / common::max_abs(&a).max(1e-30);
+            w = w.max(e);
+            assert!(e.is_finite(), "{name}: {e}");
+        }
+        w
+    };
+    let both = |opts: &StepOptions| {
+        force(Some(false));
+        let auto = common::qlora::grads_in(&gpu, DType::BF16, BaseFormat::Nf4, opts);
+        let before = layers_done();
+        force(Some(true));
+        let hand = common::qlora::grads_in(&gpu, DType::BF16, BaseFormat::Nf4, opts);
+        force(None);
+        assert!(layers_done() > before, "the hand-written backward did not run");
+        (auto, hand)
+    };
+    let plain = StepOptions { checkpointing: true, ..StepOptions::default() };
+    let (_, exact) = common::qlora::grads_in(&gpu, DType::F32, BaseFormat::Nf4, &plain);
+    let ((_, ga), (_, gh)) = both(&plain);
+    let (ea, eh) = (worst(&exact, &ga), worst(&exact, &gh));
+    let dropout = StepOptions { checkpointing: true, dropout_seed: Some(7), ..StepOptions::default() };
+    let ((la, da), (lh, dh)) = both(&dropout);
+    let ed = worst(&da, &dh);
     println!(
-        "layer backward by hand vs autograd: loss {lh:.6} vs {la:.6}, worst relative gradient difference {worst:.2e} over {} tensors",
+        "layer backward, worst relative gradient error over {} tensors vs the f32 step: by hand {eh:.2e}, autograd {ea:.2e}; \
+         with dropout by hand vs autograd {ed:.2e}, loss {lh:.6} vs {la:.6}",
         ga.len()
     );
+    assert!(eh <= 1.25 * ea, "the hand-written backward is further from the f32 step than autograd");
+    assert!(ed <= 2e-2, "with dropout the hand-written backward left autograd's gradients");
     assert_eq!(lh, la);
 }
 

@@ -1,4 +1,5 @@
-//! A decoder layer's backward written by hand on the GPU (opt-in: `GEMMACLIP_LAYER_BACKWARD=1`):
+//! A decoder layer's backward written by hand on the GPU (the default with checkpointing;
+//! `GEMMACLIP_COMPOSED=backward` goes back to candle's autograd):
 //! the checkpointed recompute runs the layer's fused ops without a graph, recording them
 //! (src/model/tape.rs), and the backward calls each op's own backward in reverse, adding the
 //! gradients of a tensor read twice (the residual stream, the input of q/k/v and of gate/up) once.
@@ -36,13 +37,12 @@ const LAYER: [&str; 15] = [
 static FORCED: AtomicU8 = AtomicU8::new(0);
 static LAYERS: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether the hand-written backward was asked for (`GEMMACLIP_LAYER_BACKWARD=1`, or `force`).
+/// Whether the hand-written backward may run (`force`, else not `GEMMACLIP_COMPOSED=backward`).
 pub fn asked() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     match FORCED.load(Ordering::SeqCst) {
         1 => true,
         2 => false,
-        _ => *ON.get_or_init(|| std::env::var("GEMMACLIP_LAYER_BACKWARD").is_ok_and(|v| v == "1")),
+        _ => crate::fused_ops::allowed(crate::fused_ops::FusedOp::LayerBackward),
     }
 }
 

@@ -32,11 +32,37 @@ __device__ float block_sum(float v, float* shared) {
     return total;
 }
 
+// Rows of up to RN_VALS * blockDim.x values load all their inputs into registers first, every
+// load in flight at once; a strided loop whose loads sit behind the previous column's store issues
+// them one memory latency at a time. Each thread still sums columns tid, tid + blockDim.x, ... in
+// that order, so both forms give the same bits.
+#define RN_VALS 12
+
 template <typename T>
-__device__ void rmsnorm_fwd(const T* x, const float* scale, T* y, int cols, float eps) {
+__device__ void rmsnorm_fwd(const T* __restrict__ x, const float* __restrict__ scale, T* __restrict__ y, int cols, float eps) {
     __shared__ float shared[32];
     const T* xr = x + (size_t)blockIdx.x * cols;
     T* yr = y + (size_t)blockIdx.x * cols;
+    if (cols <= RN_VALS * (int)blockDim.x) {
+        float v[RN_VALS], s[RN_VALS];
+        float ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < RN_VALS; i++) {
+            int c = threadIdx.x + i * blockDim.x;
+            v[i] = c < cols ? to_f(xr[c]) : 0.0f;
+            s[i] = c < cols ? scale[c] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < RN_VALS; i++)
+            if (threadIdx.x + i * blockDim.x < cols) ss += v[i] * v[i];
+        float r = rsqrtf(block_sum(ss, shared) / cols + eps);
+#pragma unroll
+        for (int i = 0; i < RN_VALS; i++) {
+            int c = threadIdx.x + i * blockDim.x;
+            if (c < cols) from_f(v[i] * r * s[i], &yr[c]);
+        }
+        return;
+    }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = to_f(xr[c]); ss += v * v; }
     float r = rsqrtf(block_sum(ss, shared) / cols + eps);
@@ -44,11 +70,37 @@ __device__ void rmsnorm_fwd(const T* x, const float* scale, T* y, int cols, floa
 }
 
 template <typename T>
-__device__ void rmsnorm_bwd(const T* x, const T* g, const float* scale, T* dx, int cols, float eps) {
+__device__ void rmsnorm_bwd(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ scale,
+                            T* __restrict__ dx, int cols, float eps) {
     __shared__ float shared[32];
     const T* xr = x + (size_t)blockIdx.x * cols;
     const T* gr = g + (size_t)blockIdx.x * cols;
     T* dr = dx + (size_t)blockIdx.x * cols;
+    if (cols <= RN_VALS * (int)blockDim.x) {
+        float xv[RN_VALS], gs[RN_VALS];
+#pragma unroll
+        for (int i = 0; i < RN_VALS; i++) {
+            int c = threadIdx.x + i * blockDim.x;
+            xv[i] = c < cols ? to_f(xr[c]) : 0.0f;
+            gs[i] = c < cols ? to_f(gr[c]) * scale[c] : 0.0f;
+        }
+        float ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < RN_VALS; i++)
+            if (threadIdx.x + i * blockDim.x < cols) ss += xv[i] * xv[i];
+        float r = rsqrtf(block_sum(ss, shared) / cols + eps);
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < RN_VALS; i++)
+            if (threadIdx.x + i * blockDim.x < cols) dot += gs[i] * xv[i] * r;
+        float m = block_sum(dot, shared) / cols;
+#pragma unroll
+        for (int i = 0; i < RN_VALS; i++) {
+            int c = threadIdx.x + i * blockDim.x;
+            if (c < cols) from_f(r * (gs[i] - xv[i] * r * m), &dr[c]);
+        }
+        return;
+    }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = to_f(xr[c]); ss += v * v; }
     float r = rsqrtf(block_sum(ss, shared) / cols + eps);
@@ -69,12 +121,66 @@ extern "C" __global__ void rmsnorm_bwd_bf16(const unsigned short* x, const unsig
 // Answering's residual step: out_x = x + rmsnorm(h) * s1 (the norm rounded to bf16, then the
 // sum), and with s2 also out_h = rmsnorm(out_x) * s2, the next norm of the same row: one launch
 // where the composed form takes three, rounded as it rounds (rmsnorm_fwd's reduction, 256 threads).
-extern "C" __global__ void add_rmsnorm_bf16(const unsigned short* x, const unsigned short* h, const float* s1,
-                                            const float* s2, unsigned short* out, int rows, int cols, float eps) {
+// A decode row is one block, so latency is all it costs: rows of up to AR_VALS * blockDim.x values
+// load h, x and both scales into registers at once (the scales are cold in L2 by then: the weights
+// stream through it), and each thread still sums columns tid, tid + blockDim.x, ... in that order.
+// Loaded inside the loops instead, the stores between them kept the next loads from issuing early
+// and a row took ~12 us, one memory latency per column step.
+#define AR_VALS 12
+
+__device__ __forceinline__ void add_rmsnorm_regs(const unsigned short* __restrict__ xr, const unsigned short* __restrict__ hr,
+                                                 const float* __restrict__ s1, const float* __restrict__ s2,
+                                                 unsigned short* __restrict__ ox, unsigned short* __restrict__ oh,
+                                                 int cols, float eps, float* shared) {
+    float hv[AR_VALS], xv[AR_VALS], a[AR_VALS], b[AR_VALS];
+#pragma unroll
+    for (int i = 0; i < AR_VALS; i++) {
+        int c = threadIdx.x + i * blockDim.x;
+        bool in = c < cols;
+        hv[i] = in ? to_f(hr[c]) : 0.0f;
+        xv[i] = in ? to_f(xr[c]) : 0.0f;
+        a[i] = in ? s1[c] : 0.0f;
+        b[i] = in && s2 != 0 ? s2[c] : 0.0f;
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < AR_VALS; i++)
+        if (threadIdx.x + i * blockDim.x < cols) ss += hv[i] * hv[i];
+    float r = rsqrtf(block_sum(ss, shared) / cols + eps);
+    float ss2 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < AR_VALS; i++) {
+        int c = threadIdx.x + i * blockDim.x;
+        if (c < cols) {
+            unsigned short n, o;
+            from_f(hv[i] * r * a[i], &n);
+            from_f(xv[i] + to_f(n), &o);
+            ox[c] = o;
+            xv[i] = to_f(o);
+            ss2 += xv[i] * xv[i];
+        }
+    }
+    if (s2 == 0) return;
+    float r2 = rsqrtf(block_sum(ss2, shared) / cols + eps);
+#pragma unroll
+    for (int i = 0; i < AR_VALS; i++) {
+        int c = threadIdx.x + i * blockDim.x;
+        if (c < cols) from_f(xv[i] * r2 * b[i], &oh[c]);
+    }
+}
+
+extern "C" __global__ void add_rmsnorm_bf16(const unsigned short* __restrict__ x, const unsigned short* __restrict__ h,
+                                            const float* __restrict__ s1, const float* __restrict__ s2,
+                                            unsigned short* __restrict__ out, int rows, int cols, float eps) {
     __shared__ float shared[32];
     const unsigned short* xr = x + (size_t)blockIdx.x * cols;
     const unsigned short* hr = h + (size_t)blockIdx.x * cols;
     unsigned short* ox = out + (size_t)blockIdx.x * cols;
+    unsigned short* oh = out + ((size_t)rows + blockIdx.x) * cols;
+    if (cols <= AR_VALS * (int)blockDim.x) {
+        add_rmsnorm_regs(xr, hr, s1, s2, ox, oh, cols, eps, shared);
+        return;
+    }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = to_f(hr[c]); ss += v * v; }
     float r = rsqrtf(block_sum(ss, shared) / cols + eps);
@@ -88,7 +194,6 @@ extern "C" __global__ void add_rmsnorm_bf16(const unsigned short* x, const unsig
         ss2 += v * v;
     }
     if (s2 == 0) return;
-    unsigned short* oh = out + ((size_t)rows + blockIdx.x) * cols;
     float r2 = rsqrtf(block_sum(ss2, shared) / cols + eps);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) from_f(to_f(ox[c]) * r2 * s2[c], &oh[c]);
 }
