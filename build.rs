@@ -21,7 +21,7 @@ fn main() {
     for (src, name) in [
         ("src/peft/kernels/nf4.cu", "nf4.ptx"),
         ("src/model/kernels/rmsnorm.cu", "rmsnorm.ptx"),
-        ("src/model/kernels/gelu_mul.cu", "gelu_mul.ptx"),
+        ("src/model/kernels/elementwise.cu", "elementwise.ptx"),
         ("src/model/kernels/decode_attention.cu", "decode_attention.ptx"),
         ("src/train/kernels/optimizer.cu", "optimizer.ptx"),
         ("src/train/kernels/cross_entropy.cu", "cross_entropy.ptx"),

@@ -10,7 +10,7 @@ use crate::model::attention::Attention;
 use crate::model::fused_attention::FusedAttention;
 use crate::model::kv_cache::LayerCache;
 use crate::model::layer_context::{attention_mask, LayerContext, Masks};
-use crate::model::ops::{gelu_tanh_mul, gemma_norm_scale, gemma_rms_norm, residual_norm};
+use crate::model::ops::{gelu_tanh_mul, gemma_norm_scale, gemma_rms_norm, residual_add, residual_norm};
 use crate::model::rope::RopeTables;
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::{LoraLinear, SharedDown};
@@ -140,10 +140,10 @@ impl DecoderLayer {
             let h = self.mlp.forward(&h.expect("the next norm was asked for"), ctx.dropout_seed)?;
             return residual_norm(&x, &h, &self.post_feedforward_layernorm, next, self.eps);
         }
-        let x = (x + gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
+        let x = residual_add(x, &gemma_rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         let h = gemma_rms_norm(&x, &self.pre_feedforward_layernorm, self.eps)?;
         let h = self.mlp.forward(&h, ctx.dropout_seed)?;
-        let x = (x + gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?)?;
+        let x = residual_add(&x, &gemma_rms_norm(&h, &self.post_feedforward_layernorm, self.eps)?)?;
         let next = next.map(|s| gemma_rms_norm(&x, s, self.eps)).transpose()?;
         Ok((x, next))
     }

@@ -10,6 +10,7 @@
 
 use crate::model::gemma3::DecoderLayer;
 use crate::model::layer_context::LayerContext;
+use crate::model::ops::residual_add as add;
 use crate::model::tape::{record, Entry};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
@@ -103,8 +104,8 @@ pub fn backward(tape: &[Entry], g: &Tensor, vars: &[Var], grads: &mut [Option<Te
     let d_mid = lora(t(13), &d_down, vars, grads)?;
     let Entry::Two { op, a: gate, b: up, y } = t(12) else { bail!("layer backward: the MLP activation") };
     let (Some(d_gate), Some(d_up)) = op.bwd(gate, up, y, &d_mid)? else { bail!("layer backward: gelu-mul gradients") };
-    let d_h2 = (lora(t(10), &d_gate, vars, grads)? + lora(t(11), &d_up, vars, grads)?)?;
-    let d_x2 = (g + one(t(9), &d_h2)?)?;
+    let d_h2 = add(&lora(t(10), &d_gate, vars, grads)?, &lora(t(11), &d_up, vars, grads)?)?;
+    let d_x2 = add(g, &one(t(9), &d_h2)?)?;
     // x2 = x + norm_post_attn(o(attention(rope(q(h1)), rope(k(h1)), v(h1)))), h1 = norm_in(x)
     let d_o = one(t(8), &d_x2)?;
     let d_att = lora(t(7), &d_o, vars, grads)?;
@@ -114,7 +115,8 @@ pub fn backward(tape: &[Entry], g: &Tensor, vars: &[Var], grads: &mut [Option<Te
     };
     let dq = one(t(2), &dq)?;
     let dk = one(t(4), &dk)?;
-    let d_h1 = ((lora(t(1), &dq, vars, grads)? + lora(t(3), &dk, vars, grads)?)? + lora(t(5), &dv, vars, grads)?)?;
+    let d_h1 =
+        add(&add(&lora(t(1), &dq, vars, grads)?, &lora(t(3), &dk, vars, grads)?)?, &lora(t(5), &dv, vars, grads)?)?;
     LAYERS.fetch_add(1, Ordering::SeqCst);
-    Ok((d_x2 + one(t(0), &d_h1)?)?)
+    Ok(add(&d_x2, &one(t(0), &d_h1)?)?)
 }
