@@ -4,7 +4,7 @@
 use crate::config::ClipVisionConfig;
 use crate::model::fused_attention;
 use crate::model::linear::Linear;
-use crate::model::ops::{layer_norm, quick_gelu, softmax_last_dim_f32};
+use crate::model::ops::{layer_norm, quick_gelu, residual_add, softmax_last_dim_f32};
 use crate::weights::Weights;
 use anyhow::Result;
 use candle_core::{DType, Module, Tensor};
@@ -92,10 +92,10 @@ impl EncoderLayer {
             let probs = probs.to_dtype(x.dtype())?;
             probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?
         };
-        let x = (x + self.out_proj.forward(&attn)?)?;
+        let x = residual_add(x, &self.out_proj.forward(&attn)?)?;
         let h = self.layer_norm2.forward(&x)?;
         let h = self.fc2.forward(&quick_gelu(&self.fc1.forward(&h)?)?)?;
-        x + h
+        residual_add(&x, &h)
     }
 }
 

@@ -59,7 +59,13 @@ impl NormRope {
         let (batch, len, heads, cols) = self.dims(xl)?;
         let rows = batch * len * heads;
         let dev = x.device().clone();
-        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        // rows of up to 256 values: one warp each (the same bits, see rmsnorm.cu)
+        let warp = cols <= 256;
+        let f = if warp {
+            dev.get_or_load_custom_func(&format!("{name}_warp"), MODULE, PTX)?
+        } else {
+            dev.get_or_load_custom_func(name, MODULE, PTX)?
+        };
         let out = unsafe { dev.alloc::<half::bf16>(rows * cols)? };
         let mut views = vec![];
         for (s, l) in inputs {
@@ -85,8 +91,13 @@ impl NormRope {
         b.arg(&l);
         b.arg(&c);
         b.arg(&e);
+        let rows_i = rows as i32;
+        if warp {
+            b.arg(&rows_i);
+        }
         // 256 threads as the plain RMSNorm kernel, so the sum of squares adds in the same order
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let blocks = if warp { rows.div_ceil(8) } else { rows };
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.w()?;
         debug_assert_eq!(out_shape.elem_count(), rows * cols);
         Ok(CudaStorage::wrap_cuda_slice(out, dev))

@@ -253,3 +253,86 @@ extern "C" __global__ void qknorm_rope_bwd_bf16(const unsigned short* x, const u
         from_f(r * (dn[c] * scale[c] - xh * m), &dr[c]);
     }
 }
+
+// The same two kernels with one warp per (b, l, h) row, for rows of at most 256 values (head_dim
+// 256 on the 4B): eight rows per block of 256 threads instead of one, and no block barriers; the
+// one-row-per-block kernels spent most of their time in the barriers of 256-value rows (77 us for
+// 32k rows of q on an H200, 0.4 TB/s). Lane j holds columns j, j + 32, ... (slot s = column / 32),
+// which in those kernels belong to thread 32s + j, alone in its column: each slot sums across
+// the warp with block_sum's butterfly, and the eight warp sums combine in the order block_sum's
+// last step adds them, so the bits are the same.
+__device__ __forceinline__ float warp_tree(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float eight_sums(const float* w) {
+    return ((w[0] + w[4]) + (w[2] + w[6])) + ((w[1] + w[5]) + (w[3] + w[7]));
+}
+
+extern "C" __global__ void qknorm_rope_fwd_bf16_warp(const unsigned short* __restrict__ x, const float* __restrict__ scale,
+                                                     const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                                     unsigned short* __restrict__ out, int heads, int len, int cols,
+                                                     float eps, int rows) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    int h = row % heads, l = (row / heads) % len, b = row / (heads * len);
+    const unsigned short* xr = x + (size_t)row * cols;
+    unsigned short* o = out + (((size_t)b * heads + h) * len + l) * cols;
+    int half = cols / 2;
+    float w[8];
+#pragma unroll
+    for (int s = 0; s < 8; s++) {
+        int c = 32 * s + lane;
+        float v = c < cols ? to_f(xr[c]) : 0.0f;
+        w[s] = warp_tree(v * v);
+    }
+    float r = rsqrtf(eight_sums(w) / cols + eps);
+    for (int c = lane; c < half; c += 32) {
+        float n1 = bf(to_f(xr[c]) * r * scale[c]), n2 = bf(to_f(xr[c + half]) * r * scale[c + half]);
+        float cs = bf(cos_t[(size_t)l * half + c]), sn = bf(sin_t[(size_t)l * half + c]);
+        from_f(bf(n1 * cs) - bf(n2 * sn), &o[c]);
+        from_f(bf(n2 * cs) + bf(n1 * sn), &o[c + half]);
+    }
+}
+
+extern "C" __global__ void qknorm_rope_bwd_bf16_warp(const unsigned short* __restrict__ x, const unsigned short* __restrict__ g,
+                                                     const float* __restrict__ scale, const float* __restrict__ cos_t,
+                                                     const float* __restrict__ sin_t, unsigned short* __restrict__ dx,
+                                                     int heads, int len, int cols, float eps, int rows) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    int h = row % heads, l = (row / heads) % len, b = row / (heads * len);
+    const unsigned short* xr = x + (size_t)row * cols;
+    const unsigned short* gr = g + (((size_t)b * heads + h) * len + l) * cols;
+    unsigned short* dr = dx + (size_t)row * cols;
+    int half = cols / 2;
+    float dn[8], xv[8], sc[8], w[8];
+#pragma unroll
+    for (int s = 0; s < 8; s++) {
+        int c = 32 * s + lane;
+        dn[s] = 0.0f;
+        xv[s] = 0.0f;
+        sc[s] = 0.0f;
+        if (c < cols) {
+            int p = c < half ? c : c - half;  // the pair's first column
+            float cs = bf(cos_t[(size_t)l * half + p]), sn = bf(sin_t[(size_t)l * half + p]);
+            float ga = to_f(gr[p]), gb = to_f(gr[p + half]);
+            dn[s] = c < half ? ga * cs + gb * sn : gb * cs - ga * sn;
+            xv[s] = to_f(xr[c]);
+            sc[s] = scale[c];
+        }
+        w[s] = warp_tree(xv[s] * xv[s]);
+    }
+    float r = rsqrtf(eight_sums(w) / cols + eps);
+#pragma unroll
+    for (int s = 0; s < 8; s++) w[s] = warp_tree(32 * s + lane < cols ? dn[s] * sc[s] * xv[s] * r : 0.0f);
+    float m = eight_sums(w) / cols;
+#pragma unroll
+    for (int s = 0; s < 8; s++) {
+        int c = 32 * s + lane;
+        if (c < cols) {
+            float xh = xv[s] * r;
+            from_f(r * (dn[s] * sc[s] - xh * m), &dr[c]);
+        }
+    }
+}
