@@ -23,6 +23,7 @@ fn main() {
         ("src/model/kernels/rmsnorm.cu", "rmsnorm.ptx"),
         ("src/model/kernels/elementwise.cu", "elementwise.ptx"),
         ("src/model/kernels/decode_attention.cu", "decode_attention.ptx"),
+        ("src/model/kernels/sampling.cu", "sampling.ptx"),
         ("src/train/kernels/optimizer.cu", "optimizer.ptx"),
         ("src/train/kernels/cross_entropy.cu", "cross_entropy.ptx"),
     ] {

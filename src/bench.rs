@@ -293,12 +293,25 @@ pub struct GenerateArgs {
     /// the captured decode step, with eager steps, and by recomputing the sequence every token.
     #[arg(long, default_value_t = 0)]
     pub compare: usize,
+    /// Sample at this temperature instead of choosing greedily (0); `--top-k`, `--top-p` as in `infer`.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
 }
 
 /// Time to first token for `--batch-size` `prompt`-token prompts (<bos> + image block + text) and
 /// decode speed over every row, measured as tools/bench/hf_stack.py generate does (best of 3 and
 /// of 2 runs).
 pub fn generate(a: &GenerateArgs) -> Result<()> {
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!("--temperature must be a number of at least 0, got {}", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    }
     if a.new < 2 {
         bail!("--new must be at least 2");
     }
@@ -375,7 +388,12 @@ fn time_generation(vlm: &Vlm, prompts: &[Vec<u32>], pixels: &Tensor, a: &Generat
     use crate::generate::{generate, GenerateOptions};
     let batch = prompts.len();
     let run = |n: usize| -> Result<(f64, f64, usize)> {
-        let o = GenerateOptions::greedy(n, vec![]);
+        let o = GenerateOptions {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            ..GenerateOptions::greedy(n, vec![])
+        };
         synchronize(dev)?;
         let t = Instant::now();
         let (_, tm) = generate(vlm, prompts, Some(pixels), &o, &mut |_, _| {})?;
@@ -392,7 +410,8 @@ fn time_generation(vlm: &Vlm, prompts: &[Vec<u32>], pixels: &Tensor, a: &Generat
         "{}",
         json!({
             "what": "gemmaclip_generate", "four_bit": !a.no_4bit, "lora_r": a.lora_r,
-            "cuda_graph": dev.is_cuda() && crate::fused_ops::allowed(crate::fused_ops::FusedOp::DecodeGraph),
+            "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
+            "cuda_graph": dev.is_cuda() && a.temperature <= 0.0 && crate::fused_ops::allowed(crate::fused_ops::FusedOp::DecodeGraph),
             "prompt_tokens": a.prompt, "new_tokens": a.new, "batch_size": batch,
             "time_to_first_token_ms": (first * 1e4).round() / 10.0,
             "decode_tokens_per_s": ((batch * (a.new - 1)) as f64 / (full - first) * 10.0).round() / 10.0,

@@ -1,7 +1,7 @@
 //! Generation with a KV cache: prompts right-padded into one block, prefill, then one token per
 //! step until `<end_of_turn>`/`<eos>` or the token budget. Greedy at temperature 0 (chosen on the
-//! device), otherwise temperature / top-k / top-p sampling from a seeded generator on the host
-//! (sampling.rs).
+//! device), otherwise temperature / top-k / top-p sampling from a seeded generator: the draws on
+//! the host, the choice on the GPU (model/device_sampling.rs) or the host (sampling.rs).
 
 use crate::model::decode::first_max;
 use crate::model::vlm::Vlm;
@@ -88,8 +88,8 @@ fn graph_allowed(vlm: &Vlm, o: &GenerateOptions) -> bool {
 /// batch's images in order). `on_token(row, token)` sees each new token as it comes. Prompts are
 /// right-padded into one block; the KV cache is allocated for the block and up to `cache_room` new
 /// tokens, and moved into a wider one when a generation runs past them.
-/// Greedy decoding chooses on the device and, on a GPU, replays its step as a CUDA graph;
-/// sampling brings each step's logits to the host.
+/// Greedy decoding chooses on the device and, on a GPU, replays its step as a CUDA graph; sampling
+/// chooses on the GPU too (model/device_sampling.rs), on the CPU in sampling.rs.
 pub fn generate(
     vlm: &Vlm,
     prompts: &[Vec<u32>],
@@ -145,11 +145,17 @@ pub fn generate(
                 cache.ids.slice_set(&next.reshape((b, 1))?, 0, 0)?;
                 return Ok(next.to_vec1::<u32>()?);
             }
-            let rows = logits.to_vec2::<f32>()?;
             // the draws in row order (the seed gives the same tokens at any thread count), then
             // the rows side by side
             let draws: Vec<Option<f64>> = out.iter().map(|g| (!finished(g)).then(|| rng.next_f64())).collect();
             let s = Sampling { temperature: o.temperature, top_k: o.top_k, top_p: o.top_p };
+            #[cfg(feature = "cuda")]
+            if logits.device().is_cuda() {
+                let next = crate::model::device_sampling::sample_rows(logits, &draws, s, pad)?;
+                cache.ids.slice_set(&next.reshape((b, 1))?, 0, 0)?;
+                return Ok(next.to_vec1::<u32>()?);
+            }
+            let rows = logits.to_vec2::<f32>()?;
             let next: Vec<u32> =
                 rows.par_iter().zip(&draws).map(|(row, u)| u.map_or(pad, |u| sample(row, s, u))).collect();
             cache.ids.slice_set(&Tensor::from_vec(next.clone(), (b, 1), logits.device())?, 0, 0)?;

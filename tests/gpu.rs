@@ -894,3 +894,40 @@ fn nccl_beside_the_compute_stream_sums_in_place_while_kernels_write_elsewhere() 
         "NCCL beside the compute stream: a 32 MiB in-place sum beside 20 writes, and the whole-buffer sums, in order"
     );
 }
+
+/// Sampling's choice on the device (model/device_sampling.rs) against the host's (sampling.rs,
+/// itself held to a full sort of the vocabulary there): rows of Gemma's 262,208 logits and rows of
+/// 1,000 logits with many equal values, under temperature / top-k / top-p settings, 24 draws each,
+/// one row finished in every draw. The sums group differently on each side, so only a draw within
+/// rounding of a boundary could tell them apart; none is expected.
+#[test]
+fn device_sampling_chooses_as_the_host_does() {
+    use candle_core::{Device, Tensor};
+    use gemmaclip::model::device_sampling::sample_rows;
+    use gemmaclip::rng::SplitMix64;
+    use gemmaclip::sampling::{sample, Sampling};
+    let Some((gpu, _serial)) = cuda() else { return };
+    let mut rng = SplitMix64::new(11);
+    let settings =
+        [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (1.3, 40, 0.8), (0.5, 1, 1.0), (2.0, 0, 0.5), (1.0, 300, 0.95)];
+    let mut draws_done = 0;
+    for (v, ties) in [(262_208usize, false), (1000, true)] {
+        let x = Tensor::randn(0f32, 3.0, (4, v), &Device::Cpu).unwrap();
+        let x = if ties { ((x * 2.0).unwrap().round().unwrap() / 2.0).unwrap() } else { x };
+        let rows = x.to_vec2::<f32>().unwrap();
+        let on_gpu = x.to_device(&gpu).unwrap();
+        for &(temperature, top_k, top_p) in &settings {
+            let s = Sampling { temperature, top_k, top_p };
+            for round in 0..24 {
+                let draws: Vec<Option<f64>> =
+                    (0..rows.len()).map(|r| (r != round % rows.len()).then(|| rng.next_f64())).collect();
+                let device = sample_rows(&on_gpu, &draws, s, 7).unwrap().to_vec1::<u32>().unwrap();
+                let host: Vec<u32> =
+                    rows.iter().zip(&draws).map(|(row, u)| u.map_or(7, |u| sample(row, s, u))).collect();
+                assert_eq!(device, host, "{v} logits (ties {ties}), {s:?}, draws {draws:?}");
+                draws_done += draws.iter().flatten().count();
+            }
+        }
+    }
+    println!("device sampling == host sampling on {draws_done} draws over {} settings", settings.len());
+}

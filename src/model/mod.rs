@@ -9,6 +9,8 @@ pub mod cudnn_attention;
 pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod decode_attention;
+#[cfg(feature = "cuda")]
+pub mod device_sampling;
 pub mod fused_attention;
 #[cfg(feature = "cuda")]
 pub mod gelu_mul;
