@@ -5,7 +5,7 @@
 // Nothing is sorted: the order's positions are found by radix descent on the logits' order-preserving
 // 32-bit keys, 8 bits a pass, with counts (top-k) or probability mass (top-p, the draw) per bin, then
 // among equal logits by id. One block of ST threads per row; mass histograms are one per warp, each
-// bin's lanes summed by a fixed butterfly, so every sum has a fixed order and a seed gives the same tokens.
+// bin's lanes summed in lane order, so every sum has a fixed order and a seed gives the same tokens.
 // Sums group differently from the host's, so a draw within rounding of a boundary could differ.
 
 #define ST 512
@@ -117,9 +117,7 @@ __device__ void select_kth(const Row& r, unsigned int k, unsigned int* kstar, un
         for (int base = warp * 32; base < r.v; base += ST) {
             int i = base + lane;
             unsigned int key = i < r.v ? key_of(r.logits[i]) : 0;
-            bool in = i < r.v && (key & mask) == prefix;
-            if (!__any_sync(FULL, in)) continue;
-            unsigned int bin = in ? (key >> shift) & 255u : 256u;
+            unsigned int bin = (i < r.v && (key & mask) == prefix) ? (key >> shift) & 255u : 256u;
             unsigned int g = __match_any_sync(FULL, bin);
             if (bin < 256 && lane == __ffs(g) - 1) ch[warp * 256 + bin] += __popc(g);
         }
@@ -166,18 +164,14 @@ __device__ int cross(const Row& r, int level, double thr, bool strict, double m,
             int i = base + lane;
             unsigned int key = i < r.v ? key_of(r.logits[i]) : 0;
             bool in = i < r.v && (key & mask) == prefix && kept(r, level, i, key);
-            if (!__any_sync(FULL, in)) continue;
             unsigned int bin = in ? (key >> shift) & 255u : 256u;
-            // every lane gets the sum over the lanes of its bin: a butterfly that adds a partner's
-            // partial only when the partner's bin is its own (the partials stay within one bin and
-            // cover disjoint halves), the same fixed order every time
-            double s = in ? r.w[i] : 0.0;
-            for (int o = 16; o > 0; o >>= 1) {
-                double other = __shfl_xor_sync(FULL, s, o);
-                if (__shfl_xor_sync(FULL, bin, o) == bin) s += other;
-            }
+            double wv = in ? r.w[i] : 0.0;
             unsigned int g = __match_any_sync(FULL, bin);
-            if (bin < 256 && lane == __ffs(g) - 1) sh.hist[warp][bin] += s;
+            if (bin < 256) {
+                double s = 0.0;
+                for (unsigned int mm = g; mm; mm &= mm - 1) s += __shfl_sync(g, wv, __ffs(mm) - 1);
+                if (lane == __ffs(g) - 1) sh.hist[warp][bin] += s;
+            }
         }
         __syncthreads();
         if (threadIdx.x < 256) {
