@@ -293,11 +293,13 @@ pub struct GenerateArgs {
     /// the captured decode step, with eager steps, and by recomputing the sequence every token.
     #[arg(long, default_value_t = 0)]
     pub compare: usize,
-    /// Sample at this temperature instead of choosing greedily (0); `--top-k`, `--top-p` as in `infer`.
+    /// Sample at this temperature instead of choosing greedily (0, the default).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// When sampling, keep only the k most likely tokens (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// When sampling, keep the smallest set of most likely tokens whose probability reaches p.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
 }
