@@ -29,15 +29,38 @@ fn grid(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// The eight-per-thread kernel where every view starts 16 bytes aligned and n divides by 8:
-/// (kernel name, threads' element count, n as passed).
-fn wide(name: &'static str, n: usize, layouts: &[&Layout]) -> (String, usize, u64) {
+/// The eight-per-thread kernel of (one per thread, eight per thread) where every view starts 16
+/// bytes aligned and n divides by 8: (kernel name, threads' element count, n as passed).
+fn wide(names: (&'static str, &'static str), n: usize, layouts: &[&Layout]) -> (&'static str, usize, u64) {
     let aligned = layouts.iter().all(|l| l.start_offset() % 8 == 0);
     if n % 8 == 0 && aligned {
-        (format!("{name}_x8"), n / 8, (n / 8) as u64)
+        (names.1, n / 8, (n / 8) as u64)
     } else {
-        (name.to_string(), n, n as u64)
+        (names.0, n, n as u64)
     }
+}
+
+/// Two bf16 inputs of one shape in, one bf16 output of that shape: the launch of the forward
+/// kernels `names` (see `wide`).
+fn two_to_one(
+    names: (&'static str, &'static str),
+    (xs, xl): (&CudaStorage, &Layout),
+    (ys, yl): (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let n = xl.shape().elem_count();
+    let dev = xs.device().clone();
+    let (x, y) = (view(xs, xl)?, view(ys, yl)?);
+    // SAFETY: the kernel writes all n elements.
+    let out = unsafe { dev.alloc::<half::bf16>(n)? };
+    let (name, threads, n_arg) = wide(names, n, &[xl, yl]);
+    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&x);
+    b.arg(&y);
+    b.arg(&out);
+    b.arg(&n_arg);
+    unsafe { b.launch(grid(threads)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
 }
 
 /// a + b for contiguous bf16 tensors of one shape on the GPU, the bits of candle's add (the
@@ -59,6 +82,8 @@ pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 
 struct Add;
 
+const ADD: (&str, &str) = ("add_bf16", "add_bf16_x8");
+
 impl CustomOp2 for Add {
     fn name(&self) -> &'static str {
         "bf16-add"
@@ -79,23 +104,12 @@ impl CustomOp2 for Add {
         bs: &CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
+        // only the eight-per-thread kernel exists: `add` sends nothing else here
         let n = al.shape().elem_count();
-        let dev = as_.device().clone();
-        let (a, b) = (view(as_, al)?, view(bs, bl)?);
-        // SAFETY: the kernel writes all n elements.
-        let out = unsafe { dev.alloc::<half::bf16>(n)? };
-        let (name, threads, n_arg) = wide("add_bf16", n, &[al, bl]);
-        if !name.ends_with("_x8") {
-            candle_core::bail!("bf16-add: {n} elements or an offset not a multiple of 8")
+        if al.shape() != bl.shape() || wide(ADD, n, &[al, bl]).0 != ADD.1 {
+            candle_core::bail!("bf16-add: {:?} and {:?}, or an offset not a multiple of 8", al.dims(), bl.dims())
         }
-        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let mut l = f.builder();
-        l.arg(&a);
-        l.arg(&b);
-        l.arg(&out);
-        l.arg(&n_arg);
-        unsafe { l.launch(grid(threads)) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), al.shape().clone()))
+        two_to_one(ADD, (as_, al), (bs, bl))
     }
     fn bwd(
         &self,
@@ -131,20 +145,7 @@ impl CustomOp2 for GeluMul {
         if gl.shape() != ul.shape() {
             candle_core::bail!("gelu-mul: gate {:?} and up {:?} differ", gl.dims(), ul.dims());
         }
-        let n = gl.shape().elem_count();
-        let dev = gs.device().clone();
-        let (g, u) = (view(gs, gl)?, view(us, ul)?);
-        // SAFETY: the kernel writes all n elements.
-        let out = unsafe { dev.alloc::<half::bf16>(n)? };
-        let (name, threads, n64) = wide("gelu_mul_fwd_bf16", n, &[gl, ul]);
-        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let mut b = f.builder();
-        b.arg(&g);
-        b.arg(&u);
-        b.arg(&out);
-        b.arg(&n64);
-        unsafe { b.launch(grid(threads)) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), gl.shape().clone()))
+        two_to_one(("gelu_mul_fwd_bf16", "gelu_mul_fwd_bf16_x8"), (gs, gl), (us, ul))
     }
     fn bwd(
         &self,
@@ -165,8 +166,8 @@ impl CustomOp2 for GeluMul {
         let (g, u, d) = (view(gs, gl)?, view(us, ul)?, view(ds, dl)?);
         // SAFETY: the kernel writes all n elements of both.
         let (d_gate, d_up) = unsafe { (dev.alloc::<half::bf16>(n)?, dev.alloc::<half::bf16>(n)?) };
-        let (name, threads, n64) = wide("gelu_mul_bwd_bf16", n, &[gl, ul, dl]);
-        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let (name, threads, n64) = wide(("gelu_mul_bwd_bf16", "gelu_mul_bwd_bf16_x8"), n, &[gl, ul, dl]);
+        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let mut b = f.builder();
         b.arg(&g);
         b.arg(&u);

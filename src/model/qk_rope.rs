@@ -49,9 +49,10 @@ impl NormRope {
         Ok((*b, *len, self.heads, cols))
     }
 
+    /// `names`: the kernel with one block per row, and the one with one warp per row of up to 256.
     fn launch(
         &self,
-        name: &str,
+        names: (&str, &str),
         inputs: &[(&CudaStorage, &Layout)],
         out_shape: Shape,
     ) -> candle_core::Result<CudaStorage> {
@@ -61,11 +62,7 @@ impl NormRope {
         let dev = x.device().clone();
         // rows of up to 256 values: one warp each (the same bits, see rmsnorm.cu)
         let warp = cols <= 256;
-        let f = if warp {
-            dev.get_or_load_custom_func(&format!("{name}_warp"), MODULE, PTX)?
-        } else {
-            dev.get_or_load_custom_func(name, MODULE, PTX)?
-        };
+        let f = dev.get_or_load_custom_func(if warp { names.1 } else { names.0 }, MODULE, PTX)?;
         let out = unsafe { dev.alloc::<half::bf16>(rows * cols)? };
         let mut views = vec![];
         for (s, l) in inputs {
@@ -114,7 +111,7 @@ impl CustomOp1 for NormRope {
     fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let (b, len, heads, cols) = self.dims(l)?;
         let shape = Shape::from((b, heads, len, cols));
-        Ok((self.launch("qknorm_rope_fwd_bf16", &[(x, l)], shape.clone())?, shape))
+        Ok((self.launch(("qknorm_rope_fwd_bf16", "qknorm_rope_fwd_bf16_warp"), &[(x, l)], shape.clone())?, shape))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &NormRopeBwd(self.clone()))?))
@@ -142,6 +139,9 @@ impl CustomOp2 for NormRopeBwd {
         gl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let shape = xl.shape().clone();
-        Ok((self.0.launch("qknorm_rope_bwd_bf16", &[(x, xl), (g, gl)], shape.clone())?, shape))
+        Ok((
+            self.0.launch(("qknorm_rope_bwd_bf16", "qknorm_rope_bwd_bf16_warp"), &[(x, xl), (g, gl)], shape.clone())?,
+            shape,
+        ))
     }
 }
