@@ -19,7 +19,8 @@ pub enum FusedOp {
     /// Generation's greedy decode step captured once and replayed as a CUDA graph (src/model/cuda_graph.rs)
     DecodeGraph,
     /// Training's decoder-layer backward written by hand from the recompute's recorded fused ops
-    /// (src/train/layer_backward.rs) instead of candle's autograd
+    /// (src/train/layer_backward.rs) instead of candle's autograd, and the checkpointed first pass
+    /// run without a graph, each residual step fused with the norm after it
     LayerBackward,
 }
 

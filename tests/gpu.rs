@@ -545,16 +545,25 @@ fn hand_written_layer_backward_matches_autograd() {
     let ((_, ga), (_, gh)) = both(&plain);
     let (ea, eh) = (worst(&exact, &ga), worst(&exact, &gh));
     let dropout = StepOptions { checkpointing: true, dropout_seed: Some(7), ..StepOptions::default() };
+    // the masks depend on (seed, index) only, so the f32 step draws the same ones
+    let (_, exact_d) = common::qlora::grads_in(&gpu, DType::F32, BaseFormat::Nf4, &dropout);
     let ((la, da), (lh, dh)) = both(&dropout);
-    let ed = worst(&da, &dh);
+    let (ed, ead, ehd) = (worst(&da, &dh), worst(&exact_d, &da), worst(&exact_d, &dh));
     println!(
         "layer backward, worst relative gradient error over {} tensors vs the f32 step: by hand {eh:.2e}, autograd {ea:.2e}; \
-         with dropout by hand vs autograd {ed:.2e}, loss {lh:.6} vs {la:.6}",
+         with dropout by hand {ehd:.2e}, autograd {ead:.2e} (by hand vs autograd {ed:.2e}), loss {lh:.6} vs {la:.6}",
         ga.len()
     );
     assert!(eh <= 1.25 * ea, "the hand-written backward is further from the f32 step than autograd");
-    assert!(ed <= 2e-2, "with dropout the hand-written backward left autograd's gradients");
-    assert_eq!(lh, la);
+    // the q/k/v and gate/up input gradients are summed inside the LoRA GEMMs (rounded once, not
+    // twice), so the two bf16 paths part by a little rounding; both must stay as near the f32 step
+    assert!(ehd <= 1.25 * ead, "with dropout the hand-written backward is further from the f32 step than autograd");
+    assert!(ed <= 5e-2, "with dropout the hand-written backward left autograd's gradients");
+    // the hand-written path's first pass runs without a graph (each residual step fused with the
+    // next norm, cuDNN's forward without statistics), which may round a bf16 value differently
+    let el = ((lh - la) / la).abs();
+    println!("loss of the graphless first pass vs the autograd path's: relative {el:.2e}");
+    assert!(el <= 1e-3, "the graphless first pass changed the loss: {lh} vs {la}");
 }
 
 /// The fused LoRA linear (one op, hand-written backward) against the composed form on the same
@@ -836,19 +845,86 @@ fn fused_residual_norm_matches_the_composed_one() {
     use gemmaclip::model::ops::{gemma_rms_norm, residual_norm};
     let Some((gpu, _serial)) = cuda() else { return };
     let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
-    let (x, h) = (
-        bf16(Tensor::randn(0f32, 3.0, (3, 5, 2560), &gpu).unwrap()),
-        bf16(Tensor::randn(0f32, 1.0, (3, 5, 2560), &gpu).unwrap()),
+    // a decode step's few rows (one block per row) and a training row's many (one warp per row)
+    for dims in [(3usize, 5usize, 2560usize), (2, 300, 2560)] {
+        let (x, h) =
+            (bf16(Tensor::randn(0f32, 3.0, dims, &gpu).unwrap()), bf16(Tensor::randn(0f32, 1.0, dims, &gpu).unwrap()));
+        let (s1, s2) = (Tensor::randn(1f32, 0.3, 2560, &gpu).unwrap(), Tensor::randn(1f32, 0.3, 2560, &gpu).unwrap());
+        let (fx, fh) = residual_norm(&x, &h, &s1, Some(&s2), 1e-6).unwrap();
+        let (fx1, none) = residual_norm(&x, &h, &s1, None, 1e-6).unwrap();
+        assert!(none.is_none());
+        let cx = (&x + gemma_rms_norm(&h, &s1, 1e-6).unwrap()).unwrap();
+        let ch = gemma_rms_norm(&cx, &s2, 1e-6).unwrap();
+        let (ex, eh, ex1) = (max_abs_diff(&fx, &cx), max_abs_diff(&fh.unwrap(), &ch), max_abs_diff(&fx1, &cx));
+        println!("residual + norm {dims:?} fused vs separate norm and add: x' {ex:.2e}, next norm {eh:.2e}, x' alone {ex1:.2e} (max |diff|)");
+        // the chained launch must give the separate norm's bits: the first pass of a checkpointed
+        // training step chains, its recompute does not
+        assert!(ex == 0.0 && eh == 0.0 && ex1 == ex, "{dims:?}: {ex} {eh} {ex1}");
+    }
+}
+
+/// Gemma's RMSNorm kernels (warp per row for the 4B's 2560 columns, block per row for 2562),
+/// forward and backward, against the composed form in f32 on the CPU from the same bf16 values.
+#[test]
+fn fused_rms_norm_matches_the_composed_one() {
+    use candle_core::{DType, Device, Tensor, Var};
+    use gemmaclip::model::ops::gemma_rms_norm;
+    let Some((gpu, _serial)) = cuda() else { return };
+    for dims in [(2usize, 700usize, 2560usize), (3, 7, 2562)] {
+        let x = Tensor::randn(0f32, 2.0, dims, &gpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let g = Tensor::randn(0f32, 1.0, dims, &gpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let s = Tensor::randn(1f32, 0.3, dims.2, &gpu).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = gemma_rms_norm(xv.as_tensor(), &s, 1e-6).unwrap();
+        let dx = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap().remove(xv.as_tensor()).unwrap();
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let cx = Var::from_tensor(&cpu(&x)).unwrap();
+        let cy = gemma_rms_norm(cx.as_tensor(), &cpu(&s), 1e-6).unwrap();
+        let cdx = (&cy * cpu(&g)).unwrap().sum_all().unwrap().backward().unwrap().remove(cx.as_tensor()).unwrap();
+        let rel = |a: &Tensor, b: &Tensor| max_abs_diff(&cpu(a), b) / common::max_abs(b).max(1e-30);
+        let (ey, edx) = (rel(&y, &cy.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()), rel(&dx, &cdx));
+        println!("rmsnorm {dims:?} fused (bf16) vs composed (f32): y {ey:.2e}, dX {edx:.2e} of the largest");
+        assert!(ey < 1e-2 && edx < 1e-2, "{dims:?}: y {ey}, dX {edx}");
+    }
+}
+
+/// The frozen CLIP tower's bias linear (the output starts as the bias, one GEMM adds x·Wᵀ) against
+/// candle's composed matmul then broadcast add on the same bf16 inputs, and its fc1 + quick_gelu
+/// against quick_gelu computed on the CPU in f32 from that linear's output, rounded at PyTorch's
+/// points (after the scaling, the sigmoid and the product). Also printed: how often the linear
+/// equals the f32 product plus bias rounded once (PyTorch's addmm with a bias epilogue).
+#[test]
+fn clip_bias_linear_matches_the_composed_one() {
+    use candle_core::{DType, Device, Tensor};
+    let Some((gpu, _serial)) = cuda() else { return };
+    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let x = bf16(&Tensor::randn(0f32, 1.0, (2, 577, 1024), &gpu).unwrap());
+    let w = bf16(&Tensor::randn(0f32, 0.03, (4096, 1024), &gpu).unwrap());
+    let b = bf16(&Tensor::randn(0f32, 0.5, 4096, &gpu).unwrap());
+    let composed = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+    let once = bf16(&cpu(&x).broadcast_matmul(&cpu(&w).t().unwrap()).unwrap().broadcast_add(&cpu(&b)).unwrap());
+    let y = gemmaclip::model::clip_linear::forward(&x, &w, &b, false).unwrap().expect("the fused op applies");
+    let g = gemmaclip::model::clip_linear::forward(&x, &w, &b, true).unwrap().expect("the fused op applies");
+    let t = cpu(&y);
+    let a = cpu(&bf16(&(&t * 1.702).unwrap()));
+    let s = cpu(&bf16(&candle_nn::ops::sigmoid(&a).unwrap()));
+    let reference_gelu = cpu(&bf16(&(&t * &s).unwrap()));
+    let same = |a: &Tensor, b: &Tensor| {
+        let eq = cpu(a).eq(&cpu(b)).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap();
+        eq.to_scalar::<f32>().unwrap()
+    };
+    let rel = |a: &Tensor, b: &Tensor| max_abs_diff(&cpu(a), &cpu(b)) / common::max_abs(&cpu(b)).max(1e-30);
+    let (sy, sg, so) = (same(&y, &composed), same(&g, &reference_gelu), same(&y, &once));
+    let (ey, eg) = (rel(&y, &composed), rel(&g, &reference_gelu));
+    println!(
+        "CLIP bias linear [1154 x 1024] x [4096 x 1024]^T vs composed: {:.2}% identical (max error {ey:.2e}); \
+         quick_gelu {:.2}% identical (max error {eg:.2e}); the linear equals f32 + bias rounded once in {:.1}%",
+        100.0 * sy,
+        100.0 * sg,
+        100.0 * so
     );
-    let (s1, s2) = (Tensor::randn(1f32, 0.3, 2560, &gpu).unwrap(), Tensor::randn(1f32, 0.3, 2560, &gpu).unwrap());
-    let (fx, fh) = residual_norm(&x, &h, &s1, Some(&s2), 1e-6).unwrap();
-    let (fx1, none) = residual_norm(&x, &h, &s1, None, 1e-6).unwrap();
-    assert!(none.is_none());
-    let cx = (&x + gemma_rms_norm(&h, &s1, 1e-6).unwrap()).unwrap();
-    let ch = gemma_rms_norm(&cx, &s2, 1e-6).unwrap();
-    let (ex, eh, ex1) = (max_abs_diff(&fx, &cx), max_abs_diff(&fh.unwrap(), &ch), max_abs_diff(&fx1, &cx));
-    println!("residual + norm fused vs composed: x' {ex:.2e}, next norm {eh:.2e}, x' alone {ex1:.2e} (max |diff|)");
-    assert!(ex < 1e-1 && eh < 1e-1 && ex1 == ex, "{ex} {eh} {ex1}");
+    assert!(sy > 0.999 && sg > 0.999 && ey < 1e-2 && eg < 1e-2, "{sy} {sg} {ey} {eg}");
 }
 
 #[cfg(feature = "nccl")]

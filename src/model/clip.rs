@@ -35,6 +35,23 @@ fn fused(x: &Tensor) -> bool {
     x.device().is_cuda() && !x.track_op()
 }
 
+/// `l` over x, then quick_gelu with `then_quick_gelu`: on a GPU in bf16 one op with the bias
+/// inside the GEMM (clip_linear.rs), else candle's matmul, broadcast add and composed quick_gelu.
+fn linear(l: &Linear, x: &Tensor, then_quick_gelu: bool) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let (true, Some(b)) = (fused(x), &l.bias) {
+        if let Some(y) = crate::model::clip_linear::forward(x, &l.weight, b, then_quick_gelu)? {
+            return Ok(y);
+        }
+    }
+    let y = l.forward(x)?;
+    if then_quick_gelu {
+        quick_gelu(&y)
+    } else {
+        Ok(y)
+    }
+}
+
 fn load_linear(w: &Weights, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
     Ok(Linear::new(w.get(&format!("{name}.weight"), &[out_f, in_f])?, Some(w.get(&format!("{name}.bias"), &[out_f])?)))
 }
@@ -75,8 +92,11 @@ impl EncoderLayer {
         let heads = |y: Tensor| y.reshape((b, t, self.heads, hd))?.transpose(1, 2); // [B, heads, T, hd]
         let attn = if fused(x) && fused_attention::enabled(x.device(), x.dtype()) {
             // cuDNN reads q, k, v through their strides: no copies
-            let (q, k, v) =
-                (heads(self.q_proj.forward(&h)?)?, heads(self.k_proj.forward(&h)?)?, heads(self.v_proj.forward(&h)?)?);
+            let (q, k, v) = (
+                heads(linear(&self.q_proj, &h, false)?)?,
+                heads(linear(&self.k_proj, &h, false)?)?,
+                heads(linear(&self.v_proj, &h, false)?)?,
+            );
             fused_attention::attend_unmasked(&q, &k, &v, (hd as f64).powf(-0.5))?
         } else {
             let split = |y: Tensor| heads(y)?.contiguous();
@@ -92,9 +112,9 @@ impl EncoderLayer {
             let probs = probs.to_dtype(x.dtype())?;
             probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?
         };
-        let x = residual_add(x, &self.out_proj.forward(&attn)?)?;
+        let x = residual_add(x, &linear(&self.out_proj, &attn, false)?)?;
         let h = self.layer_norm2.forward(&x)?;
-        let h = self.fc2.forward(&quick_gelu(&self.fc1.forward(&h)?)?)?;
+        let h = linear(&self.fc2, &linear(&self.fc1, &h, true)?, false)?;
         residual_add(&x, &h)
     }
 }

@@ -108,6 +108,11 @@ impl DecoderLayer {
         })
     }
 
+    /// The scale of this layer's input norm (a chain of layers computes it in the layer before).
+    pub fn input_norm(&self) -> &Tensor {
+        &self.input_layernorm
+    }
+
     /// x [B, L, H] -> [B, L, H]; with `cache`, a prompt or decode pass that writes this layer's
     /// keys/values into it (a decode step at `ctx.write_index`) and attends over it.
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&LayerCache>) -> candle_core::Result<Tensor> {
@@ -133,8 +138,9 @@ impl DecoderLayer {
         };
         let h =
             self.self_attn.forward(&h, rope, mask, ctx.dropout_seed, cache.map(|c| (c, ctx.write_index.as_ref())))?;
-        if cache.is_some() {
-            // answering: each residual step and the norm after it in one launch
+        if cache.is_some() || graphless() {
+            // answering, or a pass without a graph: each residual step and the norm after it in one
+            // launch (residual_norm keeps the composed form wherever an input still tracks)
             let (x, h) =
                 residual_norm(x, &h, &self.post_attention_layernorm, Some(&self.pre_feedforward_layernorm), self.eps)?;
             let h = self.mlp.forward(&h.expect("the next norm was asked for"), ctx.dropout_seed)?;
@@ -147,6 +153,14 @@ impl DecoderLayer {
         let next = next.map(|s| gemma_rms_norm(&x, s, self.eps)).transpose()?;
         Ok((x, next))
     }
+}
+
+/// Whether this thread's fused ops build no graph (the first pass of a checkpointed step).
+fn graphless() -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::model::tape::graphless();
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 impl Gemma3Text {

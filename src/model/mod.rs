@@ -3,6 +3,10 @@
 pub mod attention;
 pub mod clip;
 #[cfg(feature = "cuda")]
+pub mod clip_linear;
+#[cfg(feature = "cuda")]
+pub mod cublas;
+#[cfg(feature = "cuda")]
 pub mod cuda_graph;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attention;
@@ -23,6 +27,7 @@ pub mod projector;
 #[cfg(feature = "cuda")]
 pub mod qk_rope;
 pub mod rope;
+pub mod splice;
 #[cfg(feature = "cuda")]
 pub mod tape;
 pub mod vlm;

@@ -2,7 +2,9 @@
 //! (src/train/layer_backward.rs) instead of candle's autograd, which adds every gradient edge into
 //! a zero-filled tensor. While a thread records, the fused ops run without a graph and push
 //! themselves, their inputs and their output here; otherwise `run1`/`run2`/`run3` are the plain
-//! `apply_op*` they replace, so nothing changes where nobody records.
+//! `apply_op*` they replace, so nothing changes where nobody records. A thread may also run
+//! without a graph at all (`without_graph`: the first, checkpointed pass of a training step, whose
+//! layer outputs are detached anyway): the fused ops then neither record nor build graph nodes.
 
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor};
 use std::cell::RefCell;
@@ -27,6 +29,20 @@ impl Entry {
 
 thread_local! {
     static TAPE: RefCell<Option<Vec<Entry>>> = const { RefCell::new(None) };
+    static NO_GRAPH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's fused ops building no graph.
+pub fn without_graph<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let before = NO_GRAPH.with(|n| n.replace(true));
+    let out = f();
+    NO_GRAPH.with(|n| n.set(before));
+    out
+}
+
+/// Whether this thread runs its fused ops without a graph (`without_graph`).
+pub fn graphless() -> bool {
+    NO_GRAPH.with(|n| n.get())
 }
 
 /// Whether this thread records.
@@ -51,6 +67,9 @@ fn push(e: Entry) {
 }
 
 pub fn run1(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static) -> Result<Tensor> {
+    if graphless() {
+        return x.apply_op1_no_bwd(&op);
+    }
     if !recording() {
         return x.apply_op1(op);
     }
@@ -60,6 +79,9 @@ pub fn run1(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static) -> Result<Te
 }
 
 pub fn run2(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
+    if graphless() {
+        return a.apply_op2_no_bwd(b, &op);
+    }
     if !recording() {
         return a.apply_op2(b, op);
     }
@@ -69,6 +91,9 @@ pub fn run2(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) 
 }
 
 pub fn run3(a: &Tensor, b: &Tensor, c: &Tensor, op: impl CustomOp3 + Send + Sync + 'static) -> Result<Tensor> {
+    if graphless() {
+        return a.apply_op3_no_bwd(b, c, &op);
+    }
     if !recording() {
         return a.apply_op3(b, c, op);
     }

@@ -7,6 +7,7 @@ use crate::model::clip::ClipVision;
 use crate::model::gemma3::Gemma3Text;
 use crate::model::ops::cross_entropy_sum;
 use crate::model::projector::Projector;
+use crate::model::splice::splice_image_features;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
@@ -39,32 +40,6 @@ impl Supervised {
         }
         s
     }
-}
-
-/// Replaces the rows of `text` [B, L, H] whose id is `image_token` by the rows of `image` [M, H],
-/// in order, with one index_select over cat(text, image) (its backward is an index_add; candle's
-/// scatter backward is wrong, see candle-core's backprop.rs).
-pub fn splice_image_features(text: &Tensor, ids: &[Vec<u32>], image_token: u32, image: &Tensor) -> Result<Tensor> {
-    let (b, l, h) = text.dims3()?;
-    let m = image.dim(0)?;
-    let mut index = Vec::with_capacity(b * l);
-    let mut k = 0usize;
-    for (bi, row) in ids.iter().enumerate() {
-        for (t, &id) in row.iter().enumerate() {
-            if id == image_token {
-                index.push((b * l + k) as u32);
-                k += 1;
-            } else {
-                index.push((bi * l + t) as u32);
-            }
-        }
-    }
-    if k != m {
-        bail!("the prompt has {k} image tokens but the images give {m} feature rows");
-    }
-    let all = Tensor::cat(&[text.reshape((b * l, h))?, image.to_dtype(text.dtype())?], 0)?;
-    let index = Tensor::from_vec(index, b * l, text.device())?;
-    Ok(all.index_select(&index, 0)?.reshape((b, l, h))?)
 }
 
 impl Vlm {

@@ -3,20 +3,21 @@
 //! y, and the backward as `dX = g·W + drop'((s·g·B)·A)`, `dA = (s·g·B)ᵀ·drop(x)`,
 //! `dB = s·gᵀ·(drop(x)·Aᵀ)`: five GEMMs, no weight gradient for the frozen W (NF4 dequantized for
 //! each use, as the composed path does), the dropout mask redrawn from its seed instead of kept.
+//! The checkpointed recompute is the exception: its backward follows within the same layer, so
+//! there the dequantized W and drop(x) are kept for it (one layer's worth at a time).
 //! A and B are the bf16 working copies the optimizer refreshes once per step; their gradients come
 //! back in bf16, as the composed path's do. The composed form in lora.rs is what the CPU runs and
 //! what this op is tested against (tests/gpu.rs). It may round differently (the LoRA term is
 //! added inside the last GEMM); on the H200 its outputs and gradients came out identical.
 
+use crate::model::cublas::gemm_bf16 as gemm;
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::Lora;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cublas::sys;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
-use std::ffi::c_void;
 use std::sync::Mutex;
 
 type Bf16 = half::bf16;
@@ -42,7 +43,14 @@ pub fn forward(
         _ => None,
     };
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let op = FusedLora { base: base.clone(), scale: l.scale as f32, dropout, u: Mutex::new(None) };
+    let op = FusedLora {
+        base: base.clone(),
+        scale: l.scale as f32,
+        dropout,
+        u: Mutex::new(None),
+        kept: Mutex::new(Kept::default()),
+        recorded: crate::model::tape::recording(),
+    };
     // x keeps its shape ([.., in] -> [.., out]): a reshape would be one more graph node, and each
     // node costs a zero fill and an add in candle's backward
     if l.frozen {
@@ -50,6 +58,21 @@ pub fn forward(
         return Ok(Some(x.contiguous()?.apply_op3_no_bwd(&wa.as_tensor().detach(), &wb.as_tensor().detach(), &op)?));
     }
     Ok(Some(crate::model::tape::run3(&x.contiguous()?, wa.as_tensor(), wb.as_tensor(), op)?))
+}
+
+thread_local! {
+    static DX_INTO: std::cell::RefCell<Option<Tensor>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f`, a recorded LoRA linear's backward, with its input gradient added in place into `acc`
+/// (bf16, contiguous, x's shape, held by nobody else) instead of written to a fresh tensor; the op
+/// then returns `acc` itself. The gradient of an input read by several linears (q/k/v, gate/up)
+/// is so summed inside their GEMMs (beta = 1): no separate add, and one rounding fewer.
+pub fn backward_adding_into<T>(acc: Tensor, f: impl FnOnce() -> T) -> T {
+    DX_INTO.with(|d| *d.borrow_mut() = Some(acc));
+    let out = f();
+    DX_INTO.with(|d| d.borrow_mut().take());
+    out
 }
 
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -66,6 +89,19 @@ struct FusedLora {
     dropout: Option<(f32, u64)>,
     /// drop(x)·Aᵀ [m, r] from the forward, for dB
     u: Mutex<Option<CudaSlice<Bf16>>>,
+    /// From a recorded forward (the checkpointed recompute, whose backward follows at once): the
+    /// dequantized weight and drop(x), so that the backward neither dequantizes nor draws the mask
+    /// again. Taken, and so freed, by the backward.
+    kept: Mutex<Kept>,
+    /// Run while recording: the hand-written layer backward wants d(x) although x, recorded
+    /// without a graph, does not track (a tracking copy of x would cost a copy per linear).
+    recorded: bool,
+}
+
+#[derive(Default)]
+struct Kept {
+    w: Option<(Tensor, u64)>,
+    xd: Option<(CudaSlice<Bf16>, u64)>,
 }
 
 fn ptr(s: &CudaStorage, l: &Layout, what: &str) -> candle_core::Result<u64> {
@@ -79,52 +115,6 @@ fn slice_ptr(s: &CudaSlice<Bf16>, dev: &CudaDevice) -> u64 {
     let stream = dev.cuda_stream();
     let p = s.device_ptr(&stream).0;
     p
-}
-
-/// Row-major `C[m, n] = alpha·op(A)·op(B) + beta·C` in bf16 with f32 accumulation, as candle's
-/// own bf16 matmul calls cuBLAS. `A` is stored [m, k] ([k, m] when `ta`), `B` [k, n] ([n, k] when `tb`).
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    dev: &CudaDevice,
-    c: u64,
-    a: u64,
-    ta: bool,
-    b: u64,
-    tb: bool,
-    (m, n, k): (usize, usize, usize),
-    alpha: f32,
-    beta: f32,
-) -> candle_core::Result<()> {
-    use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-    // column-major view: Cᵀ[n, m] = op(B)ᵀ · op(A)ᵀ
-    let (op_b, ldb) = if tb { (CUBLAS_OP_T, k) } else { (CUBLAS_OP_N, n) };
-    let (op_a, lda) = if ta { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k) };
-    let blas = dev.cublas_handle();
-    // SAFETY: the pointers address live bf16 buffers of the stated shapes on this device's stream.
-    unsafe {
-        candle_core::cuda_backend::cudarc::cublas::result::gemm_ex(
-            *blas.handle(),
-            op_b,
-            op_a,
-            n as i32,
-            m as i32,
-            k as i32,
-            (&alpha) as *const f32 as *const c_void,
-            b as *const c_void,
-            sys::cudaDataType_t::CUDA_R_16BF,
-            ldb as i32,
-            a as *const c_void,
-            sys::cudaDataType_t::CUDA_R_16BF,
-            lda as i32,
-            (&beta) as *const f32 as *const c_void,
-            c as *mut c_void,
-            sys::cudaDataType_t::CUDA_R_16BF,
-            n as i32,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-        )
-    }
-    .w()
 }
 
 /// One of nf4.cu's dropout kernels over `n` elements: [one element per thread, eight per thread].
@@ -186,6 +176,12 @@ fn dropped(
     }
 }
 
+/// Where a backward's input gradient goes: a fresh buffer, or added into a given sum.
+enum Dx {
+    Fresh(CudaSlice<Bf16>),
+    Into(Tensor),
+}
+
 fn wrap(x: CudaSlice<Bf16>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
     Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone())),
@@ -233,16 +229,21 @@ impl CustomOp3 for FusedLora {
         }
         let dev = xs.device().clone();
         let (x, a, b) = (ptr(xs, xl, "x")?, ptr(a_s, al, "A")?, ptr(bs, bl, "B")?);
-        let (_w, w) = weight(&self.base)?;
+        let (wt, w) = weight(&self.base)?;
         // SAFETY: y and u are fully written by their GEMMs (beta = 0) before anything reads them.
         let y = unsafe { dev.alloc::<Bf16>(m * n)? };
         let u = unsafe { dev.alloc::<Bf16>(m * r)? };
         let (yp, up) = (slice_ptr(&y, &dev), slice_ptr(&u, &dev));
         gemm(&dev, yp, x, false, w, true, (m, n, k), 1.0, 0.0)?;
-        let (_xd, xd) = dropped(&dev, x, m * k, self.dropout)?;
+        let (xd_buf, xd) = dropped(&dev, x, m * k, self.dropout)?;
         gemm(&dev, up, xd, false, a, true, (m, r, k), 1.0, 0.0)?;
         gemm(&dev, yp, up, false, b, true, (m, n, r), self.scale, 1.0)?;
         *self.u.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
+        if crate::model::tape::recording() {
+            let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+            kept.w = Some((wt, w));
+            kept.xd = xd_buf.map(|b| (b, xd));
+        }
         let mut shape = xl.dims().to_vec();
         *shape.last_mut().expect("x has a last dim") = n;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(shape)))
@@ -263,6 +264,7 @@ impl CustomOp3 for FusedLora {
         let (n, _) = b.dims2()?;
         let u = self.u.lock().unwrap_or_else(|p| p.into_inner());
         let Some(u) = u.as_ref() else { candle_core::bail!("fused LoRA: backward without its forward") };
+        let Kept { w: kept_w, xd: kept_xd } = std::mem::take(&mut *self.kept.lock().unwrap_or_else(|p| p.into_inner()));
         let (xg, xl) = x.storage_and_layout();
         let (ag, al) = a.storage_and_layout();
         let (bg, bl) = b.storage_and_layout();
@@ -286,18 +288,45 @@ impl CustomOp3 for FusedLora {
             None
         };
         let da = if a.track_op() {
-            let (_xd, xd) = dropped(&dev, xp, m * k, self.dropout)?;
+            // the forward's drop(x) where it was kept (x is the same tensor), else drawn again
+            let (_xd, xd) = match kept_xd {
+                Some((buf, p)) => (Some(buf), p),
+                None => dropped(&dev, xp, m * k, self.dropout)?,
+            };
             let da = unsafe { dev.alloc::<Bf16>(r * k)? };
             gemm(&dev, slice_ptr(&da, &dev), gbp, true, xd, false, (r, k, m), 1.0, 0.0)?; // (s·g·B)ᵀ·drop(x)
             Some(wrap(da, &dev, &[r, k]))
         } else {
             None
         };
-        let dx = if x.track_op() {
-            let (_w, w) = weight(&self.base)?;
-            let dx = unsafe { dev.alloc::<Bf16>(m * k)? };
-            let dxp = slice_ptr(&dx, &dev);
-            gemm(&dev, dxp, gp, false, w, false, (m, k, n), 1.0, 0.0)?; // g·W
+        let dx = if x.track_op() || self.recorded {
+            let (_w, w) = match kept_w {
+                Some(kept) => kept,
+                None => weight(&self.base)?,
+            };
+            let into = if self.recorded { DX_INTO.with(|d| d.borrow_mut().take()) } else { None };
+            let (dx, dxp, beta) = match into {
+                Some(acc) => {
+                    if acc.dtype() != DType::BF16 || acc.dims() != x.dims() {
+                        candle_core::bail!("fused LoRA: the gradient to add into is not bf16 of x's shape");
+                    }
+                    let p = {
+                        let (st, l) = acc.storage_and_layout();
+                        let Storage::Cuda(s) = &*st else {
+                            candle_core::bail!("fused LoRA: the sum is not on the GPU")
+                        };
+                        ptr(s, l, "the gradient to add into")?
+                    };
+                    (Dx::Into(acc), p, 1.0)
+                }
+                None => {
+                    // SAFETY: fully written by the GEMM below (beta = 0).
+                    let dx = unsafe { dev.alloc::<Bf16>(m * k)? };
+                    let p = slice_ptr(&dx, &dev);
+                    (Dx::Fresh(dx), p, 0.0)
+                }
+            };
+            gemm(&dev, dxp, gp, false, w, false, (m, k, n), 1.0, beta)?; // g·W (+ the sum so far)
             match self.dropout {
                 None => gemm(&dev, dxp, gbp, false, ap, false, (m, k, r), 1.0, 1.0)?, // += (s·g·B)·A
                 Some(d) => {
@@ -307,7 +336,10 @@ impl CustomOp3 for FusedLora {
                     dropout_kernel(&dev, ["dropout_accumulate_bf16", "dropout_accumulate_bf16_x8"], dxp, tp, m * k, d)?;
                 }
             }
-            Some(wrap(dx, &dev, x.dims()))
+            Some(match dx {
+                Dx::Fresh(dx) => wrap(dx, &dev, x.dims()),
+                Dx::Into(acc) => acc,
+            })
         } else {
             None
         };

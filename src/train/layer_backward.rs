@@ -2,10 +2,11 @@
 //! `GEMMACLIP_COMPOSED=backward` goes back to candle's autograd):
 //! the checkpointed recompute runs the layer's fused ops without a graph, recording them
 //! (src/model/tape.rs), and the backward calls each op's own backward in reverse, adding the
-//! gradients of a tensor read twice (the residual stream, the input of q/k/v and of gate/up) once.
+//! gradients of a tensor read twice (the residual stream, the input of q/k/v and of gate/up) once,
+//! the latter inside the LoRA linears' own GEMMs.
 //! candle's autograd instead adds every gradient edge into a zero-filled tensor: on an H200 about
 //! 97 ms of a 318 ms batch-4 step (tools/gpu/kprof). The ops and their backwards are the ones the
-//! autograd path runs; only the order of the sums of the three q/k/v input gradients may differ.
+//! autograd path runs; only the sums of the q/k/v and gate/up input gradients round differently.
 //! tests/gpu.rs holds it against the autograd path.
 
 use crate::model::gemma3::DecoderLayer;
@@ -79,9 +80,8 @@ fn lora(e: &Entry, g: &Tensor, vars: &[Var], grads: &mut [Option<Tensor>]) -> Re
     let Entry::Three { op, a: x, b: wa, c: wb, y } = e else {
         bail!("layer backward: {} is not a LoRA linear", e.name())
     };
-    // the op computes the gradient of each input that tracks; x was recorded without a graph
-    let xv = Var::from_tensor(x)?;
-    let (dx, da, db) = op.bwd(xv.as_tensor(), wa, wb, y, &g.contiguous()?)?;
+    // d(x) although x was recorded without a graph: the op knows it was recorded
+    let (dx, da, db) = op.bwd(x, wa, wb, y, &g.contiguous()?)?;
     for (t, d) in [(wa, da), (wb, db)] {
         let Some(d) = d else { continue };
         let Some(i) = vars.iter().position(|v| v.as_tensor().id() == t.id()) else {
@@ -95,6 +95,17 @@ fn lora(e: &Entry, g: &Tensor, vars: &[Var], grads: &mut [Option<Tensor>]) -> Re
     dx.ok_or_else(|| anyhow::anyhow!("layer backward: the LoRA linear gave no input gradient"))
 }
 
+/// `lora`, its input gradient added into `acc` (the sum over the linears that read the same input)
+/// inside the op's own GEMM instead of by a separate add.
+fn lora_adding(e: &Entry, g: &Tensor, vars: &[Var], grads: &mut [Option<Tensor>], acc: Tensor) -> Result<Tensor> {
+    let id = acc.id();
+    let d = crate::peft::fused_lora::backward_adding_into(acc, || lora(e, g, vars, grads))?;
+    if d.id() != id {
+        bail!("layer backward: {} did not add its input gradient into the sum", e.name());
+    }
+    Ok(d)
+}
+
 /// d(loss)/d(x) of the layer whose recorded forward is `tape`, from d(loss)/d(output) `g`; the
 /// LoRA gradients go into `grads`.
 pub fn backward(tape: &[Entry], g: &Tensor, vars: &[Var], grads: &mut [Option<Tensor>]) -> Result<Tensor> {
@@ -104,7 +115,8 @@ pub fn backward(tape: &[Entry], g: &Tensor, vars: &[Var], grads: &mut [Option<Te
     let d_mid = lora(t(13), &d_down, vars, grads)?;
     let Entry::Two { op, a: gate, b: up, y } = t(12) else { bail!("layer backward: the MLP activation") };
     let (Some(d_gate), Some(d_up)) = op.bwd(gate, up, y, &d_mid)? else { bail!("layer backward: gelu-mul gradients") };
-    let d_h2 = add(&lora(t(10), &d_gate, vars, grads)?, &lora(t(11), &d_up, vars, grads)?)?;
+    let d_h2 = lora(t(10), &d_gate, vars, grads)?;
+    let d_h2 = lora_adding(t(11), &d_up, vars, grads, d_h2)?;
     let d_x2 = add(g, &one(t(9), &d_h2)?)?;
     // x2 = x + norm_post_attn(o(attention(rope(q(h1)), rope(k(h1)), v(h1)))), h1 = norm_in(x)
     let d_o = one(t(8), &d_x2)?;
@@ -115,8 +127,9 @@ pub fn backward(tape: &[Entry], g: &Tensor, vars: &[Var], grads: &mut [Option<Te
     };
     let dq = one(t(2), &dq)?;
     let dk = one(t(4), &dk)?;
-    let d_h1 =
-        add(&add(&lora(t(1), &dq, vars, grads)?, &lora(t(3), &dk, vars, grads)?)?, &lora(t(5), &dv, vars, grads)?)?;
+    let d_h1 = lora(t(1), &dq, vars, grads)?;
+    let d_h1 = lora_adding(t(3), &dk, vars, grads, d_h1)?;
+    let d_h1 = lora_adding(t(5), &dv, vars, grads, d_h1)?;
     LAYERS.fetch_add(1, Ordering::SeqCst);
     Ok(add(&d_x2, &one(t(0), &d_h1)?)?)
 }

@@ -286,8 +286,23 @@ pub fn loss_and_grads_by_layer(
 
     // Pass 1: layer inputs only (each layer's graph is dropped with its detached output).
     let mut acts = vec![embeds.detach()];
-    for layer in &vlm.llm.layers {
-        let next = layer.forward(acts.last().expect("non-empty"), &ctx, None)?.detach();
+    #[cfg(feature = "cuda")]
+    if crate::train::layer_backward::asked() {
+        // no graph at all: each layer's last residual step also gives the next layer's input norm
+        let layers = &vlm.llm.layers;
+        crate::model::tape::without_graph(|| {
+            let mut normed = None;
+            for (i, layer) in layers.iter().enumerate() {
+                let next = layers.get(i + 1).map(|l| l.input_norm());
+                let (y, n) = layer.forward_normed(acts.last().expect("non-empty"), normed.take(), &ctx, None, next)?;
+                acts.push(y.detach());
+                normed = n.map(|n| n.detach());
+            }
+            Ok(())
+        })?;
+    }
+    while acts.len() <= vlm.llm.layers.len() {
+        let next = vlm.llm.layers[acts.len() - 1].forward(acts.last().expect("non-empty"), &ctx, None)?.detach();
         acts.push(next);
     }
     phases.mark("forward (no graph)")?;

@@ -91,3 +91,28 @@ extern "C" __global__ void add_bf16_x8(const uint4* a, const uint4* b, uint4* ou
     for (int j = 0; j < 8; j++) o.h[j] = to_bf(to_f(x.h[j]) + to_f(y.h[j]));
     out[i] = o.v;
 }
+
+// The frozen CLIP tower's linears (src/model/clip_linear.rs). Each output row starts as the bias,
+// eight per thread (cols a multiple of 8), and a GEMM then adds x·Wᵀ with beta = 1.
+extern "C" __global__ void bias_rows_bf16_x8(const uint4* bias, uint4* out, unsigned long long n8, unsigned long long cols8) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    out[i] = bias[i % cols8];
+}
+
+// CLIP's quick_gelu x * sigmoid(1.702 x) in place, rounded where PyTorch's bf16 ops round: after
+// the scaling, after the sigmoid and after the product (each computed in f32).
+extern "C" __global__ void quick_gelu_bf16_x8(uint4* x, unsigned long long n8) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    Bf8 v, o;
+    v.v = x[i];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float t = to_f(v.h[j]);
+        float a = to_f(to_bf(t * 1.702f));
+        float s = to_f(to_bf(1.0f / (1.0f + expf(-a))));
+        o.h[j] = to_bf(t * s);
+    }
+    x[i] = o.v;
+}
