@@ -1,7 +1,7 @@
 //! The frozen CLIP tower's linears on the GPU in bf16, one op each: the output rows start as the
-//! bias and one GEMM adds x·Wᵀ (beta = 1). cuBLAS's bf16 epilogue rounds the product before it adds
-//! C, so y = bf16(bf16(x·Wᵀ) + b): the bits of the composed matmul-then-add (tests/gpu.rs), not
-//! yet PyTorch's addmm, whose bias epilogue rounds once. fc1 also applies quick_gelu in place, at
+//! bias and one GEMM adds x·Wᵀ (beta = 1). At the tower's shapes cuBLAS's bf16 epilogue rounds the
+//! product before it adds C, so y = bf16(bf16(x·Wᵀ) + b): the bits of the composed matmul-then-add
+//! (tests/gpu.rs), not yet PyTorch's addmm, whose bias epilogue rounds once. fc1 also applies quick_gelu in place, at
 //! PyTorch's rounding points. candle instead adds the bias with its
 //! broadcasting add (about 36 µs for a [2308, 1024] batch of four images on an H200, against the
 //! 3 µs the bytes need) and takes four ops for quick_gelu: together about 13 ms of a batch-4

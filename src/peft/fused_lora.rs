@@ -1,6 +1,6 @@
 //! One op per LoRA linear on the GPU, with a hand-written backward (the idea of unsloth's fast
-//! LoRA kernels): `y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ` as three cuBLAS GEMMs, the last accumulating into
-//! y, and the backward as `dX = g·W + drop'((s·g·B)·A)`, `dA = (s·g·B)ᵀ·drop(x)`,
+//! LoRA kernels): `y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ` as three cuBLAS GEMMs, the base's last,
+//! accumulating into y, and the backward as `dX = g·W + drop'((s·g·B)·A)`, `dA = (s·g·B)ᵀ·drop(x)`,
 //! `dB = s·gᵀ·(drop(x)·Aᵀ)`: five GEMMs, no weight gradient for the frozen W (NF4 dequantized for
 //! each use, as the composed path does), the dropout mask redrawn from its seed instead of kept.
 //! The checkpointed recompute is the exception: its backward follows within the same layer, so
@@ -234,10 +234,16 @@ impl CustomOp3 for FusedLora {
         let y = unsafe { dev.alloc::<Bf16>(m * n)? };
         let u = unsafe { dev.alloc::<Bf16>(m * r)? };
         let (yp, up) = (slice_ptr(&y, &dev), slice_ptr(&u, &dev));
-        gemm(&dev, yp, x, false, w, true, (m, n, k), 1.0, 0.0)?;
         let (xd_buf, xd) = dropped(&dev, x, m * k, self.dropout)?;
         gemm(&dev, up, xd, false, a, true, (m, r, k), 1.0, 0.0)?;
-        gemm(&dev, yp, up, false, b, true, (m, n, r), self.scale, 1.0)?;
+        // the LoRA term first, then the base GEMM adds it as C (beta = 1): the large GEMM reads C
+        // in its epilogue almost for free, where adding the rank-r product last read and wrote y
+        // once more (about 40 µs a call at batch 4 on an H200). At the 4B's shapes cuBLAS rounds
+        // the product to bf16 before it adds C, so both orders give bf16(bf16(x·Wᵀ) + bf16(s·u·Bᵀ)),
+        // the composed form's bits (tests/gpu.rs); kernels that add in f32 and round once may not
+        // (the tiny model's bf16 loss moved by 3.5e-5 relative).
+        gemm(&dev, yp, up, false, b, true, (m, n, r), self.scale, 0.0)?;
+        gemm(&dev, yp, x, false, w, true, (m, n, k), 1.0, 1.0)?;
         *self.u.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
         if crate::model::tape::recording() {
             let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
