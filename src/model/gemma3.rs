@@ -343,4 +343,9 @@ impl Gemma3Text {
         let h = gemma_rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
         self.lm_head.forward(&h)
     }
+
+    /// The tied lm_head (a backward written by hand multiplies by it).
+    pub fn lm_head(&self) -> &FrozenWeight {
+        &self.lm_head
+    }
 }

@@ -83,6 +83,42 @@ fn fused_loss(vlm: &Vlm, rows: &Tensor, targets: &Tensor, denom: f64) -> candle_
     Ok(None)
 }
 
+/// `loss_and_grad_on_rows` with the fused loss and every backward by hand (fused_ce.rs), or None
+/// where the fused loss does not apply.
+fn fused_loss_and_grad(
+    vlm: &Vlm,
+    h: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+    denom: f64,
+) -> Result<Option<(f32, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if h.device().is_cuda()
+        && h.dtype() == DType::BF16
+        && vlm.llm.cfg.final_logit_softcapping.is_none()
+        && crate::fused_ops::allowed(crate::fused_ops::FusedOp::CrossEntropy)
+        && crate::train::layer_backward::asked()
+    {
+        let s = h.dim(0)?;
+        let targets = Tensor::from_vec(targets.to_vec(), s, h.device())?;
+        let (mut loss, mut grads) = (0f32, vec![]);
+        for start in (0..s).step_by(chunk.max(1)) {
+            let n = chunk.min(s - start);
+            let (l, g) = crate::train::fused_ce::head_loss_and_grad(
+                &vlm.llm,
+                &h.narrow(0, start, n)?.contiguous()?,
+                &targets.narrow(0, start, n)?,
+                1.0 / denom,
+            )?;
+            loss += l.to_scalar::<f32>()?;
+            grads.push(g);
+        }
+        return Ok(Some((loss, Tensor::cat(&grads, 0)?)));
+    }
+    let _ = (vlm, h, targets, chunk, denom);
+    Ok(None)
+}
+
 /// Loss over the supervised rows `h` [S, H] (no graph) and d(loss)/dh, chunk by chunk.
 fn loss_and_grad_on_rows(
     vlm: &Vlm,
@@ -93,6 +129,9 @@ fn loss_and_grad_on_rows(
 ) -> Result<(f32, Tensor)> {
     let s = h.dim(0)?;
     let denom = denom.unwrap_or(s) as f64;
+    if let Some(out) = fused_loss_and_grad(vlm, h, targets, chunk, denom)? {
+        return Ok(out);
+    }
     let hv = Var::from_tensor(h)?;
     let targets = Tensor::from_vec(targets.to_vec(), s, h.device())?;
     let mut loss = 0f32;
