@@ -24,6 +24,8 @@ pub fn forward(x: &Tensor, w: &Tensor, b: &Tensor, quick_gelu: bool) -> candle_c
         && [x, w, b].iter().all(|t| t.dtype() == DType::BF16 && !t.track_op())
         && x.dims().last() == Some(&in_f)
         && b.dims() == [out_f]
+        && b.layout().start_offset() % 8 == 0
+        && x.elem_count() > 0
         && out_f % 8 == 0;
     if !fits {
         return Ok(None);

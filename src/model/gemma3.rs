@@ -108,11 +108,6 @@ impl DecoderLayer {
         })
     }
 
-    /// The scale of this layer's input norm (a chain of layers computes it in the layer before).
-    pub fn input_norm(&self) -> &Tensor {
-        &self.input_layernorm
-    }
-
     /// x [B, L, H] -> [B, L, H]; with `cache`, a prompt or decode pass that writes this layer's
     /// keys/values into it (a decode step at `ctx.write_index`) and attends over it.
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&LayerCache>) -> candle_core::Result<Tensor> {

@@ -34,10 +34,15 @@ thread_local! {
 
 /// Runs `f` with this thread's fused ops building no graph.
 pub fn without_graph<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let before = NO_GRAPH.with(|n| n.replace(true));
-    let out = f();
-    NO_GRAPH.with(|n| n.set(before));
-    out
+    /// Puts the flag back however `f` ends, a panic included.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_GRAPH.with(|n| n.set(self.0));
+        }
+    }
+    let _restore = Restore(NO_GRAPH.with(|n| n.replace(true)));
+    f()
 }
 
 /// Whether this thread runs its fused ops without a graph (`without_graph`).

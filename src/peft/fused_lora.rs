@@ -69,10 +69,16 @@ thread_local! {
 /// then returns `acc` itself. The gradient of an input read by several linears (q/k/v, gate/up)
 /// is so summed inside their GEMMs (beta = 1): no separate add, and one rounding fewer.
 pub fn backward_adding_into<T>(acc: Tensor, f: impl FnOnce() -> T) -> T {
+    /// Clears the slot however `f` ends, a panic included.
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            DX_INTO.with(|d| d.borrow_mut().take());
+        }
+    }
     DX_INTO.with(|d| *d.borrow_mut() = Some(acc));
-    let out = f();
-    DX_INTO.with(|d| d.borrow_mut().take());
-    out
+    let _clear = Clear;
+    f()
 }
 
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -327,15 +327,14 @@ pub fn loss_and_grads_by_layer(
     let mut acts = vec![embeds.detach()];
     #[cfg(feature = "cuda")]
     if crate::train::layer_backward::asked() {
-        // no graph at all: each layer's last residual step also gives the next layer's input norm
+        // no graph at all, each residual step fused with the norm after it. Not the next layer's
+        // input norm: that comes in the same buffer as the layer's output, which `acts` keeps
+        // until the backward, and would double what the saved inputs hold.
         let layers = &vlm.llm.layers;
         crate::model::tape::without_graph(|| {
-            let mut normed = None;
-            for (i, layer) in layers.iter().enumerate() {
-                let next = layers.get(i + 1).map(|l| l.input_norm());
-                let (y, n) = layer.forward_normed(acts.last().expect("non-empty"), normed.take(), &ctx, None, next)?;
+            for layer in layers {
+                let (y, _) = layer.forward_normed(acts.last().expect("non-empty"), None, &ctx, None, None)?;
                 acts.push(y.detach());
-                normed = n.map(|n| n.detach());
             }
             Ok(())
         })?;
