@@ -7,11 +7,11 @@
 //! 3 µs the bytes need) and takes four ops for quick_gelu: together about 13 ms of a batch-4
 //! training step (tools/gpu/kprof). No backward: nothing differentiates through the tower.
 
-use crate::model::cublas::gemm_bf16;
+use crate::model::cublas::{bf16_address, gemm_bf16, tensor_address};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 const MODULE: &str = "gemmaclip_elementwise";
@@ -40,22 +40,6 @@ struct BiasLinear {
     quick_gelu: bool,
 }
 
-/// The bf16 address of a contiguous tensor's first element.
-fn address(t: &Tensor, what: &str) -> candle_core::Result<u64> {
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*st else { candle_core::bail!("CLIP linear: the {what} is not on the GPU") };
-    storage_address(s, l, what)
-}
-
-fn storage_address(s: &CudaStorage, l: &Layout, what: &str) -> candle_core::Result<u64> {
-    let Some((start, _)) = l.contiguous_offsets() else {
-        candle_core::bail!("CLIP linear: the {what} is not contiguous")
-    };
-    let stream = s.device().cuda_stream();
-    let base = s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0;
-    Ok(base + 2 * start as u64)
-}
-
 fn launch(dev: &candle_core::CudaDevice, name: &str, threads: usize, args: &[u64]) -> candle_core::Result<()> {
     let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
     let mut b = f.builder();
@@ -81,7 +65,11 @@ impl CustomOp1 for BiasLinear {
         let (n, k) = self.w.dims2()?;
         let m = xl.shape().elem_count() / k.max(1);
         let dev = xs.device().clone();
-        let (x, w, b) = (storage_address(xs, xl, "input")?, address(&self.w, "weight")?, address(&self.b, "bias")?);
+        let (x, w, b) = (
+            bf16_address(xs, xl, "CLIP linear: the input")?,
+            tensor_address(&self.w, "CLIP linear: the weight")?,
+            tensor_address(&self.b, "CLIP linear: the bias")?,
+        );
         // SAFETY: every element is written by the bias kernel before the GEMM reads it (beta = 1).
         let y = unsafe { dev.alloc::<half::bf16>(m * n)? };
         let yp = y.device_ptr(&dev.cuda_stream()).0;

@@ -2,10 +2,27 @@
 //! their own (the fused LoRA linear, the frozen CLIP tower's linears): bf16 in and out, f32
 //! accumulation, as candle's own bf16 matmul calls cuBLAS.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::sys;
+use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::CudaDevice;
+use candle_core::{CudaDevice, CudaStorage, Layout, Storage, Tensor};
 use std::ffi::c_void;
+
+/// The device address of a contiguous bf16 view's first element (`what` names it in errors).
+pub fn bf16_address(s: &CudaStorage, l: &Layout, what: &str) -> candle_core::Result<u64> {
+    let Some((start, _)) = l.contiguous_offsets() else { candle_core::bail!("{what} is not contiguous") };
+    let stream = s.device().cuda_stream();
+    let base = s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0;
+    Ok(base + 2 * start as u64)
+}
+
+/// `bf16_address` of a tensor on the GPU; the tensor must outlive the work that reads the address.
+pub fn tensor_address(t: &Tensor, what: &str) -> candle_core::Result<u64> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*st else { candle_core::bail!("{what} is not on the GPU") };
+    bf16_address(s, l, what)
+}
 
 /// Row-major `C[m, n] = alpha·op(A)·op(B) + beta·C` in bf16 with f32 accumulation, as candle's
 /// own bf16 matmul calls cuBLAS. `A` is stored [m, k] ([k, m] when `ta`), `B` [k, n] ([n, k] when `tb`).

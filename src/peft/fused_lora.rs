@@ -10,7 +10,7 @@
 //! what this op is tested against (tests/gpu.rs). It may round differently (the LoRA term is
 //! added inside the last GEMM); on the H200 its outputs and gradients came out identical.
 
-use crate::model::cublas::gemm_bf16 as gemm;
+use crate::model::cublas::{bf16_address, gemm_bf16 as gemm, tensor_address};
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::Lora;
 use candle_core::backend::BackendStorage;
@@ -110,13 +110,6 @@ struct Kept {
     xd: Option<(CudaSlice<Bf16>, u64)>,
 }
 
-fn ptr(s: &CudaStorage, l: &Layout, what: &str) -> candle_core::Result<u64> {
-    let Some((start, _)) = l.contiguous_offsets() else { candle_core::bail!("fused LoRA: {what} is not contiguous") };
-    let stream = s.device().cuda_stream();
-    let base = s.as_cuda_slice::<Bf16>()?.device_ptr(&stream).0;
-    Ok(base + 2 * start as u64)
-}
-
 fn slice_ptr(s: &CudaSlice<Bf16>, dev: &CudaDevice) -> u64 {
     let stream = dev.cuda_stream();
     let p = s.device_ptr(&stream).0;
@@ -155,11 +148,7 @@ fn dropout_kernel(
 /// outlive the GEMMs that read it.
 fn weight(base: &FrozenWeight) -> candle_core::Result<(Tensor, u64)> {
     let w = base.materialize(DType::BF16)?.contiguous()?;
-    let p = {
-        let (st, l) = w.storage_and_layout();
-        let Storage::Cuda(s) = &*st else { candle_core::bail!("fused LoRA: the frozen weight is not on the GPU") };
-        ptr(s, l, "the frozen weight")?
-    };
+    let p = tensor_address(&w, "fused LoRA: the frozen weight")?;
     Ok((w, p))
 }
 
@@ -234,7 +223,11 @@ impl CustomOp3 for FusedLora {
             );
         }
         let dev = xs.device().clone();
-        let (x, a, b) = (ptr(xs, xl, "x")?, ptr(a_s, al, "A")?, ptr(bs, bl, "B")?);
+        let (x, a, b) = (
+            bf16_address(xs, xl, "fused LoRA: x")?,
+            bf16_address(a_s, al, "fused LoRA: A")?,
+            bf16_address(bs, bl, "fused LoRA: B")?,
+        );
         let (wt, w) = weight(&self.base)?;
         // SAFETY: y and u are fully written by their GEMMs (beta = 0) before anything reads them.
         let y = unsafe { dev.alloc::<Bf16>(m * n)? };
@@ -286,7 +279,12 @@ impl CustomOp3 for FusedLora {
             candle_core::bail!("fused LoRA: backward inputs not on the GPU")
         };
         let dev = xs.device().clone();
-        let (xp, ap, bp, gp) = (ptr(xs, xl, "x")?, ptr(a_s, al, "A")?, ptr(bs, bl, "B")?, ptr(gs, gl, "the gradient")?);
+        let (xp, ap, bp, gp) = (
+            bf16_address(xs, xl, "fused LoRA: x")?,
+            bf16_address(a_s, al, "fused LoRA: A")?,
+            bf16_address(bs, bl, "fused LoRA: B")?,
+            bf16_address(gs, gl, "fused LoRA: the gradient")?,
+        );
         let s = self.scale;
         // SAFETY: every buffer below is fully written by a GEMM with beta = 0 or a kernel before it is read.
         let gb = unsafe { dev.alloc::<Bf16>(m * r)? };
@@ -322,13 +320,7 @@ impl CustomOp3 for FusedLora {
                     if acc.dtype() != DType::BF16 || acc.dims() != x.dims() {
                         candle_core::bail!("fused LoRA: the gradient to add into is not bf16 of x's shape");
                     }
-                    let p = {
-                        let (st, l) = acc.storage_and_layout();
-                        let Storage::Cuda(s) = &*st else {
-                            candle_core::bail!("fused LoRA: the sum is not on the GPU")
-                        };
-                        ptr(s, l, "the gradient to add into")?
-                    };
+                    let p = tensor_address(&acc, "fused LoRA: the gradient to add into")?;
                     (Dx::Into(acc), p, 1.0)
                 }
                 None => {
