@@ -30,6 +30,7 @@ impl Entry {
 thread_local! {
     static TAPE: RefCell<Option<Vec<Entry>>> = const { RefCell::new(None) };
     static NO_GRAPH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static LATER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs `f` with this thread's fused ops building no graph.
@@ -55,8 +56,36 @@ pub fn recording() -> bool {
     TAPE.with(|t| t.borrow().is_some())
 }
 
+/// Whether this thread records ops whose backward runs right after them (`record`): an op may
+/// then keep what its backward would otherwise compute again (the fused LoRA linear's dequantized
+/// weight), since only one layer's worth is alive at a time.
+pub fn backward_follows() -> bool {
+    recording() && !LATER.with(|l| l.get())
+}
+
 /// Runs `f` with this thread recording -> f's result and the ops it ran, in order.
 pub fn record<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Entry>)> {
+    record_with(false, f)
+}
+
+/// `record`, for a backward that runs only after the whole model's forward (training without
+/// checkpointing keeps every layer's record): the ops keep nothing beyond their inputs, output
+/// and small state, as under candle's autograd.
+pub fn record_for_later<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Entry>)> {
+    record_with(true, f)
+}
+
+fn record_with<T>(later: bool, f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Entry>)> {
+    /// Stops recording however `f` ends, a panic included.
+    struct Stop;
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            TAPE.with(|t| t.borrow_mut().take());
+            LATER.with(|l| l.set(false));
+        }
+    }
+    let _stop = Stop;
+    LATER.with(|l| l.set(later));
     TAPE.with(|t| *t.borrow_mut() = Some(vec![]));
     let out = f();
     let tape = TAPE.with(|t| t.borrow_mut().take()).unwrap_or_default();

@@ -4,7 +4,8 @@
 //! `dB = s·gᵀ·(drop(x)·Aᵀ)`: five GEMMs, no weight gradient for the frozen W (NF4 dequantized for
 //! each use, as the composed path does), the dropout mask redrawn from its seed instead of kept.
 //! The checkpointed recompute is the exception: its backward follows within the same layer, so
-//! there the dequantized W and drop(x) are kept for it (one layer's worth at a time).
+//! there the dequantized W and drop(x) are kept for it (one layer's worth at a time; not where
+//! every layer's record waits for the backward, training without checkpointing).
 //! A and B are the bf16 working copies the optimizer refreshes once per step; their gradients come
 //! back in bf16, as the composed path's do. The composed form in lora.rs is what the CPU runs and
 //! what this op is tested against (tests/gpu.rs). It may round differently (the LoRA term is
@@ -95,7 +96,7 @@ struct FusedLora {
     dropout: Option<(f32, u64)>,
     /// drop(x)·Aᵀ [m, r] from the forward, for dB
     u: Mutex<Option<CudaSlice<Bf16>>>,
-    /// From a recorded forward (the checkpointed recompute, whose backward follows at once): the
+    /// From a recorded forward whose backward follows at once (the checkpointed recompute): the
     /// dequantized weight and drop(x), so that the backward neither dequantizes nor draws the mask
     /// again. Taken, and so freed, by the backward.
     kept: Mutex<Kept>,
@@ -244,7 +245,7 @@ impl CustomOp3 for FusedLora {
         gemm(&dev, yp, up, false, b, true, (m, n, r), self.scale, 0.0)?;
         gemm(&dev, yp, x, false, w, true, (m, n, k), 1.0, 1.0)?;
         *self.u.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
-        if crate::model::tape::recording() {
+        if crate::model::tape::backward_follows() {
             let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
             kept.w = Some((wt, w));
             kept.xd = xd_buf.map(|b| (b, xd));

@@ -1,9 +1,9 @@
-//! A decoder layer's backward written by hand on the GPU (the default with checkpointing;
-//! `GEMMACLIP_COMPOSED=backward` goes back to candle's autograd):
-//! the checkpointed recompute runs the layer's fused ops without a graph, recording them
-//! (src/model/tape.rs), and the backward calls each op's own backward in reverse, adding the
-//! gradients of a tensor read twice (the residual stream, the input of q/k/v and of gate/up) once,
-//! the latter inside the LoRA linears' own GEMMs.
+//! A decoder layer's backward written by hand on the GPU (the default, with checkpointing or
+//! without; `GEMMACLIP_COMPOSED=backward` goes back to candle's autograd):
+//! the layer's fused ops run without a graph, recording themselves (src/model/tape.rs; with
+//! checkpointing in the recompute, without in the one forward), and the backward calls each op's
+//! own backward in reverse, adding the gradients of a tensor read twice (the residual stream, the
+//! input of q/k/v and of gate/up) once, the latter inside the LoRA linears' own GEMMs.
 //! candle's autograd instead adds every gradient edge into a zero-filled tensor: on an H200 about
 //! 97 ms of a 318 ms batch-4 step (tools/gpu/kprof). The ops and their backwards are the ones the
 //! autograd path runs; only the sums of the q/k/v and gate/up input gradients round differently.
@@ -12,7 +12,7 @@
 use crate::model::gemma3::DecoderLayer;
 use crate::model::layer_context::LayerContext;
 use crate::model::ops::residual_add as add;
-use crate::model::tape::{record, Entry};
+use crate::model::tape::{record, record_for_later, Entry};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -58,12 +58,20 @@ pub fn layers_done() -> usize {
     LAYERS.load(Ordering::SeqCst)
 }
 
-/// The layer's forward over x, recorded; None where its ops are not all fused ones (the CPU, f32,
-/// a layer without adapters on all seven projections): the caller then runs the autograd path.
-pub fn forward_recorded(layer: &DecoderLayer, x: &Tensor, ctx: &LayerContext) -> Result<Option<Vec<Entry>>> {
-    let (_, tape) = record(|| layer.forward(x, ctx, None))?;
+/// The layer's forward over x, recorded -> its output and the record; None where its ops are not
+/// all fused ones (the CPU, f32, a layer without adapters on all seven projections): the caller
+/// then runs the autograd path. `later`: the backward runs only after every layer's forward
+/// (`tape::record_for_later`), not right after this one.
+pub fn forward_recorded(
+    layer: &DecoderLayer,
+    x: &Tensor,
+    ctx: &LayerContext,
+    later: bool,
+) -> Result<Option<(Tensor, Vec<Entry>)>> {
+    let forward = || layer.forward(x, ctx, None);
+    let (y, tape) = if later { record_for_later(forward)? } else { record(forward)? };
     let names: Vec<&str> = tape.iter().map(Entry::name).collect();
-    Ok((names == LAYER).then_some(tape))
+    Ok((names == LAYER).then_some((y, tape)))
 }
 
 fn one(e: &Entry, g: &Tensor) -> Result<Tensor> {

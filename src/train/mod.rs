@@ -10,6 +10,7 @@ pub mod fused_ce;
 pub mod grad_buckets;
 #[cfg(feature = "cuda")]
 pub mod layer_backward;
+pub mod layer_pass;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;

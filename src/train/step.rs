@@ -1,10 +1,13 @@
 //! Loss and gradients of one batch. Only the supervised rows of the last hidden state reach the
 //! final norm and the (no-dW) lm_head, in chunks, so the 262k-vocabulary logits never exist for
 //! more than `loss_chunk` rows at once. With checkpointing, the first pass keeps only each layer's
-//! input; backward recomputes one layer at a time with its graph and back-propagates the
-//! surrogate sum(out * grad_out) (candle has no built-in checkpointing; docs/ARCHITECTURE.md).
+//! input; backward recomputes one layer at a time and back-propagates it (src/train/layer_pass.rs:
+//! by hand over the fused ops' record on the GPU, else through candle's graph with the surrogate
+//! sum(out * grad_out); candle has no built-in checkpointing; docs/ARCHITECTURE.md). Without, the
+//! layers' records (or one graph of the whole model) are kept from the one forward.
 
 use crate::model::vlm::{Supervised, Vlm};
+use crate::train::layer_pass;
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -153,7 +156,7 @@ fn loss_and_grad_on_rows(
     Ok((loss, grad.expect("at least one supervised row")))
 }
 
-fn collect(into: &mut [Option<Tensor>], store: &GradStore, vars: &[Var]) -> Result<()> {
+pub(super) fn collect(into: &mut [Option<Tensor>], store: &GradStore, vars: &[Var]) -> Result<()> {
     for (slot, v) in into.iter_mut().zip(vars) {
         if let Some(g) = store.get(v.as_tensor()) {
             *slot = Some(match slot.take() {
@@ -168,7 +171,7 @@ fn collect(into: &mut [Option<Tensor>], store: &GradStore, vars: &[Var]) -> Resu
 /// Back-propagates `grad` (d loss / d y) from `y` through y's graph: the gradients of the
 /// surrogate sum(y · grad) with y's own gradient `grad` exactly, without computing the product or
 /// its sum (two full passes over y, and a single-block reduction of millions of values on the GPU).
-fn backward_from(y: &Tensor, grad: &Tensor) -> candle_core::Result<GradStore> {
+pub(super) fn backward_from(y: &Tensor, grad: &Tensor) -> candle_core::Result<GradStore> {
     y.apply_op2(&grad.detach(), Surrogate)?.backward()
 }
 
@@ -278,6 +281,19 @@ impl Phases {
 /// It may take them out of the slots; they are not touched again.
 pub type LayerDone<'a> = &'a mut dyn FnMut(usize, &mut [Option<Tensor>]) -> Result<()>;
 
+/// Whether the layers' backward may run by hand (src/train/layer_backward.rs): a CUDA build, the
+/// switch on, a bf16 model on the GPU. The step without checkpointing otherwise back-propagates
+/// through one graph of the whole model.
+fn by_hand(embeds: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::train::layer_backward::asked() && embeds.device().is_cuda() && embeds.dtype() == DType::BF16;
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = embeds;
+        false
+    }
+}
+
 /// Loss and gradients for `vars` (the LoRA A/B and projector Vars, f32).
 pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions) -> Result<Gradients> {
     loss_and_grads_by_layer(vlm, batch, vars, opts, &mut |_, _| Ok(()))
@@ -305,6 +321,35 @@ pub fn loss_and_grads_by_layer(
     ctx.dropout_seed = opts.dropout_seed;
     let targets = &batch.supervised.targets;
 
+    if !opts.checkpointing && by_hand(&embeds) {
+        // every layer's record kept, each layer's backward by hand as soon as its gradient is known
+        let mut kept = Vec::with_capacity(vlm.llm.layers.len());
+        let mut x = embeds.detach();
+        for layer in &vlm.llm.layers {
+            let (y, k) = layer_pass::forward(layer, &x, &ctx, true)?;
+            kept.push(k);
+            x = y;
+        }
+        phases.mark("forward")?;
+        let last = Var::from_tensor(&x)?;
+        drop(x);
+        let h = supervised_rows(last.as_tensor(), &batch.supervised)?;
+        let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk, opts.loss_denominator)?;
+        let mut g = backward_from(&h, &g)?.remove(last.as_tensor()).expect("grad of the last layer");
+        drop(last);
+        phases.mark("loss")?;
+        for i in (0..kept.len()).rev() {
+            g = layer_pass::backward(kept.pop().expect("one record per layer"), &g, vars, &mut grads)?;
+            done(i, &mut grads)?;
+        }
+        phases.mark("backward")?;
+        if embeds.track_op() {
+            let store = backward_from(&embeds, &g)?;
+            collect(&mut grads, &store, vars)?;
+        }
+        phases.mark("projector backward")?;
+        return Ok(Gradients { loss, grads, phases: phases.finish() });
+    }
     if !opts.checkpointing {
         let mut x = embeds;
         for layer in &vlm.llm.layers {
@@ -351,23 +396,10 @@ pub fn loss_and_grads_by_layer(
     drop(last);
     phases.mark("loss")?;
 
-    // Backward: recompute each layer with its graph, then the surrogate sum(y * dL/dy).
+    // Backward: recompute each layer with its record or graph, then its backward.
     for (i, layer) in vlm.llm.layers.iter().enumerate().rev() {
-        #[cfg(feature = "cuda")]
-        if crate::train::layer_backward::asked() {
-            let xin = acts.last().expect("one input per layer");
-            if let Some(tape) = crate::train::layer_backward::forward_recorded(layer, xin, &ctx)? {
-                g = crate::train::layer_backward::backward(&tape, &g, vars, &mut grads)?;
-                acts.pop();
-                done(i, &mut grads)?;
-                continue;
-            }
-        }
-        let xin = Var::from_tensor(&acts.pop().expect("one input per layer"))?;
-        let y = layer.forward(xin.as_tensor(), &ctx, None)?;
-        let store = backward_from(&y, &g)?;
-        collect(&mut grads, &store, vars)?;
-        g = store.get(xin.as_tensor()).cloned().unwrap_or_else(|| panic!("layer {i} input has no gradient"));
+        let (_, kept) = layer_pass::forward(layer, &acts.pop().expect("one input per layer"), &ctx, false)?;
+        g = layer_pass::backward(kept, &g, vars, &mut grads)?;
         done(i, &mut grads)?;
     }
     phases.mark("recompute+backward")?;

@@ -20,34 +20,37 @@ for l in sys.stdin:
 "; }
 echo "== gemmaclip bench train-step (1024-token rows, LoRA r=64 on 7 projections, 256 supervised)"
 gemmaclip bench train-step $M --checkpointing both --steps "$STEPS" --warmup "$WARMUP" 2>>"$OUT/train.err" | tee -a "$OUT/train.jsonl" | show
-gemmaclip bench train-step $M --checkpointing on --batch-size 4 --steps "$STEPS" --warmup "$WARMUP" 2>>"$OUT/train.err" | tee -a "$OUT/train.jsonl" | show
+gemmaclip bench train-step $M --checkpointing both --batch-size 4 --steps "$STEPS" --warmup "$WARMUP" 2>>"$OUT/train.err" | tee -a "$OUT/train.jsonl" | show
 echo "== the same with candle's autograd for each layer's backward (GEMMACLIP_COMPOSED=backward)"
 for b in 1 4; do
-  GEMMACLIP_COMPOSED=backward gemmaclip bench train-step $M --checkpointing on --batch-size $b --steps "$STEPS" --warmup "$WARMUP" \
+  GEMMACLIP_COMPOSED=backward gemmaclip bench train-step $M --checkpointing both --batch-size $b --steps "$STEPS" --warmup "$WARMUP" \
     2>>"$OUT/train.err" | sed 's/gemmaclip_train_step/gemmaclip_train_step_autograd/' | tee -a "$OUT/train.jsonl" | show
 done
 tail -2 "$OUT/train.err"
 if [ "${CURVE:-1}" = 1 ]; then
-  echo "== gemmaclip train, 20 steps x 8 micro-batches on the bundled sample: fused (default) vs composed (GEMMACLIP_COMPOSED=all)"
-  for mode in fused composed; do
+  echo "== gemmaclip train, 20 steps x 8 micro-batches on the bundled sample: fused (default; also without checkpointing) vs composed (GEMMACLIP_COMPOSED=all)"
+  for mode in fused fused-nockpt composed; do
     env $([ $mode = composed ] && echo GEMMACLIP_COMPOSED=all) gemmaclip train $M --data assets/scienceqa-sample \
       --output-dir "/tmp/run-$mode" --max-steps 20 --per-device-train-batch-size 1 --gradient-accumulation-steps 8 \
+      $([ $mode = fused-nockpt ] && echo --gradient-checkpointing false) \
       --logging-steps 1 --save-steps 0 > "$OUT/train-$mode.log" 2>&1 || tail -3 "$OUT/train-$mode.log"
     cp "/tmp/run-$mode/metrics.jsonl" "$OUT/metrics-$mode.jsonl" 2>/dev/null
   done
-  python3 - "$OUT/metrics-fused.jsonl" "$OUT/metrics-composed.jsonl" <<'PY'
+  python3 - "$OUT/metrics-composed.jsonl" "$OUT/metrics-fused.jsonl" "$OUT/metrics-fused-nockpt.jsonl" <<'PY'
 import json, sys
 def losses(p):
     return [json.loads(l)["loss"] for l in open(p) if '"loss"' in l]
-f, c = losses(sys.argv[1]), losses(sys.argv[2])
-worst = max(abs(a - b) / abs(b) for a, b in zip(f, c))
-print(f"{len(f)} fused / {len(c)} composed logged losses; worst relative difference per step {worst:.2e}")
-print("fused   ", " ".join(f"{x:.4f}" for x in f))
-print("composed", " ".join(f"{x:.4f}" for x in c))
+c = losses(sys.argv[1])
+print("composed           ", " ".join(f"{x:.4f}" for x in c))
+for name, p in [("fused", sys.argv[2]), ("fused, no ckpting", sys.argv[3])]:
+    f = losses(p)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(f, c))
+    print(f"{name:19}", " ".join(f"{x:.4f}" for x in f))
+    print(f"  {len(f)} logged losses vs {len(c)} composed; worst relative difference per step {worst:.2e}")
 PY
 fi
 [ "${HF:-1}" = 1 ] || exit 0
 echo "== transformers + PEFT + bitsandbytes, same shapes, same GPU"
 python3 tools/bench/hf_stack.py train-step --checkpointing both --attn sdpa --steps "$STEPS" --warmup "$WARMUP" 2>>"$OUT/hf.err" | grep '^{' | tee -a "$OUT/hf.jsonl" | show
-python3 tools/bench/hf_stack.py train-step --checkpointing on --batch-size 4 --attn sdpa --steps "$STEPS" --warmup "$WARMUP" 2>>"$OUT/hf.err" | grep '^{' | tee -a "$OUT/hf.jsonl" | show
+python3 tools/bench/hf_stack.py train-step --checkpointing both --batch-size 4 --attn sdpa --steps "$STEPS" --warmup "$WARMUP" 2>>"$OUT/hf.err" | grep '^{' | tee -a "$OUT/hf.jsonl" | show
 tail -2 "$OUT/hf.err"

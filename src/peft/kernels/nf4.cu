@@ -485,12 +485,18 @@ extern "C" __global__ void __launch_bounds__(256) lora_down_bf16(const unsigned 
     h[(size_t)(j / RP) * M * RP + (size_t)m * RP + j % RP] = (unsigned short)f32_to_bf16_rne(t);
 }
 
-// The fused LoRA linear's dropout (src/peft/fused_lora.rs): the same mask as dropout_mask_bf16,
-// applied in the same pass, with the same bf16 rounding as the composed mask-then-multiply.
+// The fused LoRA linear's dropout (src/peft/fused_lora.rs): the same mask as dropout_mask_bf16
+// (tests/gpu.rs holds the fused linear with dropout to the composed one), applied in the same
+// pass, with the same bf16 rounding as the composed mask-then-multiply. The draw's top 24 bits k
+// give u = k / 2^24 exactly, so u >= p is k >= ceil(p * 2^24), also exact (p * 2^24 and its
+// ceiling are representable): an integer compare instead of a 64-bit integer to float conversion
+// per element.
+__device__ __forceinline__ unsigned int keep_threshold(float p) {
+    return p <= 0.0f ? 0u : (p >= 1.0f ? (1u << 24) : (unsigned int)ceilf(p * 16777216.0f));
+}
 __device__ __forceinline__ float dropout_factor(unsigned long long seed, unsigned long long i, float p, float scale) {
     unsigned long long r = splitmix64(seed + (i + 1ull) * 0x9E3779B97F4A7C15ull);
-    float u = (float)(r >> 40) * (1.0f / 16777216.0f);
-    return (u >= p) ? bf16_to_f32((unsigned short)f32_to_bf16_rne(scale)) : 0.0f;
+    return ((unsigned int)(r >> 40) >= keep_threshold(p)) ? bf16_to_f32((unsigned short)f32_to_bf16_rne(scale)) : 0.0f;
 }
 // out = x * mask
 extern "C" __global__ void dropout_apply_bf16(unsigned short* __restrict__ out, const unsigned short* __restrict__ x,
@@ -505,11 +511,11 @@ extern "C" __global__ void dropout_apply_bf16(unsigned short* __restrict__ out, 
 __device__ __forceinline__ void dropout_factors8(unsigned long long seed, unsigned long long i0, float p, float keep,
                                                  float* f) {
     unsigned long long z = seed + (i0 + 1ull) * 0x9E3779B97F4A7C15ull;
+    const unsigned int thr = keep_threshold(p);
 #pragma unroll
     for (int e = 0; e < 8; e++) {
         unsigned long long r = splitmix64(z);
-        float u = (float)(r >> 40) * (1.0f / 16777216.0f);
-        f[e] = (u >= p) ? keep : 0.0f;
+        f[e] = ((unsigned int)(r >> 40) >= thr) ? keep : 0.0f;
         z += 0x9E3779B97F4A7C15ull;
     }
 }
