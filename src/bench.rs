@@ -232,7 +232,7 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
         let split = loss_and_grads(&vlm, &batch, &graph_vars, &StepOptions { phases: true, ..opts.clone() })?.phases;
         let split: Vec<serde_json::Value> = split
             .iter()
-            .map(|p| json!({"phase": p.name, "ms": (p.ms * 10.0).round() / 10.0, "peak_alloc_gib": gib(p.peak)}))
+            .map(|p| json!({"phase": p.name, "ms": (p.ms * 10.0).round() / 10.0, "host_ms": (p.host_ms * 10.0).round() / 10.0, "peak_alloc_gib": gib(p.peak)}))
             .collect();
         times.sort_by(f64::total_cmp);
         let med = times[times.len() / 2];

@@ -2,10 +2,11 @@
 //! LoRA kernels): `y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ` as three cuBLAS GEMMs, the base's last,
 //! accumulating into y, and the backward as `dX = g·W + drop'((s·g·B)·A)`, `dA = (s·g·B)ᵀ·drop(x)`,
 //! `dB = s·gᵀ·(drop(x)·Aᵀ)`: five GEMMs, no weight gradient for the frozen W (NF4 dequantized for
-//! each use, as the composed path does), the dropout mask redrawn from its seed instead of kept.
-//! The checkpointed recompute is the exception: its backward follows within the same layer, so
-//! there the dequantized W and drop(x) are kept for it (one layer's worth at a time; not where
-//! every layer's record waits for the backward, training without checkpointing).
+//! each use, as the composed path does), the dropout mask kept as bits (1/16 of drop(x)) where the
+//! forward may have a backward, so that it is drawn once. The checkpointed recompute also keeps
+//! the dequantized W and drop(x), since its backward follows within the same layer (one layer's
+//! worth at a time; not where every layer's record waits for the backward, training without
+//! checkpointing).
 //! A and B are the bf16 working copies the optimizer refreshes once per step; their gradients come
 //! back in bf16, as the composed path's do. The composed form in lora.rs is what the CPU runs and
 //! what this op is tested against (tests/gpu.rs). It may round differently (the LoRA term is
@@ -50,6 +51,8 @@ pub fn forward(
         dropout,
         u: Mutex::new(None),
         kept: Mutex::new(Kept::default()),
+        bits: Mutex::new(None),
+        keep_bits: !crate::model::tape::graphless(),
         recorded: crate::model::tape::recording(),
     };
     // x keeps its shape ([.., in] -> [.., out]): a reshape would be one more graph node, and each
@@ -100,6 +103,10 @@ struct FusedLora {
     /// dequantized weight and drop(x), so that the backward neither dequantizes nor draws the mask
     /// again. Taken, and so freed, by the backward.
     kept: Mutex<Kept>,
+    /// The dropout mask as bits, from a forward that may have a backward (not the graphless
+    /// checkpointed first pass): the backward then applies it instead of drawing it twice more.
+    bits: Mutex<Option<CudaSlice<u8>>>,
+    keep_bits: bool,
     /// Run while recording: the hand-written layer backward wants d(x) although x, recorded
     /// without a graph, does not track (a tracking copy of x would cost a copy per linear).
     recorded: bool,
@@ -128,7 +135,7 @@ fn dropout_kernel(
 ) -> candle_core::Result<()> {
     use crate::peft::nf4::cuda::{MODULE, PTX};
     // eight elements per thread where the buffers allow it: the same masks, a quarter of the time
-    let wide = n % 8 == 0 && out % 16 == 0 && input % 16 == 0;
+    let wide = wide(n, [out, input]);
     let f = dev.get_or_load_custom_func(if wide { name_x8 } else { name }, MODULE, PTX)?;
     let threads = if wide { n / 8 } else { n };
     let (n64, scale) = (threads as u64, 1.0 / (1.0 - p));
@@ -139,9 +146,7 @@ fn dropout_kernel(
     b.arg(&n64);
     b.arg(&p);
     b.arg(&scale);
-    let cfg =
-        LaunchConfig { grid_dim: ((threads as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(self::threads(threads)) }.w()?;
     Ok(())
 }
 
@@ -153,23 +158,61 @@ fn weight(base: &FrozenWeight) -> candle_core::Result<(Tensor, u64)> {
     Ok((w, p))
 }
 
-/// drop(x) into a fresh buffer, or x itself without dropout.
+/// drop(x) into a fresh buffer, or x itself without dropout; with `keep_bits`, also the mask as
+/// bits (n / 8 bytes) where the eight-wide kernel applies, for the backward.
 fn dropped(
     dev: &CudaDevice,
     x: u64,
     n: usize,
     dropout: Option<(f32, u64)>,
-) -> candle_core::Result<(Option<CudaSlice<Bf16>>, u64)> {
-    match dropout {
-        None => Ok((None, x)),
-        Some(d) => {
-            // SAFETY: every element is written by the kernel.
-            let out = unsafe { dev.alloc::<Bf16>(n)? };
-            let p = slice_ptr(&out, dev);
-            dropout_kernel(dev, ["dropout_apply_bf16", "dropout_apply_bf16_x8"], p, x, n, d)?;
-            Ok((Some(out), p))
-        }
+    keep_bits: bool,
+) -> candle_core::Result<(Option<CudaSlice<Bf16>>, u64, Option<CudaSlice<u8>>)> {
+    let Some(d) = dropout else { return Ok((None, x, None)) };
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<Bf16>(n)? };
+    let p = slice_ptr(&out, dev);
+    if keep_bits && wide(n, [p, x]) {
+        use crate::peft::nf4::cuda::{MODULE, PTX};
+        // SAFETY: every byte is written by the kernel (one per eight elements).
+        let bits = unsafe { dev.alloc::<u8>(n / 8)? };
+        let f = dev.get_or_load_custom_func("dropout_apply_keep_bits_bf16_x8", MODULE, PTX)?;
+        let (n8, scale) = ((n / 8) as u64, 1.0 / (1.0 - d.0));
+        let mut b = f.builder();
+        b.arg(&p).arg(&x).arg(&bits).arg(&d.1).arg(&n8).arg(&d.0).arg(&scale);
+        unsafe { b.launch(threads(n / 8)) }.w()?;
+        return Ok((Some(out), p, Some(bits)));
     }
+    dropout_kernel(dev, ["dropout_apply_bf16", "dropout_apply_bf16_x8"], p, x, n, d)?;
+    Ok((Some(out), p, None))
+}
+
+/// Whether the eight-wide kernels take `n` elements at these addresses.
+fn wide(n: usize, ptrs: [u64; 2]) -> bool {
+    n % 8 == 0 && ptrs.iter().all(|p| p % 16 == 0)
+}
+
+fn threads(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One of nf4.cu's kernels over a kept mask (`dropout_bits_apply_bf16_x8`: out = input · mask,
+/// `dropout_bits_accumulate_bf16_x8`: out += input · mask) over n elements, eight per thread.
+fn bits_kernel(
+    dev: &CudaDevice,
+    name: &str,
+    out: u64,
+    input: u64,
+    bits: &CudaSlice<u8>,
+    n: usize,
+    p: f32,
+) -> candle_core::Result<()> {
+    use crate::peft::nf4::cuda::{MODULE, PTX};
+    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let (n8, scale) = ((n / 8) as u64, 1.0 / (1.0 - p));
+    let mut b = f.builder();
+    b.arg(&out).arg(&input).arg(bits).arg(&n8).arg(&scale);
+    unsafe { b.launch(threads(n / 8)) }.w()?;
+    Ok(())
 }
 
 /// Where a backward's input gradient goes: a fresh buffer, or added into a given sum.
@@ -234,7 +277,8 @@ impl CustomOp3 for FusedLora {
         let y = unsafe { dev.alloc::<Bf16>(m * n)? };
         let u = unsafe { dev.alloc::<Bf16>(m * r)? };
         let (yp, up) = (slice_ptr(&y, &dev), slice_ptr(&u, &dev));
-        let (xd_buf, xd) = dropped(&dev, x, m * k, self.dropout)?;
+        let (xd_buf, xd, bits) = dropped(&dev, x, m * k, self.dropout, self.keep_bits)?;
+        *self.bits.lock().unwrap_or_else(|p| p.into_inner()) = bits;
         gemm(&dev, up, xd, false, a, true, (m, r, k), 1.0, 0.0)?;
         // the LoRA term first, then the base GEMM adds it as C (beta = 1): the large GEMM reads C
         // in its epilogue almost for free, where adding the rank-r product last read and wrote y
@@ -271,6 +315,8 @@ impl CustomOp3 for FusedLora {
         let u = self.u.lock().unwrap_or_else(|p| p.into_inner());
         let Some(u) = u.as_ref() else { candle_core::bail!("fused LoRA: backward without its forward") };
         let Kept { w: kept_w, xd: kept_xd } = std::mem::take(&mut *self.kept.lock().unwrap_or_else(|p| p.into_inner()));
+        // the mask stays with the op (a second backward through the same graph needs it again)
+        let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
         let (xg, xl) = x.storage_and_layout();
         let (ag, al) = a.storage_and_layout();
         let (bg, bl) = b.storage_and_layout();
@@ -299,10 +345,21 @@ impl CustomOp3 for FusedLora {
             None
         };
         let da = if a.track_op() {
-            // the forward's drop(x) where it was kept (x is the same tensor), else drawn again
-            let (_xd, xd) = match kept_xd {
-                Some((buf, p)) => (Some(buf), p),
-                None => dropped(&dev, xp, m * k, self.dropout)?,
+            // the forward's drop(x) where it was kept (x is the same tensor), else x times the kept
+            // mask, else drawn again
+            let (_xd, xd) = match (kept_xd, bits.as_ref(), self.dropout) {
+                (Some((buf, p)), _, _) => (Some(buf), p),
+                (None, Some(bits), Some((p, _))) if wide(m * k, [xp, xp]) => {
+                    // SAFETY: every element is written by the kernel.
+                    let xd = unsafe { dev.alloc::<Bf16>(m * k)? };
+                    let xdp = slice_ptr(&xd, &dev);
+                    bits_kernel(&dev, "dropout_bits_apply_bf16_x8", xdp, xp, bits, m * k, p)?;
+                    (Some(xd), xdp)
+                }
+                _ => {
+                    let (buf, p, _) = dropped(&dev, xp, m * k, self.dropout, false)?;
+                    (buf, p)
+                }
             };
             let da = unsafe { dev.alloc::<Bf16>(r * k)? };
             gemm(&dev, slice_ptr(&da, &dev), gbp, true, xd, false, (r, k, m), 1.0, 0.0)?; // (s·g·B)ᵀ·drop(x)
@@ -338,7 +395,19 @@ impl CustomOp3 for FusedLora {
                     let t = unsafe { dev.alloc::<Bf16>(m * k)? };
                     let tp = slice_ptr(&t, &dev);
                     gemm(&dev, tp, gbp, false, ap, false, (m, k, r), 1.0, 0.0)?;
-                    dropout_kernel(&dev, ["dropout_accumulate_bf16", "dropout_accumulate_bf16_x8"], dxp, tp, m * k, d)?;
+                    match bits.as_ref() {
+                        Some(bits) if wide(m * k, [dxp, tp]) => {
+                            bits_kernel(&dev, "dropout_bits_accumulate_bf16_x8", dxp, tp, bits, m * k, d.0)?
+                        }
+                        _ => dropout_kernel(
+                            &dev,
+                            ["dropout_accumulate_bf16", "dropout_accumulate_bf16_x8"],
+                            dxp,
+                            tp,
+                            m * k,
+                            d,
+                        )?,
+                    }
                 }
             }
             Some(match dx {

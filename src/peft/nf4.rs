@@ -593,7 +593,8 @@ pub(crate) mod cuda {
                 b.arg(&out);
                 b.arg(&n_words);
                 b.arg(&blk);
-                unsafe { b.launch(grid(n / 8)) }.w()?;
+                // four words per thread (the kernel's DQ_WORDS)
+                unsafe { b.launch(grid((n / 8).div_ceil(4))) }.w()?;
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
             DType::F32 => {

@@ -51,6 +51,9 @@ impl Default for StepOptions {
 pub struct Phase {
     pub name: &'static str,
     pub ms: f64,
+    /// Milliseconds until the host had queued the phase's work (before waiting for the device):
+    /// near `ms`, the device waited for the host.
+    pub host_ms: f64,
     pub peak: Option<u64>,
 }
 
@@ -254,11 +257,12 @@ impl Phases {
     }
     fn mark(&mut self, name: &'static str) -> Result<()> {
         if self.on {
+            let host_ms = self.t.elapsed().as_secs_f64() * 1e3;
             self.dev.synchronize()?;
             let ms = self.t.elapsed().as_secs_f64() * 1e3;
             let peak = crate::device::memory(&self.dev)?.peak;
             crate::device::reset_peak_memory(&self.dev)?;
-            self.parts.push(Phase { name, ms, peak });
+            self.parts.push(Phase { name, ms, host_ms, peak });
             self.t = std::time::Instant::now();
         }
         Ok(())
@@ -268,8 +272,11 @@ impl Phases {
             let gib = |b: Option<u64>| {
                 b.map_or(String::new(), |b| format!(", peak {:.2} GiB", b as f64 / (1u64 << 30) as f64))
             };
-            let s: Vec<String> =
-                self.parts.iter().map(|p| format!("{} {:.1} ms{}", p.name, p.ms, gib(p.peak))).collect();
+            let s: Vec<String> = self
+                .parts
+                .iter()
+                .map(|p| format!("{} {:.1} ms (queued in {:.1}){}", p.name, p.ms, p.host_ms, gib(p.peak)))
+                .collect();
             eprintln!("phases: {}", s.join("; "));
         }
         self.parts

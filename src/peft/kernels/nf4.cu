@@ -59,23 +59,39 @@ extern "C" __global__ void nf4_quantize_f32(const float* __restrict__ w, const f
     out[i] = nf4_pack(w[2 * i], w[2 * i + 1], absmax[(2 * i) / block], mid);
 }
 
-// One thread = 4 packed bytes -> 8 bf16 in one 16-byte store; n % 8 == 0 and block % 8 == 0.
+// One thread = 4 words of 4 packed bytes, each -> 8 bf16 in one 16-byte store; n % 8 == 0 and
+// block % 8 == 0. A block takes 4 x 256 consecutive words, word e of a thread at e x 256 past its
+// first (coalesced loads and stores), and all four loads are issued before any is decoded: with one
+// 4-byte load per thread too few bytes were in flight to keep the memory busy.
+#define DQ_WORDS 4
 extern "C" __global__ void nf4_dequantize_bf16(const unsigned int* __restrict__ q4, const float* __restrict__ absmax,
                                                uint4* __restrict__ out, unsigned int n_words, unsigned int block) {
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
-    __syncthreads();
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_words) return;
-    unsigned int w = q4[i];
-    float s = absmax[(8u * i) / block];
-    unsigned int r[4];
+    unsigned int first = blockIdx.x * blockDim.x * DQ_WORDS + threadIdx.x;
+    unsigned int w[DQ_WORDS];
+    float s[DQ_WORDS];
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-        unsigned int b = (w >> (8 * j)) & 0xffu;
-        r[j] = f32_to_bf16_rne(lut[b >> 4] * s) | (f32_to_bf16_rne(lut[b & 15] * s) << 16);
+    for (int e = 0; e < DQ_WORDS; e++) {
+        unsigned int i = first + e * blockDim.x;
+        if (i < n_words) {
+            w[e] = q4[i];
+            s[e] = absmax[(8u * i) / block];
+        }
     }
-    out[i] = make_uint4(r[0], r[1], r[2], r[3]);
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < DQ_WORDS; e++) {
+        unsigned int i = first + e * blockDim.x;
+        if (i >= n_words) break;
+        unsigned int r[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned int b = (w[e] >> (8 * j)) & 0xffu;
+            r[j] = f32_to_bf16_rne(lut[b >> 4] * s[e]) | (f32_to_bf16_rne(lut[b & 15] * s[e]) << 16);
+        }
+        out[i] = make_uint4(r[0], r[1], r[2], r[3]);
+    }
 }
 
 extern "C" __global__ void nf4_dequantize_f32(const unsigned char* __restrict__ q, const float* __restrict__ absmax,
@@ -508,24 +524,29 @@ extern "C" __global__ void dropout_apply_bf16(unsigned short* __restrict__ out, 
 // The same two kernels eight elements per thread (16-byte loads and stores), for n % 8 == 0 and
 // 16-byte aligned buffers: the splitmix64 input seed + (i + 1)·golden steps by golden from one
 // element to the next, so the masks are those of the one-element kernels bit for bit.
-__device__ __forceinline__ void dropout_factors8(unsigned long long seed, unsigned long long i0, float p, float keep,
-                                                 float* f) {
+// -> the mask's bits (bit e: element i0 + e kept)
+__device__ __forceinline__ unsigned int dropout_factors8(unsigned long long seed, unsigned long long i0, float p,
+                                                         float keep, float* f) {
     unsigned long long z = seed + (i0 + 1ull) * 0x9E3779B97F4A7C15ull;
     const unsigned int thr = keep_threshold(p);
+    unsigned int bits = 0;
 #pragma unroll
     for (int e = 0; e < 8; e++) {
         unsigned long long r = splitmix64(z);
-        f[e] = ((unsigned int)(r >> 40) >= thr) ? keep : 0.0f;
+        unsigned int k = ((unsigned int)(r >> 40) >= thr) ? 1u : 0u;
+        f[e] = k ? keep : 0.0f;
+        bits |= k << e;
         z += 0x9E3779B97F4A7C15ull;
     }
+    return bits;
 }
-extern "C" __global__ void dropout_apply_bf16_x8(uint4* __restrict__ out, const uint4* __restrict__ x,
-                                                 unsigned long long seed, unsigned long long n8, float p, float scale) {
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n8) return;
-    float f[8];
-    dropout_factors8(seed, 8ull * i, p, bf16_to_f32((unsigned short)f32_to_bf16_rne(scale)), f);
-    uint4 v = x[i];
+__device__ __forceinline__ void factors_from_bits8(unsigned int bits, float keep, float* f) {
+#pragma unroll
+    for (int e = 0; e < 8; e++) f[e] = ((bits >> e) & 1u) ? keep : 0.0f;
+}
+__device__ __forceinline__ float kept_scale(float scale) { return bf16_to_f32((unsigned short)f32_to_bf16_rne(scale)); }
+// x * mask, eight elements
+__device__ __forceinline__ uint4 apply8(uint4 v, const float* f) {
     unsigned int w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int e = 0; e < 4; e++) {
@@ -533,16 +554,10 @@ extern "C" __global__ void dropout_apply_bf16_x8(uint4* __restrict__ out, const 
         unsigned int hi = f32_to_bf16_rne(bf16_to_f32((unsigned short)(w[e] >> 16)) * f[2 * e + 1]);
         w[e] = lo | (hi << 16);
     }
-    out[i] = make_uint4(w[0], w[1], w[2], w[3]);
+    return make_uint4(w[0], w[1], w[2], w[3]);
 }
-extern "C" __global__ void dropout_accumulate_bf16_x8(uint4* __restrict__ acc, const uint4* __restrict__ t,
-                                                      unsigned long long seed, unsigned long long n8, float p,
-                                                      float scale) {
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n8) return;
-    float f[8];
-    dropout_factors8(seed, 8ull * i, p, bf16_to_f32((unsigned short)f32_to_bf16_rne(scale)), f);
-    uint4 tv = t[i], av = acc[i];
+// acc + t * mask, eight elements (the product rounded to bf16 first)
+__device__ __forceinline__ uint4 accumulate8(uint4 av, uint4 tv, const float* f) {
     unsigned int tw[4] = {tv.x, tv.y, tv.z, tv.w}, aw[4] = {av.x, av.y, av.z, av.w};
 #pragma unroll
     for (int e = 0; e < 4; e++) {
@@ -556,7 +571,54 @@ extern "C" __global__ void dropout_accumulate_bf16_x8(uint4* __restrict__ acc, c
         }
         aw[e] = r2[0] | (r2[1] << 16);
     }
-    acc[i] = make_uint4(aw[0], aw[1], aw[2], aw[3]);
+    return make_uint4(aw[0], aw[1], aw[2], aw[3]);
+}
+extern "C" __global__ void dropout_apply_bf16_x8(uint4* __restrict__ out, const uint4* __restrict__ x,
+                                                 unsigned long long seed, unsigned long long n8, float p, float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    float f[8];
+    dropout_factors8(seed, 8ull * i, p, kept_scale(scale), f);
+    out[i] = apply8(x[i], f);
+}
+extern "C" __global__ void dropout_accumulate_bf16_x8(uint4* __restrict__ acc, const uint4* __restrict__ t,
+                                                      unsigned long long seed, unsigned long long n8, float p,
+                                                      float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    float f[8];
+    dropout_factors8(seed, 8ull * i, p, kept_scale(scale), f);
+    acc[i] = accumulate8(acc[i], t[i], f);
+}
+// The mask drawn once, kept as bits for the backward (byte i: elements 8i..8i+7): drawing it costs
+// about twice the memory time of applying it (the 64-bit hash per element), and the backward
+// needs it twice (drop(x) for dA, the mask on dX's rank-r term).
+extern "C" __global__ void dropout_apply_keep_bits_bf16_x8(uint4* __restrict__ out, const uint4* __restrict__ x,
+                                                           unsigned char* __restrict__ bits, unsigned long long seed,
+                                                           unsigned long long n8, float p, float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    float f[8];
+    bits[i] = (unsigned char)dropout_factors8(seed, 8ull * i, p, kept_scale(scale), f);
+    out[i] = apply8(x[i], f);
+}
+extern "C" __global__ void dropout_bits_apply_bf16_x8(uint4* __restrict__ out, const uint4* __restrict__ x,
+                                                      const unsigned char* __restrict__ bits, unsigned long long n8,
+                                                      float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    float f[8];
+    factors_from_bits8(bits[i], kept_scale(scale), f);
+    out[i] = apply8(x[i], f);
+}
+extern "C" __global__ void dropout_bits_accumulate_bf16_x8(uint4* __restrict__ acc, const uint4* __restrict__ t,
+                                                           const unsigned char* __restrict__ bits,
+                                                           unsigned long long n8, float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    float f[8];
+    factors_from_bits8(bits[i], kept_scale(scale), f);
+    acc[i] = accumulate8(acc[i], t[i], f);
 }
 // acc += t * mask (the product rounded to bf16 first, as the composed backward does)
 extern "C" __global__ void dropout_accumulate_bf16(unsigned short* __restrict__ acc,
