@@ -26,14 +26,13 @@ __device__ __forceinline__ unsigned short to_bf16(float f) {
     return (unsigned short)(u >> 16);
 }
 
-__device__ __forceinline__ unsigned int tensor_of(const unsigned long long* offsets, unsigned int n,
-                                                  unsigned long long i) {
-    unsigned int lo = 0, hi = n;  // offsets[lo] <= i < offsets[hi]
-    while (hi - lo > 1) {
-        unsigned int mid = (lo + hi) >> 1;
-        if (offsets[mid] <= i) lo = mid; else hi = mid;
-    }
-    return lo;
+// The tensor that holds element i, walking on from t, a tensor at or before it: a thread's
+// grid-stride elements only increase, so each thread walks the offsets once in all (a binary
+// search per element cost more than the update itself).
+__device__ __forceinline__ unsigned int tensor_from(const unsigned long long* offsets, unsigned int t,
+                                                    unsigned long long i) {
+    while (offsets[t + 1] <= i) t++;  // offsets[t] <= i < offsets[t + 1]; skips empty tensors
+    return t;
 }
 
 __device__ float block_sum(float v) {
@@ -55,9 +54,10 @@ extern "C" __global__ void multi_sumsq_f32(const unsigned long long* table, unsi
     const unsigned long long* offsets = OFFSETS(table, n);
     unsigned long long total = offsets[n];
     float acc = 0.0f;
+    unsigned int t = 0;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (unsigned long long)gridDim.x * blockDim.x) {
-        unsigned int t = tensor_of(offsets, n, i);
+        t = tensor_from(offsets, t, i);
         float g = grad_at(table, n, t, i - offsets[t]);
         acc += g * g;
     }
@@ -94,9 +94,10 @@ extern "C" __global__ void multi_adamw_f32(const unsigned long long* table, unsi
     const unsigned long long* offsets = OFFSETS(table, n);
     unsigned long long total = offsets[n];
     float clip = norm_and_clip[1];
+    unsigned int t = 0;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (unsigned long long)gridDim.x * blockDim.x) {
-        unsigned int t = tensor_of(offsets, n, i);
+        t = tensor_from(offsets, t, i);
         unsigned long long j = i - offsets[t];
         float g = grad_at(table, n, t, j);
         if (clip < 1.0f) g = g * clip;
@@ -126,9 +127,10 @@ extern "C" __global__ void multi_accumulate_f32(const unsigned long long* table,
     const unsigned long long* firsts = table + 3 * n;
     const unsigned long long* offsets = table + 4 * n;
     unsigned long long total = offsets[n];
+    unsigned int t = 0;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (unsigned long long)gridDim.x * blockDim.x) {
-        unsigned int t = tensor_of(offsets, n, i);
+        t = tensor_from(offsets, t, i);
         unsigned long long j = i - offsets[t];
         float g = bf16[t] ? __uint_as_float(((unsigned int)((const unsigned short*)grads[t])[j]) << 16)
                           : ((const float*)grads[t])[j];

@@ -4,6 +4,10 @@
 // stderr), sorted by total time: total ms, launches, mean us, name <<<grid x block>>>. The first lines sum them up:
 // the GPU time of kernels against the wall span from the first to the last record, which says how
 // long the GPU waited for the host. Records inside CUDA graphs are counted like the others.
+// After the table, "# idle before" lines: the GPU's idle time (no kernel, copy or set running) in
+// gaps shorter than 1 ms, summed by the record that ended each gap, the longest first: what the
+// GPU waited for inside steps (gaps of 1 ms or more, loading and the host's own phases, are only
+// counted).
 // Build: see tools/gpu/kprof/build.sh. Use: tools/gpu/kprof/run.sh <command ...>.
 #include <cupti.h>
 #include <stdint.h>
@@ -21,14 +25,26 @@ static Entry table[SLOTS];
 static uint64_t first_start = UINT64_MAX, last_end = 0, kernel_ns = 0, copy_ns = 0, set_ns = 0, kernels = 0;
 static uint64_t dropped = 0;
 
+// every record's interval and name slot, for the idle gaps
+typedef struct { uint64_t start, end; uint32_t slot; } Rec;
+#define MAX_RECS (16u << 20)
+static Rec* recs = NULL;
+static uint64_t n_recs = 0;
+
 static uint64_t hash(const char* s) { uint64_t h = 1469598103934665603ull; while (*s) h = (h ^ (uint8_t)*s++) * 1099511628211ull; return h; }
 
-static void add(const char* name, uint64_t ns) {
+static uint32_t add(const char* name, uint64_t ns) {
     uint64_t i = hash(name) & (SLOTS - 1);
     for (uint32_t probe = 0; probe < SLOTS; probe++, i = (i + 1) & (SLOTS - 1)) {
-        if (!table[i].name) { table[i].name = strdup(name); table[i].ns = ns; table[i].n = 1; return; }
-        if (!strcmp(table[i].name, name)) { table[i].ns += ns; table[i].n++; return; }
+        if (!table[i].name) { table[i].name = strdup(name); table[i].ns = ns; table[i].n = 1; return (uint32_t)i; }
+        if (!strcmp(table[i].name, name)) { table[i].ns += ns; table[i].n++; return (uint32_t)i; }
     }
+    return SLOTS;
+}
+
+static void keep(uint64_t start, uint64_t end, uint32_t slot) {
+    if (!recs) recs = malloc(sizeof(Rec) * MAX_RECS);
+    if (recs && n_recs < MAX_RECS) { recs[n_recs].start = start; recs[n_recs].end = end; recs[n_recs].slot = slot; n_recs++; }
 }
 
 static void span(uint64_t s, uint64_t e) { if (s < first_start) first_start = s; if (e > last_end) last_end = e; }
@@ -55,7 +71,7 @@ static void CUPTIAPI completed(CUcontext ctx, uint32_t stream, uint8_t* buf, siz
             char shortened[240];
             snprintf(shortened, sizeof shortened, "%.180s <<<%d,%d,%d x %d>>>", name, k->gridX, k->gridY, k->gridZ,
                      k->blockX);
-            add(shortened, ns);
+            keep(k->start, k->end, add(shortened, ns));
             free(d);
             kernel_ns += ns; kernels++;
             span(k->start, k->end);
@@ -65,14 +81,14 @@ static void CUPTIAPI completed(CUcontext ctx, uint32_t stream, uint8_t* buf, siz
             CUpti_ActivityMemcpy6* m = (CUpti_ActivityMemcpy6*)r;
             char name[64];
             snprintf(name, sizeof name, "[memcpy kind %u]", (unsigned)m->copyKind);
-            add(name, m->end - m->start);
+            keep(m->start, m->end, add(name, m->end - m->start));
             copy_ns += m->end - m->start;
             span(m->start, m->end);
             break;
         }
         case CUPTI_ACTIVITY_KIND_MEMSET: {
             CUpti_ActivityMemset4* m = (CUpti_ActivityMemset4*)r;
-            add("[memset]", m->end - m->start);
+            keep(m->start, m->end, add("[memset]", m->end - m->start));
             set_ns += m->end - m->start;
             span(m->start, m->end);
             break;
@@ -90,6 +106,38 @@ static int by_time(const void* a, const void* b) {
     return (x->ns < y->ns) - (x->ns > y->ns);
 }
 
+static int by_start(const void* a, const void* b) {
+    const Rec *x = a, *y = b;
+    return (x->start > y->start) - (x->start < y->start);
+}
+
+// idle[slot]: idle ns in short gaps that this record's start ended
+static void idle_report(FILE* f) {
+    if (!recs || n_recs < 2) return;
+    qsort(recs, n_recs, sizeof *recs, by_start);
+    uint64_t* idle = calloc(SLOTS + 1, sizeof *idle);
+    uint64_t* gaps = calloc(SLOTS + 1, sizeof *gaps);
+    uint64_t busy_end = recs[0].end, short_ns = 0, long_ns = 0, n_short = 0;
+    for (uint64_t i = 1; i < n_recs; i++) {
+        if (recs[i].start > busy_end) {
+            uint64_t g = recs[i].start - busy_end;
+            if (g < 1000000) { idle[recs[i].slot] += g; gaps[recs[i].slot]++; short_ns += g; n_short++; }
+            else long_ns += g;
+        }
+        if (recs[i].end > busy_end) busy_end = recs[i].end;
+    }
+    fprintf(f, "# idle in gaps under 1 ms: %.1f ms over %llu gaps; in longer gaps: %.1f ms%s\n", short_ns / 1e6,
+            (unsigned long long)n_short, long_ns / 1e6, n_recs == MAX_RECS ? " (records truncated)" : "");
+    for (int k = 0; k < 25; k++) {
+        uint32_t best = SLOTS;
+        for (uint32_t i = 0; i < SLOTS; i++) if (idle[i] && (best == SLOTS || idle[i] > idle[best])) best = i;
+        if (best == SLOTS) break;
+        fprintf(f, "# idle before\t%.3f ms\t%llu gaps\t%s\n", idle[best] / 1e6, (unsigned long long)gaps[best], table[best].name);
+        idle[best] = 0;
+    }
+    free(idle); free(gaps);
+}
+
 static void report(void) {
     cuptiActivityFlushAll(1);
     const char* path = getenv("KPROF_OUT");
@@ -105,6 +153,7 @@ static void report(void) {
     fprintf(f, "# total_ms\tcalls\tmean_us\tname\n");
     for (size_t i = 0; i < n; i++)
         fprintf(f, "%.3f\t%llu\t%.2f\t%s\n", e[i].ns / 1e6, (unsigned long long)e[i].n, e[i].ns / 1e3 / e[i].n, e[i].name);
+    idle_report(f);
     if (f != stderr) fclose(f);
 }
 
