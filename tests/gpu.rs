@@ -576,7 +576,8 @@ fn hand_written_layer_backward_matches_autograd() {
 
 /// The fused LoRA linear (one op, hand-written backward) against the composed form on the same
 /// bf16 inputs, forward and backward (dX, dA, dB), with NF4 and dense bases, with and without
-/// dropout, at the 4B's q_proj and down_proj shapes. Errors are max |fused - composed| / max
+/// dropout (its mask kept as bits for the backward, and drawn again: the same bits), at the 4B's
+/// q_proj and down_proj shapes. Errors are max |fused - composed| / max
 /// |composed|; both are bf16 computations that round at different points, so the bound is 2e-2.
 #[test]
 fn fused_lora_linear_matches_the_composed_one_forward_and_backward() {
@@ -621,6 +622,16 @@ fn fused_lora_linear_matches_the_composed_one_forward_and_backward() {
                     (y, grads)
                 };
                 let ((yf, gf), (yc, gc)) = (run(false), run(true));
+                if p > 0.0 {
+                    // the backward drawing the mask again gives the bits of the kept mask's
+                    gemmaclip::peft::fused_lora::keep_mask_bits(false);
+                    let (yr, gr) = run(false);
+                    gemmaclip::peft::fused_lora::keep_mask_bits(true);
+                    assert_eq!(max_abs_diff(&yr, &yf), 0.0, "y with the mask drawn again");
+                    for (a, b) in gr.iter().zip(&gf) {
+                        assert_eq!(max_abs_diff(a, b), 0.0, "gradients with the mask drawn again");
+                    }
+                }
                 let e = [rel(&yf, &yc), rel(&gf[0], &gc[0]), rel(&gf[1], &gc[1]), rel(&gf[2], &gc[2])];
                 println!(
                     "LoRA [{n} x {k}], r 64, {} base, dropout {p}: y {:.2e}, dX {:.2e}, dA {:.2e}, dB {:.2e}",

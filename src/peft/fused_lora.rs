@@ -3,7 +3,7 @@
 //! accumulating into y, and the backward as `dX = g·W + drop'((s·g·B)·A)`, `dA = (s·g·B)ᵀ·drop(x)`,
 //! `dB = s·gᵀ·(drop(x)·Aᵀ)`: five GEMMs, no weight gradient for the frozen W (NF4 dequantized for
 //! each use, as the composed path does), the dropout mask kept as bits (1/16 of drop(x)) where the
-//! forward may have a backward, so that it is drawn once. The checkpointed recompute also keeps
+//! forward may have a backward, so that the backward does not draw it again. The checkpointed recompute also keeps
 //! the dequantized W and drop(x), since its backward follows within the same layer (one layer's
 //! worth at a time; not where every layer's record waits for the backward, training without
 //! checkpointing).
@@ -52,7 +52,10 @@ pub fn forward(
         u: Mutex::new(None),
         kept: Mutex::new(Kept::default()),
         bits: Mutex::new(None),
-        keep_bits: !crate::model::tape::graphless(),
+        keep_bits: KEEP_BITS.load(std::sync::atomic::Ordering::Relaxed)
+            && !crate::model::tape::graphless()
+            && !l.frozen
+            && (crate::model::tape::recording() || x.track_op() || wa.track_op() || wb.track_op()),
         recorded: crate::model::tape::recording(),
     };
     // x keeps its shape ([.., in] -> [.., out]): a reshape would be one more graph node, and each
@@ -86,6 +89,13 @@ pub fn backward_adding_into<T>(acc: Tensor, f: impl FnOnce() -> T) -> T {
 }
 
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static KEEP_BITS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether forwards keep their dropout mask as bits for the backward (the default) or leave the
+/// backward to draw it again (tests hold the two to the same bits).
+pub fn keep_mask_bits(on: bool) {
+    KEEP_BITS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// How many fused LoRA forwards this process has run (tests check which path ran).
 pub fn calls() -> usize {

@@ -22,17 +22,26 @@ pub enum Kept {
 /// The layer's forward over x (no graph behind it) -> its output, and what its backward needs.
 /// `later`: the backward runs after every layer's forward (no checkpointing), not right after this one.
 pub fn forward(layer: &DecoderLayer, x: &Tensor, ctx: &LayerContext, later: bool) -> Result<(Tensor, Kept)> {
-    #[cfg(feature = "cuda")]
-    if crate::train::layer_backward::asked() {
-        if let Some((y, tape)) = crate::train::layer_backward::forward_recorded(layer, x, ctx, later)? {
-            return Ok((y, Kept::Tape(tape)));
-        }
+    if let Some(out) = record(layer, x, ctx, later)? {
+        return Ok(out);
     }
-    #[cfg(not(feature = "cuda"))]
-    let _ = later;
     let x = Var::from_tensor(x)?;
     let y = layer.forward(x.as_tensor(), ctx, None)?;
     Ok((y.detach(), Kept::Graph { x, y }))
+}
+
+/// `forward` where the layer's ops are all fused ones and the hand-written backward may run (its
+/// record); None otherwise.
+pub fn record(layer: &DecoderLayer, x: &Tensor, ctx: &LayerContext, later: bool) -> Result<Option<(Tensor, Kept)>> {
+    #[cfg(feature = "cuda")]
+    if crate::train::layer_backward::asked() {
+        if let Some((y, tape)) = crate::train::layer_backward::forward_recorded(layer, x, ctx, later)? {
+            return Ok(Some((y, Kept::Tape(tape))));
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (layer, x, ctx, later);
+    Ok(None)
 }
 
 /// d(loss)/d(layer input) from d(loss)/d(layer output) `g`; the trainable tensors' gradients

@@ -307,8 +307,8 @@ pub fn loss_and_grads(vlm: &Vlm, batch: &Batch, vars: &[Var], opts: &StepOptions
 }
 
 /// `loss_and_grads`, handing each decoder layer's gradients to `done` as they become final, the
-/// last layer first (with checkpointing, right after the layer's backward; without, all after
-/// the one backward).
+/// last layer first (right after the layer's backward; through candle's graph without
+/// checkpointing, all after the one backward).
 pub fn loss_and_grads_by_layer(
     vlm: &Vlm,
     batch: &Batch,
@@ -328,11 +328,19 @@ pub fn loss_and_grads_by_layer(
     ctx.dropout_seed = opts.dropout_seed;
     let targets = &batch.supervised.targets;
 
-    if !opts.checkpointing && by_hand(&embeds) {
+    // the first layer's record says whether the layers run fused (all seven adapters, the fused
+    // ops allowed); where not, one graph of the whole model below, as before
+    let first = match vlm.llm.layers.first() {
+        Some(layer) if !opts.checkpointing && by_hand(&embeds) => {
+            layer_pass::record(layer, &embeds.detach(), &ctx, true)?
+        }
+        _ => None,
+    };
+    if let Some((mut x, first)) = first {
         // every layer's record kept, each layer's backward by hand as soon as its gradient is known
         let mut kept = Vec::with_capacity(vlm.llm.layers.len());
-        let mut x = embeds.detach();
-        for layer in &vlm.llm.layers {
+        kept.push(first);
+        for layer in &vlm.llm.layers[1..] {
             let (y, k) = layer_pass::forward(layer, &x, &ctx, true)?;
             kept.push(k);
             x = y;

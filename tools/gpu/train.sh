@@ -44,6 +44,9 @@ c = losses(sys.argv[1])
 print("composed           ", " ".join(f"{x:.4f}" for x in c))
 for name, p in [("fused", sys.argv[2]), ("fused, no ckpting", sys.argv[3])]:
     f = losses(p)
+    if not f or not c:
+        print(f"{name}: no logged losses to compare (see {p} and the train-*.log beside it)")
+        continue
     worst = max(abs(a - b) / abs(b) for a, b in zip(f, c))
     print(f"{name:19}", " ".join(f"{x:.4f}" for x in f))
     print(f"  {len(f)} logged losses vs {len(c)} composed; worst relative difference per step {worst:.2e}")

@@ -43,6 +43,7 @@ static uint32_t add(const char* name, uint64_t ns) {
 }
 
 static void keep(uint64_t start, uint64_t end, uint32_t slot) {
+    // address space for 16M records (384 MiB); pages are only touched as records arrive
     if (!recs) recs = malloc(sizeof(Rec) * MAX_RECS);
     if (recs && n_recs < MAX_RECS) { recs[n_recs].start = start; recs[n_recs].end = end; recs[n_recs].slot = slot; n_recs++; }
 }
