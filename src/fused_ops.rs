@@ -16,7 +16,8 @@ pub enum FusedOp {
     GeluMul,
     /// The training loss from bf16 logits, one op each way (src/train/fused_ce.rs)
     CrossEntropy,
-    /// Generation's greedy decode step captured once and replayed as a CUDA graph (src/model/cuda_graph.rs)
+    /// CUDA graphs: generation's greedy decode step (src/model/cuda_graph.rs) and the frozen CLIP
+    /// tower (src/model/vision_graph.rs), captured once and replayed
     DecodeGraph,
     /// Training's decoder-layer backward written by hand from the recompute's recorded fused ops
     /// (src/train/layer_backward.rs) instead of candle's autograd, and the checkpointed first pass

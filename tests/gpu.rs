@@ -648,6 +648,35 @@ fn fused_lora_linear_matches_the_composed_one_forward_and_backward() {
     }
 }
 
+/// The frozen CLIP tower replayed from a CUDA graph (src/model/vision_graph.rs) gives the eager
+/// forward's features bit for bit, for the pixels it was captured with and for new ones, at two
+/// batch sizes (one graph each), in bf16 (cuDNN attention, the fused linears) as training runs it.
+#[test]
+fn vision_tower_graph_replays_the_eager_forward() {
+    use candle_core::{DType, Tensor};
+    use gemmaclip::config::ClipVisionConfig;
+    use gemmaclip::model::clip::ClipVision;
+    use gemmaclip::model::vision_graph::replays;
+    use gemmaclip::weights::Weights;
+    let Some((gpu, _serial)) = cuda() else { return };
+    let dir = common::tiny_dir().join("vision");
+    let cfg = ClipVisionConfig::from_file(&dir.join("config.json")).unwrap();
+    let tower = ClipVision::load(Weights::open(&dir, DType::BF16, &gpu).unwrap(), &cfg).unwrap();
+    let s = cfg.image_size;
+    for n in [1usize, 2] {
+        for round in 0..2 {
+            let px = Tensor::randn(0f32, 1.0, (n, 3, s, s), &gpu).unwrap();
+            let eager = tower.forward(&px).unwrap();
+            let before = replays();
+            let replayed = tower.forward_frozen(&px).unwrap();
+            assert_eq!(replays() - before, 1, "the tower was not replayed from a graph");
+            let d = max_abs_diff(&eager, &replayed);
+            println!("vision graph, {n} image(s), round {round}: max |replay - eager| {d:e}");
+            assert_eq!(d, 0.0, "the replay left the eager forward");
+        }
+    }
+}
+
 /// The fused q/k RMSNorm + RoPE (one op each way) against the composed norm, transpose and
 /// rotation on the same bf16 input, with the 4B's global-layer tables (theta 1e6, factor 8) and
 /// head_dim 256, 8 heads, 300 positions. Forward and input gradient; errors relative to max |composed|.

@@ -126,6 +126,8 @@ pub struct ClipVision {
     pre_layrnorm: Norm,
     layers: Vec<EncoderLayer>,
     pub cfg: ClipVisionConfig,
+    #[cfg(feature = "cuda")]
+    graphs: crate::model::vision_graph::Graphs,
 }
 
 impl ClipVision {
@@ -148,11 +150,23 @@ impl ClipVision {
             pre_layrnorm: Norm::load(&w, "pre_layrnorm", d, c.layer_norm_eps)?,
             layers,
             cfg: c.clone(),
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
     pub fn dtype(&self) -> DType {
         self.patch_embedding.dtype()
+    }
+
+    /// `forward`, replayed from a CUDA graph captured for the pixels' shape where it can be
+    /// (src/model/vision_graph.rs): the tower is frozen, so nothing needs its graph of ops.
+    pub fn forward_frozen(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.graphs.forward(self, pixels)? {
+            return Ok(y);
+        }
+        self.forward(pixels)
     }
 
     /// pixels [B, C, S, S] (normalized) -> patch features [B, N, D] of layer -2, CLS dropped.

@@ -30,4 +30,6 @@ pub mod rope;
 pub mod splice;
 #[cfg(feature = "cuda")]
 pub mod tape;
+#[cfg(feature = "cuda")]
+pub mod vision_graph;
 pub mod vlm;

@@ -56,7 +56,7 @@ impl Vlm {
         let embeds = self.llm.embed(&ids_t)?;
         match pixels {
             Some(px) => {
-                let feats = self.projector.forward(&self.vision.forward(px)?.to_dtype(self.llm.dtype())?)?;
+                let feats = self.projector.forward(&self.vision.forward_frozen(px)?.to_dtype(self.llm.dtype())?)?;
                 let (n, t, hdim) = feats.dims3()?;
                 splice_image_features(&embeds, ids, self.cfg.image_token_index, &feats.reshape((n * t, hdim))?)
             }
