@@ -37,7 +37,9 @@ pub struct Graphs {
 }
 
 /// Larger batches of images run eagerly: their kernels outweigh the host's queuing anyway, and
-/// each graph keeps its intermediate buffers reserved while it lives (tens of MB per image).
+/// each graph keeps its intermediate buffers reserved while it lives, in CUDA's graph memory, which
+/// the stream pool's peak (`bench`'s peak_alloc_gib) does not count (not measured; estimated from
+/// the tower's activations at tens of MB per image).
 const MAX_IMAGES: usize = 4;
 
 static REPLAYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
