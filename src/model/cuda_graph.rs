@@ -39,14 +39,7 @@ impl DecodeGraph {
     }
 
     fn capture(llm: &Gemma3Text, cache: &KvCache) -> candle_core::Result<Self> {
-        let stream = llm.device().as_cuda_device()?.cuda_stream();
-        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
-        let recorded = llm.greedy_step(cache);
-        // the capture must end whatever happened inside it, or the stream stays unusable
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
-        recorded?;
-        let graph = graph?.ok_or_else(|| candle_core::Error::Msg("the decode step captured no CUDA graph".into()))?;
-        graph.upload().w()?;
+        let graph = capture(llm.device().as_cuda_device()?, "the decode step", || llm.greedy_step(cache))?;
         Ok(Self { graph })
     }
 
@@ -54,4 +47,22 @@ impl DecodeGraph {
     pub fn launch(&self) -> candle_core::Result<()> {
         self.graph.launch().w()
     }
+}
+
+/// What `f` queues on the device's stream, captured (this thread's work only) into an uploaded
+/// CUDA graph; `what` names it in errors. The capture ends whatever `f` does, or the stream would
+/// stay unusable.
+pub fn capture(
+    dev: &candle_core::CudaDevice,
+    what: &str,
+    f: impl FnOnce() -> candle_core::Result<()>,
+) -> candle_core::Result<CudaGraph> {
+    let stream = dev.cuda_stream();
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+    let recorded = f();
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+    recorded?;
+    let graph = graph?.ok_or_else(|| candle_core::Error::Msg(format!("{what} captured no CUDA graph")))?;
+    graph.upload().w()?;
+    Ok(graph)
 }

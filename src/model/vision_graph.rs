@@ -9,7 +9,7 @@
 //! graphs off.
 
 use crate::model::clip::ClipVision;
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
@@ -94,14 +94,9 @@ fn capture(tower: &ClipVision, pixels: &Tensor) -> candle_core::Result<Captured>
     let _params_on_device = dev.enable_cuda_graph_htod_cache();
     let input = pixels.contiguous()?.copy()?;
     let output = tower.forward(&input)?.contiguous()?.copy()?;
-    let stream = dev.cuda_stream();
-    stream.synchronize().w()?;
-    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
-    let recorded = tower.forward(&input).and_then(|y| output.slice_set(&y.contiguous()?, 0, 0));
-    // the capture must end whatever happened inside it, or the stream stays unusable
-    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
-    recorded?;
-    let graph = graph?.ok_or_else(|| candle_core::Error::Msg("the vision tower captured no CUDA graph".into()))?;
-    graph.upload().w()?;
+    dev.cuda_stream().synchronize().w()?;
+    let graph = crate::model::cuda_graph::capture(dev, "the vision tower", || {
+        output.slice_set(&tower.forward(&input)?.contiguous()?, 0, 0)
+    })?;
     Ok(Captured { graph, input, output, thread: std::thread::current().id() })
 }

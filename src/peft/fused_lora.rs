@@ -15,8 +15,9 @@
 use crate::model::cublas::{bf16_address, gemm_bf16 as gemm, tensor_address};
 use crate::peft::frozen::FrozenWeight;
 use crate::peft::lora::Lora;
+use crate::peft::nf4::cuda::grid;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
@@ -156,7 +157,7 @@ fn dropout_kernel(
     b.arg(&n64);
     b.arg(&p);
     b.arg(&scale);
-    unsafe { b.launch(self::threads(threads)) }.w()?;
+    unsafe { b.launch(grid(threads)) }.w()?;
     Ok(())
 }
 
@@ -189,7 +190,7 @@ fn dropped(
         let (n8, scale) = ((n / 8) as u64, 1.0 / (1.0 - d.0));
         let mut b = f.builder();
         b.arg(&p).arg(&x).arg(&bits).arg(&d.1).arg(&n8).arg(&d.0).arg(&scale);
-        unsafe { b.launch(threads(n / 8)) }.w()?;
+        unsafe { b.launch(grid(n / 8)) }.w()?;
         return Ok((Some(out), p, Some(bits)));
     }
     dropout_kernel(dev, ["dropout_apply_bf16", "dropout_apply_bf16_x8"], p, x, n, d)?;
@@ -199,10 +200,6 @@ fn dropped(
 /// Whether the eight-wide kernels take `n` elements at these addresses.
 fn wide(n: usize, ptrs: [u64; 2]) -> bool {
     n % 8 == 0 && ptrs.iter().all(|p| p % 16 == 0)
-}
-
-fn threads(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// One of nf4.cu's kernels over a kept mask (`dropout_bits_apply_bf16_x8`: out = input · mask,
@@ -221,7 +218,7 @@ fn bits_kernel(
     let (n8, scale) = ((n / 8) as u64, 1.0 / (1.0 - p));
     let mut b = f.builder();
     b.arg(&out).arg(&input).arg(bits).arg(&n8).arg(&scale);
-    unsafe { b.launch(threads(n / 8)) }.w()?;
+    unsafe { b.launch(grid(n / 8)) }.w()?;
     Ok(())
 }
 

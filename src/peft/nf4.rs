@@ -312,7 +312,8 @@ pub(crate) mod cuda {
     pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
     pub const MODULE: &str = "gemmaclip_nf4";
 
-    fn grid(n: usize) -> LaunchConfig {
+    /// n threads in blocks of 256.
+    pub(crate) fn grid(n: usize) -> LaunchConfig {
         LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 

@@ -19,19 +19,37 @@ pub enum Kept {
     },
 }
 
-/// The layer's forward over x (no graph behind it) -> its output, and what its backward needs.
-/// `later`: the backward runs after every layer's forward (no checkpointing), not right after this one.
-pub fn forward(layer: &DecoderLayer, x: &Tensor, ctx: &LayerContext, later: bool) -> Result<(Tensor, Kept)> {
-    if let Some(out) = record(layer, x, ctx, later)? {
-        return Ok(out);
-    }
-    let x = Var::from_tensor(x)?;
-    let y = layer.forward(x.as_tensor(), ctx, None)?;
-    Ok((y.detach(), Kept::Graph { x, y }))
+/// Layers' forwards for their backward, one after another: by record while the layers run fused,
+/// else through candle's graph. The first layer that cannot be recorded ends the trying (the
+/// layers are alike: the rest would only run their forward twice).
+pub struct Pass {
+    try_record: bool,
+    later: bool,
 }
 
-/// `forward` where the layer's ops are all fused ones and the hand-written backward may run (its
-/// record); None otherwise.
+impl Pass {
+    /// `later`: each backward runs after every layer's forward (no checkpointing), not right after
+    /// its own layer's.
+    pub fn new(later: bool) -> Self {
+        Self { try_record: true, later }
+    }
+
+    /// The layer's forward over x (no graph behind it) -> its output, and what its backward needs.
+    pub fn forward(&mut self, layer: &DecoderLayer, x: &Tensor, ctx: &LayerContext) -> Result<(Tensor, Kept)> {
+        if self.try_record {
+            if let Some(out) = record(layer, x, ctx, self.later)? {
+                return Ok(out);
+            }
+            self.try_record = false;
+        }
+        let x = Var::from_tensor(x)?;
+        let y = layer.forward(x.as_tensor(), ctx, None)?;
+        Ok((y.detach(), Kept::Graph { x, y }))
+    }
+}
+
+/// `Pass::forward` where the layer's ops are all fused ones and the hand-written backward may run
+/// (its record); None otherwise.
 pub fn record(layer: &DecoderLayer, x: &Tensor, ctx: &LayerContext, later: bool) -> Result<Option<(Tensor, Kept)>> {
     #[cfg(feature = "cuda")]
     if crate::train::layer_backward::asked() {

@@ -340,28 +340,21 @@ pub fn loss_and_grads_by_layer(
         // every layer's record kept, each layer's backward by hand as soon as its gradient is known
         let mut kept = Vec::with_capacity(vlm.llm.layers.len());
         kept.push(first);
+        let mut pass = layer_pass::Pass::new(true);
         for layer in &vlm.llm.layers[1..] {
-            let (y, k) = layer_pass::forward(layer, &x, &ctx, true)?;
+            let (y, k) = pass.forward(layer, &x, &ctx)?;
             kept.push(k);
             x = y;
         }
         phases.mark("forward")?;
-        let last = Var::from_tensor(&x)?;
-        drop(x);
-        let h = supervised_rows(last.as_tensor(), &batch.supervised)?;
-        let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk, opts.loss_denominator)?;
-        let mut g = backward_from(&h, &g)?.remove(last.as_tensor()).expect("grad of the last layer");
-        drop(last);
+        let (loss, mut g) = loss_and_grad_of_last(vlm, x, batch, opts)?;
         phases.mark("loss")?;
         for i in (0..kept.len()).rev() {
             g = layer_pass::backward(kept.pop().expect("one record per layer"), &g, vars, &mut grads)?;
             done(i, &mut grads)?;
         }
         phases.mark("backward")?;
-        if embeds.track_op() {
-            let store = backward_from(&embeds, &g)?;
-            collect(&mut grads, &store, vars)?;
-        }
+        projector_backward(&embeds, &g, vars, &mut grads)?;
         phases.mark("projector backward")?;
         return Ok(Gradients { loss, grads, phases: phases.finish() });
     }
@@ -404,24 +397,39 @@ pub fn loss_and_grads_by_layer(
         acts.push(next);
     }
     phases.mark("forward (no graph)")?;
-    let last = Var::from_tensor(&acts.pop().expect("non-empty"))?;
-    let h = supervised_rows(last.as_tensor(), &batch.supervised)?;
-    let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk, opts.loss_denominator)?;
-    let mut g = backward_from(&h, &g)?.remove(last.as_tensor()).expect("grad of the last layer");
-    drop(last);
+    let (loss, mut g) = loss_and_grad_of_last(vlm, acts.pop().expect("non-empty"), batch, opts)?;
     phases.mark("loss")?;
 
     // Backward: recompute each layer with its record or graph, then its backward.
+    let mut pass = layer_pass::Pass::new(false);
     for (i, layer) in vlm.llm.layers.iter().enumerate().rev() {
-        let (_, kept) = layer_pass::forward(layer, &acts.pop().expect("one input per layer"), &ctx, false)?;
+        let (_, kept) = pass.forward(layer, &acts.pop().expect("one input per layer"), &ctx)?;
         g = layer_pass::backward(kept, &g, vars, &mut grads)?;
         done(i, &mut grads)?;
     }
     phases.mark("recompute+backward")?;
-    if embeds.track_op() {
-        let store = backward_from(&embeds, &g)?;
-        collect(&mut grads, &store, vars)?;
-    }
+    projector_backward(&embeds, &g, vars, &mut grads)?;
     phases.mark("projector backward")?;
     Ok(Gradients { loss, grads, phases: phases.finish() })
+}
+
+/// The loss over the supervised rows of `last`, the last layer's output (no graph behind it), and
+/// d(loss)/d(last).
+fn loss_and_grad_of_last(vlm: &Vlm, last: Tensor, batch: &Batch, opts: &StepOptions) -> Result<(f32, Tensor)> {
+    // the copy that tracks; the detached output itself goes now
+    let last = Var::from_tensor(&{ last })?;
+    let h = supervised_rows(last.as_tensor(), &batch.supervised)?;
+    let targets = &batch.supervised.targets;
+    let (loss, g) = loss_and_grad_on_rows(vlm, &h.detach(), targets, opts.loss_chunk, opts.loss_denominator)?;
+    let g = backward_from(&h, &g)?.remove(last.as_tensor()).expect("grad of the last layer");
+    Ok((loss, g))
+}
+
+/// The projector's gradients (image batches) through the embeddings, from d(loss)/d(embeddings).
+fn projector_backward(embeds: &Tensor, g: &Tensor, vars: &[Var], grads: &mut [Option<Tensor>]) -> Result<()> {
+    if embeds.track_op() {
+        let store = backward_from(embeds, g)?;
+        collect(grads, &store, vars)?;
+    }
+    Ok(())
 }
