@@ -60,7 +60,8 @@ extern "C" __global__ void nf4_quantize_f32(const float* __restrict__ w, const f
 }
 
 // lo and hi rounded to bf16 (to nearest, ties to even) in one instruction (sm_80's cvt), packed lo
-// first: f32_to_bf16_rne's bits for every finite value, which is all a dequantized weight can be.
+// first: f32_to_bf16_rne's bits for every value but NaN (the hardware's canonical 0x7fff), which a
+// dequantized weight cannot be and dropout gives only for a NaN or infinite input.
 __device__ __forceinline__ unsigned int bf16x2_rne(float lo, float hi) {
     unsigned int r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -558,9 +559,8 @@ __device__ __forceinline__ uint4 apply8(uint4 v, const float* f) {
     unsigned int w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int e = 0; e < 4; e++) {
-        unsigned int lo = f32_to_bf16_rne(bf16_to_f32((unsigned short)(w[e] & 0xffffu)) * f[2 * e]);
-        unsigned int hi = f32_to_bf16_rne(bf16_to_f32((unsigned short)(w[e] >> 16)) * f[2 * e + 1]);
-        w[e] = lo | (hi << 16);
+        w[e] = bf16x2_rne(bf16_to_f32((unsigned short)(w[e] & 0xffffu)) * f[2 * e],
+                          bf16_to_f32((unsigned short)(w[e] >> 16)) * f[2 * e + 1]);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
