@@ -183,8 +183,9 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
     // each mode starts from the same weights (the first mode's steps update the shared vars), so
     // that both modes' first-step loss and gradient norm describe the same step
     // (kept on the host: a copy on the device would count in the steps' peak memory)
+    // (copied: on the CPU to_device shares the var's storage)
     let initial: Vec<Tensor> =
-        vars.iter().map(|v| v.as_tensor().to_device(&Device::Cpu)).collect::<candle_core::Result<_>>()?;
+        vars.iter().map(|v| v.as_tensor().to_device(&Device::Cpu)?.copy()).collect::<candle_core::Result<_>>()?;
     for ckpt in a.checkpointing_modes() {
         for (v, t) in vars.iter().zip(&initial) {
             v.set(&t.to_device(&dev)?)?;
