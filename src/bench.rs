@@ -181,9 +181,8 @@ fn train_steps(a: &TrainStepArgs, dev: &Device, base: Base, load_s: f64, ranks: 
     let batch = batch(&cfg, vcfg.num_patches(), vcfg.image_size, a, &dev)?;
 
     // each mode starts from the same weights (the first mode's steps update the shared vars), so
-    // that both modes' first-step loss and gradient norm describe the same step
-    // (kept on the host: a copy on the device would count in the steps' peak memory)
-    // (copied: on the CPU to_device shares the var's storage)
+    // that both modes' first-step loss and gradient norm describe the same step; a host copy (on
+    // the device it would count in the steps' peak; on the CPU to_device alone shares the storage)
     let initial: Vec<Tensor> =
         vars.iter().map(|v| v.as_tensor().to_device(&Device::Cpu)?.copy()).collect::<candle_core::Result<_>>()?;
     for ckpt in a.checkpointing_modes() {
